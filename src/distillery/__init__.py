@@ -1,0 +1,47 @@
+"""distillery: knowledge distillation and self-distillation for PyTorch.
+
+The public API in one screen::
+
+    import distillery as ds
+
+    cfg = ds.load_config("digits-kd", ["seeds=[0,1]"])    # a shipped recipe, with overrides
+    result = ds.run(cfg)                                   # teacher, baseline and distilled student
+    print(result.summary["paired_distilled_minus_baseline"]["accuracy"])
+
+or, with your own modules, the loop alone::
+
+    teacher = ds.FrozenTeacher(my_teacher)
+    objective = ds.Objective({"ce": ds.losses.CrossEntropyLoss(), "kd": ds.losses.ForwardKLLoss(4.0)})
+    ds.fit(student, train_set, objective, ds.TrainConfig(steps=1000), teacher=teacher)
+"""
+
+from distillery import functional, losses
+from distillery.config import RunConfig, load_config
+from distillery.errors import ConfigError, DataNotFoundError, DistilleryError, NonFiniteLossError
+from distillery.losses import Objective
+from distillery.runner import evaluate_run, run
+from distillery.teachers import CachedTeacher, FrozenTeacher, Teacher, TeacherOutput
+from distillery.train import FitResult, TrainConfig, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CachedTeacher",
+    "ConfigError",
+    "DataNotFoundError",
+    "DistilleryError",
+    "FitResult",
+    "FrozenTeacher",
+    "NonFiniteLossError",
+    "Objective",
+    "RunConfig",
+    "Teacher",
+    "TeacherOutput",
+    "TrainConfig",
+    "evaluate_run",
+    "fit",
+    "functional",
+    "load_config",
+    "losses",
+    "run",
+]

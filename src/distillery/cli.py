@@ -1,0 +1,141 @@
+"""Command line: ``distillery run | recipes | eval``.
+
+User errors (bad config, missing files, data not found) print a short message and exit with code 2;
+``--debug`` shows the traceback. Ctrl-C during training writes a checkpoint and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from rich.console import Console
+
+from distillery.errors import DistilleryError
+
+EPILOG_RUN = """examples:
+  distillery run                                   the built-in default (digits-kd)
+  distillery run configs/fashion-mnist-kd.yaml     a recipe file
+  distillery run digits-kd seeds=[0,1] train.steps=500 loss.forward_kl.temperature=4
+  distillery run digits-kd --resume                continue the latest digits-kd run
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distillery",
+        description="Knowledge distillation and self-distillation for PyTorch.",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser(
+        "run",
+        help="run a recipe or config file (default: the built-in digits-kd recipe)",
+        description="Run a distillation recipe: train the teacher (or reuse it), the student and its paired "
+        "baseline over the configured seeds, then print and save a report.",
+        epilog=EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument(
+        "args",
+        nargs="*",
+        metavar="[CONFIG] [KEY=VALUE ...]",
+        help="a recipe name or YAML path, then dotted overrides such as train.steps=100",
+    )
+    r.add_argument("--resume", action="store_true", help="continue the latest run of this config from its checkpoints")
+    r.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then stop")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    sub.add_parser(
+        "recipes",
+        help="list the shipped recipes",
+        description="List the shipped recipes (configs/*.yaml) with what they do and how long they take.",
+    ).add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    e = sub.add_parser(
+        "eval",
+        help="re-evaluate the saved students of a run directory",
+        description="Reload the saved students of RUN_DIR (a run, one seed, or one arm) and evaluate them "
+        "again on the test split.",
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory printed by `distillery run`")
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _split_run_args(items: list[str]) -> tuple[str | None, list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _cmd_run(ns: argparse.Namespace, console: Console) -> int:
+    from distillery.config import dump_config, load_config
+    from distillery.runner import run
+
+    source, overrides = _split_run_args(ns.args)
+    cfg = load_config(source, overrides)
+    if ns.dry_run:
+        console.print(dump_config(cfg), markup=False, highlight=False)
+        return 0
+    run(cfg, resume=ns.resume, console=console, progress=not ns.no_progress)
+    return 0
+
+
+def _cmd_recipes(console: Console) -> int:
+    from rich.table import Table
+
+    from distillery.recipes import DEFAULT_RECIPE, list_recipes
+
+    table = Table(title="shipped recipes (distillery run NAME)", title_justify="left")
+    table.add_column("name")
+    table.add_column("what it does")
+    table.add_column("time")
+    for r in list_recipes():
+        table.add_row(r.name + (" (default)" if r.name == DEFAULT_RECIPE else ""), r.description, r.duration)
+    console.print(table)
+    return 0
+
+
+def _cmd_eval(ns: argparse.Namespace, console: Console) -> int:
+    from distillery.runner import evaluate_run
+
+    evaluate_run(ns.run_dir, console=console)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for the result table
+        console = Console(width=120)
+    err = Console(stderr=True)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if ns.command == "run":
+            return _cmd_run(ns, console)
+        if ns.command == "recipes":
+            return _cmd_recipes(console)
+        return _cmd_eval(ns, console)
+    except DistilleryError as exc:
+        if ns.debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+        if exc.exit_code == 130:
+            err.print("resume with the same command and --resume")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if ns.debug:
+            traceback.print_exc()
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

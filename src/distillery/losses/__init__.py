@@ -1,0 +1,62 @@
+"""Loss terms: thin modules over :mod:`distillery.functional`, named in YAML by short names.
+
+:data:`LOSSES` is the explicit table of names; an unknown name is an error listing the valid ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from distillery.losses.base import IGNORE_INDEX, LossInputs, LossTerm, TermConfig
+from distillery.losses.logit import (
+    CrossEntropyConfig,
+    CrossEntropyLoss,
+    ForwardKLConfig,
+    ForwardKLLoss,
+    KDConfig,
+    KDLoss,
+)
+from distillery.losses.objective import Objective
+
+# short name -> (config model, module class)
+LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
+    "ce": (CrossEntropyConfig, CrossEntropyLoss),
+    "forward_kl": (ForwardKLConfig, ForwardKLLoss),
+    "kd": (KDConfig, KDLoss),
+}
+
+LossTermConfig = Annotated[Union[tuple(cfg for cfg, _ in LOSSES.values())], Field(discriminator="name")]
+
+
+def build_loss(cfg: TermConfig) -> LossTerm:
+    """The module for one configured term."""
+    _, cls = LOSSES[cfg.name]
+    return cls(**cfg.hyperparameters())
+
+
+def build_objective(terms: Mapping[str, TermConfig]) -> Objective:
+    """An :class:`Objective` from ``{label: term config}`` (the ``loss`` section of a run config)."""
+    return Objective(
+        {label: build_loss(cfg) for label, cfg in terms.items()},
+        weights={label: cfg.weight for label, cfg in terms.items()},
+        warmup_epochs={label: cfg.warmup_epochs for label, cfg in terms.items()},
+    )
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSSES",
+    "CrossEntropyLoss",
+    "ForwardKLLoss",
+    "KDLoss",
+    "LossInputs",
+    "LossTerm",
+    "LossTermConfig",
+    "Objective",
+    "TermConfig",
+    "build_loss",
+    "build_objective",
+]

@@ -1,0 +1,62 @@
+"""A weighted sum of named loss terms, normalised by global row counts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from distillery.losses.base import LossInputs, LossTerm
+
+
+class Objective(nn.Module):
+    """``total = sum_k weight_k(epoch) * term_k``, each term averaged over its own rows.
+
+    The loop calls :meth:`counts` on every micro-batch of an optimizer step (and sums them over
+    data-parallel ranks) before calling :meth:`forward`, so each term is divided by its *global*
+    number of rows: gradient accumulation and data parallelism then give the gradient of one big
+    batch.
+    """
+
+    def __init__(
+        self,
+        terms: Mapping[str, LossTerm],
+        weights: Mapping[str, float] | None = None,
+        warmup_epochs: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not terms:
+            raise ValueError("an objective needs at least one loss term")
+        self.terms = nn.ModuleDict(dict(terms))
+        self.weights = {k: float((weights or {}).get(k, 1.0)) for k in terms}
+        self.warmup_epochs = {k: float((warmup_epochs or {}).get(k, 0.0)) for k in terms}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.terms.keys())
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(term.needs_teacher for term in self.terms.values())
+
+    def counts(self, target: Tensor, mask: Tensor) -> Tensor:
+        """``[n_terms]`` float64 counts of the rows each term averages over in this micro-batch."""
+        return torch.stack(
+            [term.rows(target, mask).sum().to(torch.float64) for term in self.terms.values()]
+        )
+
+    def weight_at(self, name: str, epoch: float) -> float:
+        ramp = self.warmup_epochs[name]
+        factor = 1.0 if ramp <= 0 else min(1.0, epoch / ramp)
+        return self.weights[name] * factor
+
+    def forward(self, inputs: LossInputs, num_valid: Tensor | None = None) -> dict[str, Tensor]:
+        """Unweighted value of every term; term k is its row sum divided by ``num_valid[k]``."""
+        parts = {}
+        for k, (name, term) in enumerate(self.terms.items()):
+            parts[name] = term(inputs, None if num_valid is None else num_valid[k])
+        return parts
+
+    def total(self, parts: Mapping[str, Tensor], epoch: float) -> Tensor:
+        return sum(self.weight_at(name, epoch) * value for name, value in parts.items())

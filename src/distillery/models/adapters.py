@@ -1,0 +1,44 @@
+"""How a model is called on a batch, and which rows of its output the losses see.
+
+An adapter separates *what the model computes* from *what the objective needs*: the loop and the
+teachers call ``adapter.forward(model, batch)`` and ``adapter.rows(batch)`` and never look inside the
+batch themselves, so the same loop serves classifiers and (later) language models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelOutput:
+    """What a model (student or teacher) produced for a batch.
+
+    ``logits`` is ``[..., C]`` with leading dims matching the rows of :meth:`ClassifierAdapter.rows`;
+    ``features`` holds named intermediate tensors for feature-level losses.
+    """
+
+    logits: Tensor | None
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+class ClassifierAdapter:
+    """Batches ``{"x": inputs, "y": labels (-100 = unlabelled), "index": sample ids}``; one row per sample."""
+
+    input_key = "x"
+    target_key = "y"
+
+    def rows(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(target [B], mask [B])``: every sample is a valid row; unlabelled ones have target -100."""
+        target = batch[self.target_key]
+        return target, torch.ones_like(target, dtype=torch.bool)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> ModelOutput:
+        return ModelOutput(logits=model(batch[self.input_key]))
+
+    def batch_size(self, batch: Mapping[str, Tensor]) -> int:
+        return int(batch[self.input_key].shape[0])

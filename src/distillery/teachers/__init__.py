@@ -1,0 +1,8 @@
+"""Teacher sources behind one protocol (see :mod:`distillery.teachers.base`)."""
+
+from distillery.teachers.base import BaseTeacher, Teacher, TeacherOutput
+from distillery.teachers.cached import CachedTeacher
+from distillery.teachers.frozen import FrozenTeacher
+from distillery.teachers.store import TeacherStore, config_hash
+
+__all__ = ["BaseTeacher", "CachedTeacher", "FrozenTeacher", "Teacher", "TeacherOutput", "TeacherStore", "config_hash"]

@@ -1,0 +1,81 @@
+"""Configuration of one training run of one model: length, batching, optimiser, LR schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from distillery.configbase import StrictModel
+from distillery.data.augment import AugmentConfig
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0.0, description="SGD momentum")
+    nesterov: bool = False
+
+
+class ScheduleConfig(StrictModel):
+    """Learning-rate multiplier per step: optional linear warm-up, then a decay shape."""
+
+    name: Literal["constant", "cosine", "linear", "step"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="warm-up as a fraction of all steps")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75], description="'step' schedule: fractions of training where LR drops"
+    )
+    gamma: float = Field(0.1, gt=0.0, description="'step' schedule: LR factor at each milestone")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> ScheduleConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(
+                "conflicting fields: warmup_steps and warmup_ratio are both set; give one of them"
+            )
+        return self
+
+
+class TrainConfig(StrictModel):
+    """How one model is trained. ``batch_size`` is the global batch per optimizer step: it is split into
+    ``grad_accum`` micro-batches and across data-parallel processes, and the result does not depend on
+    either."""
+
+    steps: int | None = Field(None, ge=1, description="optimizer steps (give this or epochs)")
+    epochs: float | None = Field(None, gt=0.0, description="passes over the training set (give this or steps)")
+    batch_size: int = Field(64, ge=1, description="examples per optimizer step, over all processes")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    clip_grad_norm: float | None = Field(None, gt=0.0)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    log_every: int = Field(10, ge=1, description="steps between logged training losses")
+    eval_every: int | None = Field(
+        None, ge=0, description="steps between evaluations (null: 10 evenly spaced; 0: only at the end)"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="steps between checkpoints (null: only at the end and on Ctrl-C)"
+    )
+    keep_checkpoints: int = Field(1, ge=1, description="how many recent checkpoints to keep")
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("conflicting fields: steps and epochs are both set; give one of them")
+        if self.steps is None and self.epochs is None:
+            raise ValueError("training length missing: set steps or epochs")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"conflicting fields: batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
+            )
+        return self
+
+    def total_steps(self, num_examples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * num_examples / self.batch_size))

@@ -1,0 +1,290 @@
+"""The training loop: one explicit loop on Hugging Face Accelerate for every method.
+
+Per optimizer step:
+
+1. take the step's global batch from the :class:`BatchPlan`, split into ``grad_accum`` micro-batches
+   and across processes;
+2. count, for each loss term, its rows over the whole step (all micro-batches, all processes);
+3. for each micro-batch: teacher forward (only if a term needs it), student forward, loss terms
+   divided by the global counts, backward (gradient sync only on the last micro-batch);
+4. stop with a message if any loss part is not finite (before the weights change);
+5. clip, optimizer and scheduler step; ``teacher.update(student, step)``;
+6. log, evaluate and checkpoint on their schedules; on Ctrl-C, checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distillery.data.augment import augment_batch
+from distillery.errors import ConfigError, NonFiniteLossError, RunInterrupted
+from distillery.losses import LossInputs, Objective
+from distillery.models.adapters import ClassifierAdapter
+from distillery.train.batches import BatchPlan
+from distillery.train.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint, step_of
+from distillery.train.config import TrainConfig
+from distillery.train.logging import MetricLog
+from distillery.train.progress import TrainProgress
+from distillery.train.schedules import build_optimizer, build_scheduler
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns. ``model`` is the trained (unwrapped) model."""
+
+    model: nn.Module
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
+    last_losses: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    resumed_from: int | None = None
+
+
+def make_accelerator():
+    """An Accelerator for this process: the CPU (gloo for several processes) unless CUDA is present."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to stop after the current step (a second one aborts)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _rows(batch: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
+    return {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def fit(
+    model: nn.Module,
+    train_set,
+    objective: Objective,
+    config: TrainConfig,
+    *,
+    teacher=None,
+    adapter=None,
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume: bool = False,
+    accelerator=None,
+    progress: bool = True,
+    label: str = "train",
+    on_step: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train_set`` to minimise ``objective``.
+
+    Args:
+        model: the student (any ``nn.Module``), already initialised.
+        train_set: anything with ``__len__`` and ``get_batch(indices) -> dict of tensors``.
+        objective: the weighted loss terms (:class:`distillery.losses.Objective`).
+        config: length, batch size, accumulation, optimiser, schedule, logging cadence.
+        teacher: a :class:`distillery.teachers.Teacher`, required when a term needs one.
+        adapter: how to call models on a batch (default :class:`ClassifierAdapter`).
+        seed: seeds the batch order, augmentations and dropout: equal seeds give equal runs on CPU.
+        run_dir: where metrics, checkpoints and TensorBoard logs go (None: keep nothing on disk).
+        evaluate: ``evaluate(model) -> metrics``, run on the main process on the eval schedule.
+        resume: continue from the last checkpoint in ``run_dir`` if there is one.
+        accelerator: an ``accelerate.Accelerator`` (default: one for this process).
+        progress: show a progress bar (main process only).
+        label: name shown on the progress bar.
+        on_step: called with the step number after every completed step (tests, custom hooks).
+    """
+    acc = accelerator or make_accelerator()
+    adapter = adapter or ClassifierAdapter()
+    run_dir = None if run_dir is None else Path(run_dir)
+    if objective.needs_teacher and teacher is None:
+        raise ConfigError(f"the loss terms {[n for n, t in objective.terms.items() if t.needs_teacher]} need a teacher")
+    world, rank = acc.num_processes, acc.process_index
+    if config.batch_size % (config.grad_accum * world):
+        raise ConfigError(
+            f"train.batch_size={config.batch_size} must be divisible by train.grad_accum={config.grad_accum} "
+            f"x {world} processes = {config.grad_accum * world}"
+        )
+    micro = config.batch_size // config.grad_accum  # global micro-batch
+    per_rank = micro // world
+    total_steps = config.total_steps(len(train_set))
+    plan = BatchPlan(len(train_set), config.batch_size, seed)
+    eval_every = config.eval_every if config.eval_every is not None else max(1, total_steps // 10)
+
+    torch.manual_seed(seed)
+    objective = objective.to(acc.device)
+    optimizer = build_optimizer(list(model.parameters()) + list(objective.parameters()), config.optimizer)
+    scheduler = build_scheduler(optimizer, config.schedule, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    raw_model = acc.unwrap_model(model)
+    if teacher is not None and hasattr(teacher, "to"):
+        teacher.to(acc.device)
+
+    log = MetricLog(run_dir if acc.is_main_process else None)
+    writer = CheckpointWriter(run_dir, acc, config.keep_checkpoints) if run_dir is not None else None
+    start = 0
+    resumed_from = None
+    history: list[dict[str, Any]] = []
+    if resume and run_dir is not None and (ckpt := latest_checkpoint(run_dir)) is not None:
+        state = load_checkpoint(ckpt, raw_model, optimizer, scheduler, rank)
+        start = resumed_from = int(state["step"])
+        if start > total_steps:
+            raise ConfigError(f"checkpoint {ckpt} is at step {start}, beyond this run's {total_steps} steps")
+        if teacher is not None:
+            teacher.load_state_dict(state.get("teacher", {}))
+        objective.load_state_dict(state.get("objective", {}))
+        history = list(state.get("history", []))
+        log.truncate(start)
+
+    def extra_state() -> dict[str, Any]:
+        return {
+            "teacher": teacher.state_dict() if teacher is not None else {},
+            "objective": objective.state_dict(),
+            "history": history,
+        }
+
+    def run_eval(step: int) -> None:
+        if evaluate is None or not acc.is_main_process:
+            return
+        record = {"step": step, "epoch": plan.epoch_of(step), **evaluate(raw_model)}
+        history.append(record)
+        log.log(step, "eval", {k: v for k, v in record.items() if k != "step"})
+
+    bar = TrainProgress(label, total_steps, start, enabled=progress and acc.is_main_process)
+    t0 = time.perf_counter()
+    last: dict[str, float] = {}
+    step = start
+    model.train()
+    try:
+        with _StopFlag() as stop:
+            while step < total_steps:
+                epoch = plan.epoch_of(step)
+                indices = plan.indices(step).view(config.grad_accum, micro)
+                if config.augment.is_identity():
+                    batches = [
+                        _to_device(train_set.get_batch(ix[rank * per_rank : (rank + 1) * per_rank]), acc.device)
+                        for ix in indices
+                    ]
+                else:  # augment the global micro-batch identically on every process, then take our rows
+                    batches = []
+                    for a, ix in enumerate(indices):
+                        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + a) % (2**63))
+                        full = augment_batch(train_set.get_batch(ix), config.augment, g)
+                        batches.append(_to_device(_rows(full, rank * per_rank, (rank + 1) * per_rank), acc.device))
+
+                # Rows per term over the whole step, all processes: the normaliser of every term.
+                counts = sum(objective.counts(*adapter.rows(b)) for b in batches)
+                counts = acc.reduce(counts, "sum") if world > 1 else counts
+                parts_sum = torch.zeros(len(objective.names), dtype=torch.float64, device=acc.device)
+                for a, batch in enumerate(batches):
+                    sync = a == len(batches) - 1
+                    with nullcontext() if sync else acc.no_sync(model):
+                        t_out = teacher(batch) if objective.needs_teacher else None
+                        s_out = adapter.forward(model, batch)
+                        target, mask = adapter.rows(batch)
+                        inputs = LossInputs(
+                            student_logits=s_out.logits,
+                            target=target,
+                            mask=mask,
+                            teacher_logits=None if t_out is None else t_out.logits,
+                            student_features=s_out.features,
+                            teacher_features={} if t_out is None else t_out.features,
+                            epoch=epoch,
+                        )
+                        parts = objective(inputs, counts)
+                        # DDP averages gradients over processes; the terms are already global means.
+                        acc.backward(objective.total(parts, epoch) * world)
+                    parts_sum += torch.stack([p.detach().to(torch.float64) for p in parts.values()])
+                parts_sum = acc.reduce(parts_sum, "sum") if world > 1 else parts_sum
+                values = dict(zip(objective.names, parts_sum.tolist()))
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step + 1} in part(s) {', '.join(bad)} "
+                        f"({', '.join(f'{k}={values[k]}' for k in bad)}); the weights were not updated"
+                        + (
+                            f"; the last good checkpoint is kept in {run_dir / 'checkpoints'}"
+                            if run_dir is not None
+                            else ""
+                        )
+                        + ". Try a lower learning rate or gradient clipping (train.clip_grad_norm)."
+                    )
+                if config.clip_grad_norm is not None:
+                    acc.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if teacher is not None:
+                    teacher.update(raw_model, step)
+
+                total = sum(objective.weight_at(k, epoch) * v for k, v in values.items())
+                last = {"loss": total, **values}
+                if step % config.log_every == 0 or step == total_steps:
+                    log.log(step, "train", {"epoch": epoch, "lr": lr, **last})
+                    bar.update(step, config.batch_size, last)
+                else:
+                    bar.update(step, config.batch_size)
+                if step == total_steps or (eval_every and step % eval_every == 0):
+                    run_eval(step)
+                    model.train()
+                if writer is not None and (
+                    step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                ):
+                    writer.save(step, raw_model, optimizer, scheduler, extra_state())
+                if on_step is not None:
+                    on_step(step)
+                if stop.requested and step < total_steps:
+                    where = ""
+                    if writer is not None:
+                        path = writer.save(step, raw_model, optimizer, scheduler, extra_state())
+                        where = f"; checkpoint written to {path}"
+                    raise RunInterrupted(f"interrupted after step {step} of {total_steps}{where}")
+    finally:
+        bar.close()
+        log.close()
+    seconds = time.perf_counter() - t0
+    done = step - start
+    return FitResult(
+        model=raw_model,
+        steps=step,
+        history=history,
+        last_losses=last,
+        seconds=seconds,
+        samples_per_second=done * config.batch_size / max(seconds, 1e-9),
+        resumed_from=resumed_from,
+    )
+
+
+__all__ = ["FitResult", "fit", "latest_checkpoint", "make_accelerator", "step_of"]
