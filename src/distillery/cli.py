@@ -44,16 +44,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="[CONFIG] [KEY=VALUE ...]",
         help="a recipe name or YAML path, then dotted overrides such as train.steps=100",
     )
-    r.add_argument("--resume", action="store_true", help="continue the latest run of this config from its checkpoints")
+    r.add_argument(
+        "--resume", action="store_true", help="continue the latest run of this config from its checkpoints"
+    )
     r.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then stop")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     sub.add_parser(
         "recipes",
         help="list the shipped recipes",
         description="List the shipped recipes (configs/*.yaml) with what they do and how long they take.",
-    ).add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    ).add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     e = sub.add_parser(
         "eval",
@@ -62,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         "again on the test split.",
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory printed by `distillery run`")
-    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough for the result table
         console = Console(width=120)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # never re-wrap paths in error messages
     if ns.command is None:
         parser.print_help()
         return 2

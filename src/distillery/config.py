@@ -36,10 +36,13 @@ class FrozenTeacherConfig(StrictModel):
     """A fixed teacher: trained first by this run (and cached), or loaded from a checkpoint."""
 
     source: Literal["frozen"] = "frozen"
-    model: ModelConfig | None = Field(None, description="teacher architecture (to train, or for the checkpoint)")
+    model: ModelConfig | None = Field(
+        None, description="teacher architecture (to train, or for the checkpoint)"
+    )
     ensemble: int = Field(1, ge=1, description="train this many members and average their probabilities")
     train: TrainConfig | None = Field(
-        None, description="train the teacher on the labelled split first (reused from the cache by config hash)"
+        None,
+        description="train the teacher on the labelled split first (reused from the cache by config hash)",
     )
     checkpoint: str | None = Field(None, description="safetensors weights of `model`")
     precompute: bool | None = Field(
@@ -61,7 +64,9 @@ class FrozenTeacherConfig(StrictModel):
         if self.model is None:
             raise ValueError(f"conflicting fields: teacher.{given[0]} needs teacher.model (the architecture)")
         if self.ensemble > 1 and self.checkpoint is not None:
-            raise ValueError("conflicting fields: teacher.ensemble > 1 needs teacher.train (members are trained)")
+            raise ValueError(
+                "conflicting fields: teacher.ensemble > 1 needs teacher.train (members are trained)"
+            )
         return self
 
 
@@ -83,7 +88,9 @@ class EvalConfig(StrictModel):
 class OutputConfig(StrictModel):
     root: str = Field("runs", description="run directories are created under root/<name>/<timestamp>")
     dir: str | None = Field(None, description="exact run directory (overrides root)")
-    tensorboard: bool | None = Field(None, description="TensorBoard logs (null: when tensorboard is installed)")
+    tensorboard: bool | None = Field(
+        None, description="TensorBoard logs (null: when tensorboard is installed)"
+    )
 
 
 class RunConfig(StrictModel):
@@ -119,7 +126,11 @@ class RunConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _merge_baseline_train(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("baseline"), dict) and isinstance(data.get("train"), dict):
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("baseline"), dict)
+            and isinstance(data.get("train"), dict)
+        ):
             base = dict(data["baseline"])
             base["train"] = deep_merge(data["train"], base.get("train") or {})
             data = {**data, "baseline": base}
@@ -145,11 +156,7 @@ class RunConfig(StrictModel):
                 f"conflicting fields: data.transfer={self.data.transfer} unlabelled examples, but no loss term "
                 "uses a teacher, so they would contribute nothing; set data.transfer=0 or add a distillation term"
             )
-        if (
-            self.teacher is not None
-            and self.teacher.precompute
-            and not self.train.augment.is_identity()
-        ):
+        if self.teacher is not None and self.teacher.precompute and not self.train.augment.is_identity():
             raise ValueError(
                 "conflicting fields: teacher.precompute=true stores one output per example, but train.augment "
                 "changes the inputs every step; set teacher.precompute=false (or null) or turn augmentation off"
@@ -187,7 +194,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (data, teacher, student, ...); got {type(data).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of sections (data, teacher, student, ...); got {type(data).__name__}"
+        )
     return data
 
 
@@ -208,7 +217,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             where = ".".join(parts[: i + 1])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {item!r}: {where} is not an index of a {len(node)}-element list")
+                    raise ConfigError(
+                        f"override {item!r}: {where} is not an index of a {len(node)}-element list"
+                    )
                 node = node[int(part)]
                 continue
             if not isinstance(node, dict):
@@ -238,7 +249,10 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         unique = [
             line
             for err, line in zip(errors, lines)
-            if not (err["loc"][:2] == ("baseline", "train") and format_error({**err, "loc": err["loc"][1:]}) in lines)
+            if not (
+                err["loc"][:2] == ("baseline", "train")
+                and format_error({**err, "loc": err["loc"][1:]}) in lines
+            )
         ]
         unique = list(dict.fromkeys(unique))
         raise ConfigError(f"invalid {source}:\n" + "\n".join(f"  - {line}" for line in unique)) from None
@@ -295,7 +309,11 @@ def format_error(err: dict[str, Any]) -> str:
     if kind == "union_tag_not_found":
         return f"{where}: missing the `{err.get('ctx', {}).get('discriminator', 'name').strip(chr(39))}` key"
     if kind == "value_error":
-        return f"{where}: {err['msg'].removeprefix('Value error, ')}" if path else err["msg"].removeprefix("Value error, ")
+        return (
+            f"{where}: {err['msg'].removeprefix('Value error, ')}"
+            if path
+            else err["msg"].removeprefix("Value error, ")
+        )
     if kind in _EXPECTED:
         return f"{where}: expected {_EXPECTED[kind]}, got {_show(err.get('input'))}"
     if kind == "literal_error":

@@ -89,7 +89,9 @@ def resolve_run_dir(cfg: RunConfig, resume: bool) -> Path:
     if resume:
         runs = sorted(p for p in parent.glob("*") if (p / "config.yaml").is_file()) if parent.is_dir() else []
         if not runs:
-            raise ConfigError(f"--resume: no earlier run of {cfg.name!r} under {parent}; run it first without --resume")
+            raise ConfigError(
+                f"--resume: no earlier run of {cfg.name!r} under {parent}; run it first without --resume"
+            )
         return runs[-1]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir, n = parent / stamp, 1
@@ -245,7 +247,9 @@ def run(
         if cfg.teacher is not None:
             t_module, t_info = obtain_teacher(cfg, data, seed, acc, console, progress)
             t_module = t_module.to(acc.device)
-            teacher_test_logits = predict_logits(t_module, data.test, adapter, cfg.eval.batch_size, acc.device)
+            teacher_test_logits = predict_logits(
+                t_module, data.test, adapter, cfg.eval.batch_size, acc.device
+            )
             t_metrics = classification_metrics(teacher_test_logits, data.test.y, bins=cfg.eval.ece_bins)
             t_info.update(metrics=t_metrics, params=count_parameters(t_module))
             result.teachers[seed] = t_info
@@ -260,7 +264,8 @@ def run(
         # ---- student arms, all from the same initial weights ------------------------------------
         torch.manual_seed(seed)
         init_state = {
-            k: v.clone() for k, v in build_model(cfg.student, data.input_shape, data.num_classes).state_dict().items()
+            k: v.clone()
+            for k, v in build_model(cfg.student, data.input_shape, data.num_classes).state_dict().items()
         }
 
         def evaluate(model: nn.Module, _data=data, _t=teacher_test_logits) -> dict[str, float]:
@@ -297,6 +302,7 @@ def run(
                 accelerator=acc,
                 progress=progress,
                 label=f"seed {seed} {arm}",
+                tensorboard=cfg.output.tensorboard,
             )
             final = fitted.history[-1] if fitted.history else {}
             record = {
@@ -349,7 +355,10 @@ def summarize(result: RunSummary) -> dict[str, Any]:
     if result.teachers:
         models["teacher"] = {
             "label": "teacher",
-            **{m: mean_std([t["metrics"][m] for t in result.teachers.values()]) for m in ("accuracy", "ece", "nll")},
+            **{
+                m: mean_std([t["metrics"][m] for t in result.teachers.values()])
+                for m in ("accuracy", "ece", "nll")
+            },
             "params": next(iter(result.teachers.values()))["params"],
             "seconds": mean_std([t["seconds"] for t in result.teachers.values()]),
             "cached": sum(t["cached"] for t in result.teachers.values()),
@@ -360,13 +369,15 @@ def summarize(result: RunSummary) -> dict[str, Any]:
         records = list(by_seed.values())
         models[arm] = {
             "label": arm_label(cfg, arm),
-            **{m: mean_std([r["metrics"][m] for r in records]) for m in METRICS if m in records[0]["metrics"]},
+            **{
+                m: mean_std([r["metrics"][m] for r in records]) for m in METRICS if m in records[0]["metrics"]
+            },
             "params": records[0]["params"],
             "seconds": mean_std([r["seconds"] for r in records]),
             "train_examples": records[0]["train_examples"],
         }
     paired = {}
-    if BASELINE in result.arms and result.arms[BASELINE]:
+    if result.arms.get(BASELINE):
         for m in ("accuracy", "ece", "nll"):
             paired[m] = paired_difference(
                 {s: r["metrics"][m] for s, r in result.arms[DISTILLED].items()},
@@ -399,7 +410,17 @@ def _table_rows(summary: dict[str, Any]) -> list[list[str]]:
             time_cell = "cached" if m["cached"] == len(summary["seeds"]) else fmt(m["seconds"], 1) + " s"
         else:
             time_cell = fmt(m["seconds"], 1) + " s"
-        rows.append([m["label"], fmt(m["accuracy"]), fmt(m["ece"]), fmt(m["nll"], 3), agree, f"{m['params']:,}", time_cell])
+        rows.append(
+            [
+                m["label"],
+                fmt(m["accuracy"]),
+                fmt(m["ece"]),
+                fmt(m["nll"], 3),
+                agree,
+                f"{m['params']:,}",
+                time_cell,
+            ]
+        )
     return rows
 
 
@@ -441,7 +462,9 @@ def write_report(result: RunSummary) -> None:
         if by_seed
     }
     ref = {"teacher": s["models"]["teacher"]["accuracy"]["mean"]} if "teacher" in s["models"] else None
-    learning_curves(curves, run_dir / "learning_curves.png", reference=ref, title=f"{cfg.name}: test accuracy")
+    learning_curves(
+        curves, run_dir / "learning_curves.png", reference=ref, title=f"{cfg.name}: test accuracy"
+    )
     lines = [f"# {cfg.name}", ""]
     if cfg.description:
         lines += [cfg.description, ""]
@@ -460,11 +483,20 @@ def write_report(result: RunSummary) -> None:
     if line:
         lines += ["", f"**{line[0].upper() + line[1:]}.**"]
     lines += ["", "## Per seed (test accuracy, %)", ""]
-    cols = ["seed"] + [k for k in ("teacher", BASELINE, DISTILLED) if any(k in r for r in s["per_seed_accuracy"])]
-    names = {"seed": "seed", "teacher": "teacher", BASELINE: arm_label(cfg, BASELINE), DISTILLED: arm_label(cfg, DISTILLED)}
+    cols = ["seed"] + [
+        k for k in ("teacher", BASELINE, DISTILLED) if any(k in r for r in s["per_seed_accuracy"])
+    ]
+    names = {
+        "seed": "seed",
+        "teacher": "teacher",
+        BASELINE: arm_label(cfg, BASELINE),
+        DISTILLED: arm_label(cfg, DISTILLED),
+    }
     lines += ["| " + " | ".join(names[c] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in s["per_seed_accuracy"]:
-        lines.append("| " + " | ".join(f"{r[c]:.2f}" if c != "seed" else str(r[c]) for c in cols if c in r) + " |")
+        lines.append(
+            "| " + " | ".join(f"{r[c]:.2f}" if c != "seed" else str(r[c]) for c in cols if c in r) + " |"
+        )
     lines += ["", "## Learning curves", "", "![test accuracy during training](learning_curves.png)", ""]
     lines += [f"Total wall time: {s['seconds']:.1f} s. Resolved configuration: `config.yaml`.", ""]
     _write_atomic(run_dir / "report.md", "\n".join(lines))
@@ -490,7 +522,9 @@ def evaluate_run(path: str | Path, console: Console | None = None) -> RunSummary
     if not path.exists():
         raise ConfigError(f"run directory {path} does not exist")
     root = find_run_root(path)
-    cfg = validate_config(yaml.safe_load((root / "config.yaml").read_text()), source=str(root / "config.yaml"))
+    cfg = validate_config(
+        yaml.safe_load((root / "config.yaml").read_text()), source=str(root / "config.yaml")
+    )
     console = console or Console()
     adapter = ClassifierAdapter()
     result = RunSummary(run_dir=root, config=cfg)
@@ -505,7 +539,10 @@ def evaluate_run(path: str | Path, console: Console | None = None) -> RunSummary
         if cfg.teacher is not None and info_path.is_file():
             info = json.loads(info_path.read_text())
             t_model = Ensemble(
-                [build_model(cfg.teacher.model, data.input_shape, data.num_classes) for _ in range(cfg.teacher.ensemble)]
+                [
+                    build_model(cfg.teacher.model, data.input_shape, data.num_classes)
+                    for _ in range(cfg.teacher.ensemble)
+                ]
             )
             store = TeacherStore(cfg.teacher.cache_dir)
             if cfg.teacher.checkpoint is not None:
@@ -530,7 +567,11 @@ def evaluate_run(path: str | Path, console: Console | None = None) -> RunSummary
             model = build_model(cfg.student, data.input_shape, data.num_classes)
             load_model(model, str(arm_dir / "student.safetensors"))
             logits = predict_logits(model, data.test, adapter, cfg.eval.batch_size)
-            saved = json.loads((arm_dir / "result.json").read_text()) if (arm_dir / "result.json").is_file() else {}
+            saved = (
+                json.loads((arm_dir / "result.json").read_text())
+                if (arm_dir / "result.json").is_file()
+                else {}
+            )
             result.arms.setdefault(arm, {})[seed] = {
                 "seed": seed,
                 "arm": arm,

@@ -30,10 +30,14 @@ class ImageDataConfig(StrictModel):
         None, ge=1, description="labelled training examples per run (class-balanced); null = the whole pool"
     )
     transfer: int | None = Field(
-        0, ge=0, description="unlabelled transfer examples, drawn from the rest of the pool; null = all the rest"
+        0,
+        ge=0,
+        description="unlabelled transfer examples, drawn from the rest of the pool; null = all the rest",
     )
     test: int | None = Field(
-        None, ge=1, description="held-out test examples (digits: split off the 1,797; default 497); "
+        None,
+        ge=1,
+        description="held-out test examples (digits: split off the 1,797; default 497); "
         "Fashion-MNIST: a fixed subsample of the official 10,000 (null = all)",
     )
     split_seed: int = Field(0, description="seed of the fixed train/test split (independent of run seeds)")
@@ -72,7 +76,9 @@ def load_classification_data(cfg: ImageDataConfig, seed: int) -> ClassificationD
     n_pool = len(y_pool)
     n_lab = n_pool if cfg.labelled is None else cfg.labelled
     if n_lab > n_pool:
-        raise ConfigError(f"data.labelled={n_lab} exceeds the {n_pool} examples of the {cfg.name} training pool")
+        raise ConfigError(
+            f"data.labelled={n_lab} exceeds the {n_pool} examples of the {cfg.name} training pool"
+        )
     rest_count = n_pool - n_lab
     n_transfer = rest_count if cfg.transfer is None else cfg.transfer
     if n_transfer > rest_count:

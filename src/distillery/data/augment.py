@@ -34,7 +34,9 @@ def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tenso
     return padded[bi, ci, rows, cols]  # (B, C, H, W)
 
 
-def augment_batch(batch: dict[str, Tensor], cfg: AugmentConfig, generator: torch.Generator) -> dict[str, Tensor]:
+def augment_batch(
+    batch: dict[str, Tensor], cfg: AugmentConfig, generator: torch.Generator
+) -> dict[str, Tensor]:
     """Return a copy of ``batch`` with its ``"x"`` images transformed; other keys untouched."""
     if cfg.is_identity():
         return batch

@@ -21,7 +21,9 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         if not (len(self.x) == len(self.y) == len(self.index)):
-            raise ValueError(f"x, y and index differ in length: {len(self.x)}, {len(self.y)}, {len(self.index)}")
+            raise ValueError(
+                f"x, y and index differ in length: {len(self.x)}, {len(self.y)}, {len(self.index)}"
+            )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -39,7 +41,9 @@ class ArrayDataset:
     def concat(*parts: ArrayDataset) -> ArrayDataset:
         parts = tuple(p for p in parts if len(p) > 0)
         return ArrayDataset(
-            torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.index for p in parts])
+            torch.cat([p.x for p in parts]),
+            torch.cat([p.y for p in parts]),
+            torch.cat([p.index for p in parts]),
         )
 
 

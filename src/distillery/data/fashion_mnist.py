@@ -63,7 +63,7 @@ def download(target: Path, timeout: float = 30.0) -> Path:
         dest = target / name
         if dest.is_file():
             continue
-        with urllib.request.urlopen(URL + name, timeout=timeout) as response:  # noqa: S310 (fixed https/http URL)
+        with urllib.request.urlopen(URL + name, timeout=timeout) as response:
             with tempfile.NamedTemporaryFile(dir=target, delete=False, suffix=".part") as tmp:
                 shutil.copyfileobj(response, tmp)
         os.replace(tmp.name, dest)
@@ -75,7 +75,9 @@ def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         data = fh.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataNotFoundError(f"{path} is not an unsigned-byte IDX file (bad magic number); delete it and retry")
+        raise DataNotFoundError(
+            f"{path} is not an unsigned-byte IDX file (bad magic number); delete it and retry"
+        )
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim

@@ -9,4 +9,11 @@ from distillery.eval.metrics import (
     predict_logits,
 )
 
-__all__ = ["accuracy", "agreement", "classification_metrics", "expected_calibration_error", "nll", "predict_logits"]
+__all__ = [
+    "accuracy",
+    "agreement",
+    "classification_metrics",
+    "expected_calibration_error",
+    "nll",
+    "predict_logits",
+]

@@ -39,7 +39,6 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -
     # bucketize (right=False) returns b with inner_edge[b-1] < conf <= inner_edge[b]: bin ((b)/B, (b+1)/B]
     edges = torch.linspace(0, 1, bins + 1)
     which = torch.bucketize(conf, edges[1:-1], right=False)
-    total = torch.zeros(bins).index_add_(0, which, conf.new_ones(conf.shape))
     conf_sum = torch.zeros(bins).index_add_(0, which, conf)
     acc_sum = torch.zeros(bins).index_add_(0, which, correct)
     gap = (acc_sum - conf_sum).abs()  # |S_b| * |acc - conf|

@@ -85,7 +85,9 @@ def flatten_rows(
     if mask is None:
         return s, t, y, None, lead
     if mask.shape != lead:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected the logits' leading shape {tuple(lead)}")
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}; expected the logits' leading shape {tuple(lead)}"
+        )
     index = mask.reshape(-1).to(torch.bool).nonzero().squeeze(-1)
     s = s.index_select(0, index)
     t = None if t is None else t.index_select(0, index)

@@ -28,7 +28,9 @@ def mean_probability_logits(member_logits: Tensor, weights: Tensor | None = None
         >>> z.softmax(-1)
         tensor([[0.5000, 0.5000]])
     """
-    log_p = torch.log_softmax(member_logits.float() if member_logits.dtype != torch.float64 else member_logits, -1)
+    log_p = torch.log_softmax(
+        member_logits.float() if member_logits.dtype != torch.float64 else member_logits, -1
+    )
     if weights is None:
         return torch.logsumexp(log_p, dim=0) - math.log(member_logits.shape[0])
     w = weights.to(log_p.dtype) / weights.sum()

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import Field
 
@@ -28,7 +30,10 @@ LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
     "kd": (KDConfig, KDLoss),
 }
 
-LossTermConfig = Annotated[Union[tuple(cfg for cfg, _ in LOSSES.values())], Field(discriminator="name")]
+# The union of every term config, told apart by its `name` field.
+LossTermConfig = Annotated[
+    functools.reduce(operator.or_, [cfg for cfg, _ in LOSSES.values()]), Field(discriminator="name")
+]
 
 
 def build_loss(cfg: TermConfig) -> LossTerm:

@@ -71,7 +71,9 @@ class KDConfig(TermConfig):
 
     name: Literal["kd"] = "kd"
     temperature: float = Field(4.0, gt=0.0, description="student temperature (and teacher's by default)")
-    alpha: float = Field(0.9, description="weight of the KL part; may exceed 1 (self-distillation under noise)")
+    alpha: float = Field(
+        0.9, description="weight of the KL part; may exceed 1 (self-distillation under noise)"
+    )
     teacher_temperature: float | None = Field(None, gt=0.0, description="separate teacher temperature (LTD)")
     vocab_size: int | None = Field(None, ge=1)
 

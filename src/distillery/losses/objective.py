@@ -42,9 +42,7 @@ class Objective(nn.Module):
 
     def counts(self, target: Tensor, mask: Tensor) -> Tensor:
         """``[n_terms]`` float64 counts of the rows each term averages over in this micro-batch."""
-        return torch.stack(
-            [term.rows(target, mask).sum().to(torch.float64) for term in self.terms.values()]
-        )
+        return torch.stack([term.rows(target, mask).sum().to(torch.float64) for term in self.terms.values()])
 
     def weight_at(self, name: str, epoch: float) -> float:
         ramp = self.warmup_epochs[name]

@@ -5,7 +5,7 @@ Models are named in YAML by a short name from :data:`MODELS`, an explicit table.
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import Field
 from torch import nn
@@ -21,7 +21,7 @@ MODELS = {
     "cnn": (CNNConfig, build_cnn),
 }
 
-ModelConfig = Annotated[Union[MLPConfig, CNNConfig], Field(discriminator="name")]
+ModelConfig = Annotated[MLPConfig | CNNConfig, Field(discriminator="name")]
 
 
 def build_model(cfg: MLPConfig | CNNConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

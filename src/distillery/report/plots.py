@@ -31,14 +31,18 @@ def learning_curves(
         if not runs:
             continue
         steps = [rec["step"] for rec in runs[0]]
-        values = np.array([[rec[metric] for rec in run[: len(steps)]] for run in runs if len(run) >= len(steps)])
+        values = np.array(
+            [[rec[metric] for rec in run[: len(steps)]] for run in runs if len(run) >= len(steps)]
+        )
         mean = values.mean(0)
         (line,) = ax.plot(steps, mean, label=f"{label} (mean of {len(values)})")
         if len(values) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
     for label, value in (reference or {}).items():
         ax.axhline(value, linestyle="--", color="grey", linewidth=1)
-        ax.annotate(label, (0.01, value), xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="grey")
+        ax.annotate(
+            label, (0.01, value), xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="grey"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"test {metric}" + (" (%)" if metric in ("accuracy", "ece") else ""))
     if title:

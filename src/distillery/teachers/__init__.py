@@ -5,4 +5,12 @@ from distillery.teachers.cached import CachedTeacher
 from distillery.teachers.frozen import FrozenTeacher
 from distillery.teachers.store import TeacherStore, config_hash
 
-__all__ = ["BaseTeacher", "CachedTeacher", "FrozenTeacher", "Teacher", "TeacherOutput", "TeacherStore", "config_hash"]
+__all__ = [
+    "BaseTeacher",
+    "CachedTeacher",
+    "FrozenTeacher",
+    "Teacher",
+    "TeacherOutput",
+    "TeacherStore",
+    "config_hash",
+]

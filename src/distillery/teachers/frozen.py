@@ -58,7 +58,9 @@ class FrozenTeacher(BaseTeacher):
         return cls(model, adapter)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, task: str = "sequence-classification", **kwargs) -> FrozenTeacher:
+    def from_pretrained(
+        cls, name_or_path: str, task: str = "sequence-classification", **kwargs
+    ) -> FrozenTeacher:
         """A Hugging Face model by hub id or local directory.
 
         ``task`` selects the auto class: ``"sequence-classification"``

@@ -28,7 +28,8 @@ class ScheduleConfig(StrictModel):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="warm-up as a fraction of all steps")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final LR as a fraction of the peak")
     milestones: list[float] = Field(
-        default_factory=lambda: [0.5, 0.75], description="'step' schedule: fractions of training where LR drops"
+        default_factory=lambda: [0.5, 0.75],
+        description="'step' schedule: fractions of training where LR drops",
     )
     gamma: float = Field(0.1, gt=0.0, description="'step' schedule: LR factor at each milestone")
 
@@ -47,7 +48,9 @@ class TrainConfig(StrictModel):
     either."""
 
     steps: int | None = Field(None, ge=1, description="optimizer steps (give this or epochs)")
-    epochs: float | None = Field(None, gt=0.0, description="passes over the training set (give this or steps)")
+    epochs: float | None = Field(
+        None, gt=0.0, description="passes over the training set (give this or steps)"
+    )
     batch_size: int = Field(64, ge=1, description="examples per optimizer step, over all processes")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

@@ -22,12 +22,16 @@ class MetricLog:
         if run_dir is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             if tensorboard is not False:
-                self._writer = _tensorboard_writer(Path(run_dir) / "tensorboard", required=tensorboard is True)
+                self._writer = _tensorboard_writer(
+                    Path(run_dir) / "tensorboard", required=tensorboard is True
+                )
 
     def truncate(self, step: int) -> None:
         if self.path is None or not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)

@@ -105,6 +105,7 @@ def fit(
     progress: bool = True,
     label: str = "train",
     on_step: Callable[[int], None] | None = None,
+    tensorboard: bool | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train_set`` to minimise ``objective``.
 
@@ -123,12 +124,15 @@ def fit(
         progress: show a progress bar (main process only).
         label: name shown on the progress bar.
         on_step: called with the step number after every completed step (tests, custom hooks).
+        tensorboard: also write TensorBoard logs to ``run_dir/tensorboard`` (None: when installed).
     """
     acc = accelerator or make_accelerator()
     adapter = adapter or ClassifierAdapter()
     run_dir = None if run_dir is None else Path(run_dir)
     if objective.needs_teacher and teacher is None:
-        raise ConfigError(f"the loss terms {[n for n, t in objective.terms.items() if t.needs_teacher]} need a teacher")
+        raise ConfigError(
+            f"the loss terms {[n for n, t in objective.terms.items() if t.needs_teacher]} need a teacher"
+        )
     world, rank = acc.num_processes, acc.process_index
     if config.batch_size % (config.grad_accum * world):
         raise ConfigError(
@@ -150,7 +154,7 @@ def fit(
     if teacher is not None and hasattr(teacher, "to"):
         teacher.to(acc.device)
 
-    log = MetricLog(run_dir if acc.is_main_process else None)
+    log = MetricLog(run_dir if acc.is_main_process else None, tensorboard=tensorboard)
     writer = CheckpointWriter(run_dir, acc, config.keep_checkpoints) if run_dir is not None else None
     start = 0
     resumed_from = None
@@ -192,7 +196,9 @@ def fit(
                 indices = plan.indices(step).view(config.grad_accum, micro)
                 if config.augment.is_identity():
                     batches = [
-                        _to_device(train_set.get_batch(ix[rank * per_rank : (rank + 1) * per_rank]), acc.device)
+                        _to_device(
+                            train_set.get_batch(ix[rank * per_rank : (rank + 1) * per_rank]), acc.device
+                        )
                         for ix in indices
                     ]
                 else:  # augment the global micro-batch identically on every process, then take our rows
@@ -200,7 +206,9 @@ def fit(
                     for a, ix in enumerate(indices):
                         g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + a) % (2**63))
                         full = augment_batch(train_set.get_batch(ix), config.augment, g)
-                        batches.append(_to_device(_rows(full, rank * per_rank, (rank + 1) * per_rank), acc.device))
+                        batches.append(
+                            _to_device(_rows(full, rank * per_rank, (rank + 1) * per_rank), acc.device)
+                        )
 
                 # Rows per term over the whole step, all processes: the normaliser of every term.
                 counts = sum(objective.counts(*adapter.rows(b)) for b in batches)

@@ -11,7 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrainProgress:
     """Shows ``label [bar] step/total | loss parts | samples/s | ETA``; silent when disabled."""
 
-    def __init__(self, label: str, total: int, start: int = 0, enabled: bool = True, console: Console | None = None):
+    def __init__(
+        self, label: str, total: int, start: int = 0, enabled: bool = True, console: Console | None = None
+    ):
         self.enabled = enabled
         self.total = total
         self._t0 = time.perf_counter()

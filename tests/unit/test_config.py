@@ -1,0 +1,118 @@
+import pytest
+import yaml
+
+from distillery.config import apply_overrides, dump_config, load_config, validate_config
+from distillery.errors import ConfigError
+from distillery.recipes import DEFAULT_RECIPE, list_recipes, resolve_recipe
+
+
+def _error(overrides, source=None):
+    with pytest.raises(ConfigError) as info:
+        load_config(source, overrides)
+    return str(info.value)
+
+
+def test_default_recipe_loads_and_round_trips(tmp_path):
+    cfg = load_config()
+    assert cfg.name == DEFAULT_RECIPE and len(cfg.seeds) >= 5
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(str(path))
+    assert again == cfg
+    # the baseline's train section is the run's, merged with its own changes
+    assert cfg.baseline.train.steps == cfg.train.steps
+    assert cfg.baseline.train.batch_size == 32 != cfg.train.batch_size
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    msg = _error(["train.epoch=3"])
+    assert "unknown key 'train.epoch'" in msg
+    assert "valid keys in 'train':" in msg and "epochs" in msg and "batch_size" in msg
+    assert "baseline.train" not in msg  # the mirrored error is reported once
+    msg = _error(["colour=red"])
+    assert "unknown key 'colour'" in msg and "valid keys at the top level" in msg and "teacher" in msg
+    msg = _error(["loss.kd.temperatur=2", "loss.kd.name=kd"])
+    assert "unknown key 'loss.kd.temperatur'" in msg and "temperature" in msg
+
+
+def test_unknown_component_name_lists_valid_names():
+    msg = _error(["loss.focal.weight=1"])
+    assert "loss.focal: unknown loss 'focal'" in msg and "ce, forward_kl, kd" in msg
+    msg = _error(["student.name=resnet"])
+    assert "student: unknown name 'resnet'" in msg and "mlp" in msg and "cnn" in msg
+
+
+def test_wrong_type_names_path_and_expected_type():
+    msg = _error(["train.steps=ten"])
+    assert "train.steps: expected an integer, got 'ten'" in msg
+    msg = _error(["student.hidden=[64, wide]"])
+    assert "student.hidden.1: expected an integer" in msg
+    msg = _error(["teacher.cache=maybe"])
+    assert "teacher.cache: expected true or false" in msg
+    msg = _error(["data.name=cifar"])
+    assert "data.name: expected 'digits' or 'fashion_mnist', got 'cifar'" in msg
+
+
+def test_impossible_combinations_name_the_conflicting_fields():
+    msg = _error(["train.epochs=3"])
+    assert "conflicting fields: steps and epochs are both set" in msg
+    msg = _error(["teacher.checkpoint=t.safetensors"])
+    assert "teacher.train" in msg and "teacher.checkpoint" in msg and "conflicting fields" in msg
+    msg = _error(["teacher=null"])
+    assert "loss.forward_kl needs a teacher, but `teacher` is not set" in msg
+    msg = _error(["loss={ce: {}}"])
+    assert "no loss term uses it" in msg
+    msg = _error(["teacher.precompute=true", "train.augment.shift=1"])
+    assert "teacher.precompute" in msg and "train.augment" in msg
+    msg = _error(["train.batch_size=10", "train.grad_accum=4"])
+    assert "batch_size=10 is not divisible by grad_accum=4" in msg
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    data = apply_overrides(
+        {"a": {"b": 1}, "l": [1, 2]}, ["a.b=2.5", "a.c.d=[1, 2]", "e=null", "f=true", "l.1=7"]
+    )
+    assert data == {"a": {"b": 2.5, "c": {"d": [1, 2]}}, "e": None, "f": True, "l": [1, 7]}
+    for bad, text in [
+        ("novalue", "not of the form key=value"),
+        ("=3", "not of the form"),
+        ("a.b.c=1", "is a value"),
+        ("l.5=1", "not an index"),
+    ]:
+        with pytest.raises(ConfigError, match=text):
+            apply_overrides({"a": {"b": 1}, "l": [1, 2]}, [bad])
+    cfg = load_config(None, ["seeds=[3, 4]", "loss.forward_kl.temperature=6"])
+    assert cfg.seeds == [3, 4] and cfg.loss["forward_kl"].temperature == 6.0
+
+
+def test_labelled_loss_terms_and_names():
+    cfg = load_config(
+        None, ["loss={ce: {weight: 0.2}, soft: {name: forward_kl, temperature: 8}, hard: {name: forward_kl}}"]
+    )
+    assert set(cfg.loss) == {"ce", "soft", "hard"}
+    assert cfg.loss["soft"].temperature == 8.0 and cfg.loss["hard"].temperature == 1.0
+
+
+def test_missing_or_bad_files(tmp_path):
+    assert "does not exist" in _error([], source=str(tmp_path / "nope.yaml"))
+    assert "no recipe or config file named 'nope'" in _error([], source="nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    assert "not valid YAML" in _error([], source=str(bad))
+    bad.write_text("- a\n- b\n")
+    assert "must hold a mapping" in _error([], source=str(bad))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    assert "not valid YAML" in _error([], source=str(evil))
+
+
+def test_every_shipped_recipe_validates():
+    recipes = list_recipes()
+    assert {r.name for r in recipes} >= {"digits-kd", "fashion-mnist-kd"}
+    for r in recipes:
+        assert r.description and r.duration, f"{r.path} must open with two comment lines"
+        validate_config(yaml.safe_load(r.path.read_text()), source=str(r.path))
+        assert resolve_recipe(r.name) == r.path

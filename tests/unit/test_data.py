@@ -1,0 +1,100 @@
+import gzip
+import struct
+
+import pytest
+import torch
+
+from distillery.data import ImageDataConfig, load_classification_data, stratified_sample
+from distillery.data.augment import AugmentConfig, augment_batch, random_shift
+from distillery.data.fashion_mnist import FILES, read_idx
+from distillery.errors import ConfigError, DataNotFoundError
+
+
+def test_digits_splits_are_disjoint_balanced_and_paired_by_seed():
+    cfg = ImageDataConfig(name="digits", labelled=200, transfer=1100, test=497)
+    a = load_classification_data(cfg, 0)
+    assert (len(a.labelled), len(a.transfer), len(a.test)) == (200, 1100, 497)
+    assert torch.equal(a.labelled.y.bincount(), torch.full((10,), 20))
+    assert set(a.labelled.index.tolist()).isdisjoint(a.transfer.index.tolist())
+    assert (a.transfer.y == -100).all()
+    again = load_classification_data(cfg, 0)
+    assert torch.equal(a.labelled.index, again.labelled.index) and torch.equal(a.labelled.x, again.labelled.x)
+    other = load_classification_data(cfg, 1)
+    assert not torch.equal(a.labelled.index, other.labelled.index)
+    assert torch.equal(a.test.x, other.test.x)  # the test split is fixed across seeds
+    assert a.input_shape == (1, 8, 8) and a.num_classes == 10
+    assert len(a.distillation_set()) == 1300
+
+
+def test_split_sizes_are_checked():
+    with pytest.raises(ConfigError, match="data.labelled=200 and data.transfer=1200 together exceed"):
+        load_classification_data(ImageDataConfig(name="digits", labelled=200, transfer=1200), 0)
+    rest = load_classification_data(ImageDataConfig(name="digits", labelled=100, transfer=None), 0)
+    assert len(rest.transfer) == 1300 - 100
+
+
+def test_stratified_sample_handles_uneven_classes():
+    labels = torch.tensor([0] * 2 + [1] * 10 + [2] * 10)
+    chosen = stratified_sample(labels, 12, torch.Generator().manual_seed(0))
+    counts = labels[chosen].bincount().tolist()
+    assert counts == [2, 5, 5] and len(set(chosen.tolist())) == 12
+
+
+def test_random_shift_moves_pixels_within_bounds():
+    x = torch.zeros(64, 1, 5, 5)
+    x[:, 0, 2, 2] = 1.0
+    out = random_shift(x, 1, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    pos = out[:, 0].flatten(1).argmax(1)
+    rows, cols = pos // 5, pos % 5
+    assert set(rows.tolist()) == {1, 2, 3} and set(cols.tolist()) == {1, 2, 3}
+    assert torch.equal(out.sum((1, 2, 3)), torch.ones(64))
+    batch = {"x": x, "y": torch.zeros(64)}
+    assert augment_batch(batch, AugmentConfig(), torch.Generator()) is batch
+
+
+def _write_idx(path, array_bytes, dims):
+    header = bytes([0, 0, 0x08, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array_bytes)
+
+
+def _fake_fashion(root, n_train=40, n_test=20):
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        labels = (torch.arange(n) % 10).to(torch.uint8)
+        _write_idx(root / FILES[f"{split}_images"], images.numpy().tobytes(), [n, 28, 28])
+        _write_idx(root / FILES[f"{split}_labels"], labels.numpy().tobytes(), [n])
+
+
+def test_fashion_mnist_reads_idx_files_from_distillery_data(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path)
+    monkeypatch.setenv("DISTILLERY_DATA", str(tmp_path))
+    data = load_classification_data(
+        ImageDataConfig(name="fashion_mnist", labelled=20, transfer=None, download=False), 0
+    )
+    assert (len(data.labelled), len(data.transfer), len(data.test)) == (20, 20, 20)
+    assert data.input_shape == (1, 28, 28) and 0.0 <= data.labelled.x.min() and data.labelled.x.max() <= 1.0
+    assert data.class_names[0] == "t-shirt/top"
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("distillery.data.fashion_mnist.SYSTEM_DIR", tmp_path / "nowhere")
+    with pytest.raises(DataNotFoundError) as info:
+        load_classification_data(ImageDataConfig(name="fashion_mnist", download=False), 0)
+    msg = str(info.value)
+    assert (
+        "apt-get install dataset-fashion-mnist" in msg
+        and "DISTILLERY_DATA" in msg
+        and str(tmp_path / "empty") in msg
+    )
+
+
+def test_corrupt_idx_file_is_reported(tmp_path):
+    path = tmp_path / "x.gz"
+    _write_idx(path, b"\x00" * 10, [3, 4])
+    with pytest.raises(DataNotFoundError, match="truncated or corrupt"):
+        read_idx(path)

@@ -1,0 +1,62 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distillery.eval import agreement, classification_metrics, expected_calibration_error
+from distillery.train.config import ScheduleConfig
+from distillery.train.schedules import lr_multipliers
+
+
+def test_warmup_then_cosine_to_min():
+    m = lr_multipliers(ScheduleConfig(name="cosine", warmup_steps=4, min_lr_ratio=0.1), 20)
+    assert np.allclose(m[:4], [0.25, 0.5, 0.75, 1.0])
+    assert m[4] == pytest.approx(1.0) and m[-1] == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16))
+    )
+    assert np.all(np.diff(m[4:]) <= 0)
+
+
+def test_step_linear_constant():
+    assert np.allclose(lr_multipliers(ScheduleConfig(name="constant"), 5), 1.0)
+    lin = lr_multipliers(ScheduleConfig(name="linear"), 5)
+    assert np.allclose(
+        lin, [1.0, 0.8, 0.6, 0.4, 0.2]
+    )  # the multiplier of each update; 0 would be a wasted step
+    step = lr_multipliers(ScheduleConfig(name="step", milestones=[0.5], gamma=0.1), 4)
+    assert np.allclose(step, [1.0, 1.0, 0.1, 0.1])
+
+
+def _naive_ece(logits, labels, bins):
+    probs = torch.softmax(logits.double(), -1)
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        members = [i for i in range(len(labels)) if lo < probs[i].max().item() <= hi]
+        if not members:
+            continue
+        acc = sum(int(probs[i].argmax() == labels[i]) for i in members) / len(members)
+        conf = sum(probs[i].max().item() for i in members) / len(members)
+        total += len(members) / len(labels) * abs(acc - conf)
+    return 100 * total
+
+
+@pytest.mark.parametrize("bins", [1, 5, 15])
+def test_ece_matches_naive_loop(bins):
+    g = torch.Generator().manual_seed(bins)
+    logits = torch.randn(200, 5, generator=g) * 3
+    labels = torch.randint(0, 5, (200,), generator=g)
+    assert expected_calibration_error(logits, labels, bins) == pytest.approx(
+        _naive_ece(logits, labels, bins), abs=1e-4
+    )
+
+
+def test_metrics_bundle_and_agreement():
+    logits = torch.tensor([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    m = classification_metrics(logits, labels, teacher)
+    assert m["accuracy"] == pytest.approx(200 / 3)
+    assert m["agreement"] == pytest.approx(200 / 3) and agreement(logits, logits) == 100.0
+    assert m["nll"] > 0 and 0 <= m["ece"] <= 100
