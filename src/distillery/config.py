@@ -241,6 +241,19 @@ class RunConfig(StrictModel):
                 "conflicting fields: teacher.source=snapshot starts from generation 0, the cross-entropy "
                 "student of the baseline arm; set baseline.enabled=true"
             )
+        hint_terms = [label for label, term in self.loss.items() if term.name == "hint"]
+        hint_at = self.teacher.exits.hint_at if source == "exits" else None
+        if hint_terms and hint_at is None:
+            raise ValueError(
+                f"conflicting fields: loss.{hint_terms[0]} (feature hints) needs a multi-exit student with hints; "
+                "set teacher.source=exits and teacher.exits.hint_at to the deep module the exits should learn "
+                "(e.g. the input of the final classifier)"
+            )
+        if hint_at is not None and not hint_terms:
+            raise ValueError(
+                f"conflicting fields: teacher.exits.hint_at={hint_at!r} adds hint projections, but no loss term "
+                "trains them; add a `hint` term (e.g. loss.hint={weight: 1.0}) or drop hint_at"
+            )
         if source == "frozen" and self.teacher.precompute and not self.train.augment.is_identity():
             raise ValueError(
                 "conflicting fields: teacher.precompute=true stores one output per example, but train.augment "

@@ -28,7 +28,7 @@ from distillery.config import RunConfig
 from distillery.data import ClassificationData
 from distillery.models import build_model
 from distillery.models.adapters import ClassifierAdapter, StackedClassifierAdapter
-from distillery.models.exits import MultiExit
+from distillery.models.exits import MultiExit, MultiExitAdapter
 from distillery.models.peers import PeerGroup
 from distillery.teachers import FrozenTeacher
 from distillery.teachers.ema import EMATeacher
@@ -119,7 +119,7 @@ def build_arm(
         names = multi.exit_names
         return ArmSetup(
             multi,
-            StackedClassifierAdapter(multi.num_exits),
+            MultiExitAdapter(multi.num_exits, hints=multi.hint_path is not None),
             DeepestExitTeacher(),
             lambda m: m.export(),
             names,

@@ -38,7 +38,8 @@ def test_unknown_component_name_lists_valid_names():
     msg = _error(["loss.focal.weight=1"])
     assert (
         "loss.focal: unknown loss 'focal'" in msg
-        and "valid: ce, dkd, forward_kl, jsd, kd, nkd, reverse_kl, skew_kl, skew_reverse_kl, tvd, uskd" in msg
+        and "valid: ce, dkd, forward_kl, hint, jsd, kd, nkd, reverse_kl, skew_kl, skew_reverse_kl, tvd, uskd"
+        in msg
     )
     msg = _error(["student.name=resnet"])
     assert "student: unknown name 'resnet'" in msg and "mlp" in msg and "cnn" in msg

@@ -15,6 +15,7 @@ from distillery.functional.divergences import (
 )
 from distillery.functional.dkd import dkd_loss
 from distillery.functional.ensemble import mean_probability_logits
+from distillery.functional.features import hint_loss
 from distillery.functional.kd import kd_loss
 from distillery.functional.nkd import nkd_loss
 from distillery.functional.paced import paced_weights
@@ -26,6 +27,7 @@ __all__ = [
     "dkd_loss",
     "forward_kl",
     "generalized_jsd",
+    "hint_loss",
     "kd_loss",
     "mean_probability_logits",
     "nkd_loss",

@@ -145,6 +145,12 @@ class LMRunConfig(StrictModel):
                 f"conflicting fields: loss.{users[0]} needs a teacher, but `teacher` is not set; add a teacher "
                 "section (a teacher to train first: see configs/lm-teacher.yaml) or train with `ce` only"
             )
+        hints = [label for label, term in self.loss.items() if term.name == "hint"]
+        if hints:
+            raise ValueError(
+                f"loss.{hints[0]}: feature hints are for multi-exit classifiers (teacher.source=exits); "
+                "language-model runs distil over token logits (ce, forward_kl, reverse_kl, jsd, ...)"
+            )
         method = self.method.name
         if self.teacher is not None and not users and method != "sequence":
             raise ValueError(

@@ -13,6 +13,7 @@ from typing import Annotated
 from pydantic import Field
 
 from distillery.losses.base import IGNORE_INDEX, LossInputs, LossTerm, TermConfig
+from distillery.losses.features import HintConfig, HintLoss
 from distillery.losses.logit import (
     CrossEntropyConfig,
     CrossEntropyLoss,
@@ -52,6 +53,7 @@ LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
     "dkd": (DKDConfig, DKDLoss),
     "nkd": (NKDConfig, NKDLoss),
     "uskd": (USKDConfig, USKDLoss),
+    "hint": (HintConfig, HintLoss),
 }
 
 # The union of every term config, told apart by its `name` field.
@@ -82,6 +84,7 @@ __all__ = [
     "CrossEntropyLoss",
     "DKDLoss",
     "ForwardKLLoss",
+    "HintLoss",
     "JSDLoss",
     "KDLoss",
     "LossInputs",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from distillery.capture import Capture, resolve_module, unwrap_model
 from distillery.configbase import StrictModel
+from distillery.losses.features import HINT_FEATURE
+from distillery.models.adapters import ModelOutput, StackedClassifierAdapter
 
 FINAL = "final"  # name of the wrapped model's own output in MultiExit.exit_names
 
@@ -58,6 +60,12 @@ class ExitConfig(StrictModel):
         False,
         description="stop the gradient of exit losses at the backbone: heads train as probes and the "
         "backbone learns only from the final output",
+    )
+    hint_at: str | None = Field(
+        None,
+        description="feature hints (BYOT): dotted path of the deep module whose pooled output every exit "
+        "learns to reproduce through its own linear projection, e.g. the input of the final classifier; "
+        "train them with the `hint` loss term",
     )
 
     @field_validator("at")
@@ -151,6 +159,12 @@ class MultiExit(nn.Module):
     and ``state_dict()`` include them, and the state dict holds plain tensors only (safetensors and
     ``torch.load(weights_only=True)`` both work).
 
+    Feature hints (``hint_at``, "Be Your Own Teacher", Zhang et al., ICCV 2019): each exit also gets a
+    linear projection (``hint_heads``) from its pooled feature to the pooled width of a deep module's
+    output; ``forward(x, hints=True)`` returns those projections next to the logits, and the ``hint``
+    loss pulls them towards the (detached) deep feature. The projections are used only in training:
+    predictions, :meth:`parameter_counts`, :meth:`latency` and :meth:`export` ignore them.
+
     Args:
         model: a classifier mapping inputs ``[B, ...]`` to logits ``[B, C]`` (a tensor, or an object
             with a ``logits`` attribute), possibly wrapped in DDP.
@@ -199,13 +213,15 @@ class MultiExit(nn.Module):
         root = unwrap_model(model)
         name_of = {id(m): name for name, m in root.named_modules()}
         paths = [name_of[id(resolve_module(model, p))] for p in config.at]  # canonical, unwrapped names
+        hint_path = None if config.hint_at is None else name_of[id(resolve_module(model, config.hint_at))]
+        watched = list(dict.fromkeys([*paths, *([hint_path] if hint_path else [])]))
         finished: list[str] = []  # module names in the order their forward returned
         handles = [
             m.register_forward_hook(lambda _m, _a, _o, name=name: finished.append(name))
             for name, m in root.named_modules()
         ]
         try:
-            with torch.no_grad(), _eval_mode(model), Capture(model, paths) as cap:
+            with torch.no_grad(), _eval_mode(model), Capture(model, watched) as cap:
                 final = _final_logits(model(example_input))
         finally:
             for handle in handles:
@@ -220,6 +236,15 @@ class MultiExit(nn.Module):
                 )
         paths.sort(key=finished.index)  # shallow -> deep
         self.paths: tuple[str, ...] = tuple(paths)
+        self.hint_path: str | None = hint_path
+        if hint_path is not None:
+            runs = finished.count(self.hint_path)
+            if runs != 1:
+                why = "does not run" if runs == 0 else f"runs {runs} times"
+                raise ValueError(
+                    f"hint module {self.hint_path!r} {why} in the forward pass; hints need a module that "
+                    f"runs exactly once. Modules in execution order: {', '.join(dict.fromkeys(finished))}"
+                )
 
         # ---- heads ---------------------------------------------------------------------------
         num_classes = final.shape[-1]
@@ -238,6 +263,18 @@ class MultiExit(nn.Module):
             dtype = feature.dtype if feature.is_floating_point() else None
             heads.append(nn.Sequential(*layers).to(device=feature.device, dtype=dtype))
         self.heads = nn.ModuleList(heads)
+
+        # Hint projections (training only): pooled exit feature -> pooled width of the hint module.
+        self.hint_heads: nn.ModuleList | None = None
+        if self.hint_path is not None:
+            target = _Pool(config.pool)(_feature(cap.outputs[self.hint_path], self.hint_path))
+            projections = []
+            for path in self.paths:
+                feature = _feature(cap.outputs[path], path)
+                width = _Pool(config.pool)(feature).shape[1]
+                dtype = feature.dtype if feature.is_floating_point() else None
+                projections.append(nn.Linear(width, target.shape[1]).to(device=feature.device, dtype=dtype))
+            self.hint_heads = nn.ModuleList(projections)
 
         # Modules a prediction at each exit needs (see parameter_counts): those that finished no later
         # than the exit module, plus its ancestors (their own parameters, e.g. a position embedding).
@@ -268,19 +305,36 @@ class MultiExit(nn.Module):
             feature = feature.detach()
         return self.heads[index](feature)  # (B, C)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hints: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Logits of every exit, ``[E, B, C]``, shallow to deep; ``[-1]`` is ``model(x)``.
 
         Args:
             x: the wrapped model's input ``[B, ...]``.
+            hints: also return the hint features ``[E, B, F]`` (needs ``hint_at``): row ``e < E - 1`` is
+                exit e's projected pooled feature, row ``E - 1`` the pooled output of the hint module
+                itself (the target, which the teacher detaches).
         """
-        with Capture(self.model, self.paths) as cap:
+        if hints and self.hint_heads is None:
+            raise ValueError("hint features need exits configured with hint_at (the module to learn from)")
+        watched = list(dict.fromkeys([*self.paths, *([self.hint_path] if hints else [])]))
+        with Capture(self.model, watched) as cap:
             final = _final_logits(self.model(x))  # (B, C)
-        missing = [p for p in self.paths if p not in cap.outputs]
+        missing = [p for p in watched if p not in cap.outputs]
         if missing:
             raise RuntimeError(f"exit modules {missing} did not run in this forward pass")
         exits = [self._head_logits(i, cap.outputs[p]) for i, p in enumerate(self.paths)]
-        return torch.stack([*exits, final])  # (E, B, C)
+        logits = torch.stack([*exits, final])  # (E, B, C)
+        if not hints:
+            return logits
+        pool = _Pool(self.config.pool)
+        projected = []
+        for i, path in enumerate(self.paths):
+            feature = _feature(cap.outputs[path], path)
+            if self.config.detach:
+                feature = feature.detach()
+            projected.append(self.hint_heads[i](pool(feature)))  # (B, F)
+        target = pool(_feature(cap.outputs[self.hint_path], self.hint_path))  # (B, F)
+        return logits, torch.stack([*projected, target])  # (E, B, F)
 
     def _exit_index(self, at: int | str) -> int:
         names = self.exit_names
@@ -384,4 +438,23 @@ class MultiExit(nn.Module):
         return self.model
 
     def extra_repr(self) -> str:
-        return f"exits={list(self.paths)}, pool={self.config.pool!r}"
+        hints = "" if self.hint_path is None else f", hint_at={self.hint_path!r}"
+        return f"exits={list(self.paths)}, pool={self.config.pool!r}{hints}"
+
+
+class MultiExitAdapter(StackedClassifierAdapter):
+    """Calls a :class:`MultiExit` student; with hints, its output carries ``features["hint"]`` ``[E, B, F]``.
+
+    Evaluation uses the plain stacked logits; only training asks for the hint features, which the
+    deepest-exit teacher turns into targets.
+    """
+
+    def __init__(self, members: int, hints: bool = False) -> None:
+        super().__init__(members)
+        self.hints = hints
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> ModelOutput:
+        if not self.hints:
+            return super().forward(model, batch)
+        logits, hints = model(batch[self.input_key], hints=True)  # (E, B, C), (E, B, F)
+        return ModelOutput(logits=logits, features={HINT_FEATURE: hints})

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from distillery.functional.ensemble import leave_one_out_logits
+from distillery.losses.features import HINT_FEATURE
 from distillery.models.adapters import ModelOutput
 from distillery.teachers.base import BaseTeacher, TeacherOutput
 
@@ -24,7 +25,9 @@ class DeepestExitTeacher(BaseTeacher):
     """Multi-exit self-distillation ("Be Your Own Teacher", Zhang et al., ICCV 2019; "One Model to
     Train them All: Hierarchical Self-Distillation for Enhanced Early Layer Embeddings"): every exit
     of ``[E, B, C]`` learns from the deepest exit, detached. The deepest exit's row is its own
-    teacher, a divergence of exactly 0.
+    teacher, a divergence of exactly 0. With hint features ``[E, B, F]`` in the student's output
+    (:class:`~distillery.models.exits.MultiExitAdapter`), the teacher's features are the last row
+    (the deep module's pooled output), detached, for every exit (BYOT's feature hints).
 
     Example:
         >>> import torch
@@ -39,7 +42,12 @@ class DeepestExitTeacher(BaseTeacher):
         self, batch: Mapping[str, Tensor], student_output: ModelOutput | None = None
     ) -> TeacherOutput:
         logits = _stacked_logits(student_output, "exits")
-        return TeacherOutput(logits=logits[-1:].expand_as(logits))
+        features = {}
+        hints = student_output.features.get(HINT_FEATURE)
+        if hints is not None:  # (E, B, F): every exit's hint learns the deepest row, the hint target
+            hints = hints.detach()
+            features[HINT_FEATURE] = hints[-1:].expand_as(hints)
+        return TeacherOutput(logits=logits[-1:].expand_as(logits), features=features)
 
 
 class PeersTeacher(BaseTeacher):
