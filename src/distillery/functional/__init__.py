@@ -3,7 +3,11 @@
 Conventions shared by every logit function are documented in :mod:`distillery.functional._rows`.
 """
 
-from distillery.functional.chunked import chunked_kd_from_hidden, should_chunk
+from distillery.functional.chunked import (
+    chunked_cross_entropy_from_hidden,
+    chunked_kd_from_hidden,
+    should_chunk,
+)
 from distillery.functional.classification import cross_entropy
 from distillery.functional.divergences import (
     forward_kl,
@@ -22,6 +26,7 @@ from distillery.functional.paced import paced_weights
 from distillery.functional.uskd import uskd_loss
 
 __all__ = [
+    "chunked_cross_entropy_from_hidden",
     "chunked_kd_from_hidden",
     "cross_entropy",
     "dkd_loss",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from distillery.functional._rows import check_reduction, check_temperature, compute_dtype
+from distillery.functional._rows import check_reduction, check_targets, check_temperature, compute_dtype
 from distillery.functional.divergences import (
     forward_kl,
     generalized_jsd,
@@ -122,36 +122,34 @@ def _matmul_dtype(*tensors: Tensor | None) -> torch.dtype:
     return dtype
 
 
+# loss_of_chunk(student logits [c, V] in the compute dtype, start, stop) -> summed loss of rows [start, stop)
+ChunkLoss = Callable[[Tensor, int, int], Tensor]
+
+
 def _chunk_loop(
     h_s: Tensor,
     w_s: Tensor,
     b_s: Tensor | None,
-    h_t: Tensor,
-    w_t: Tensor,
-    b_t: Tensor | None,
-    fn: Callable[..., Tensor],
-    temperature: float,
-    kwargs: dict,
+    loss_of_chunk: ChunkLoss,
     vocab: int,
     scale: Tensor | float,
     chunk_size: int,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loss ``sum * scale`` over the rows of ``h_s``/``h_t`` and, where ``needs``, its gradients.
+    """Loss ``sum * scale`` over the rows of ``h_s`` and, where ``needs``, its gradients.
 
-    ``needs`` says which of the student's (hidden, weight, bias) gradients to compute. The gradients
-    come back as ``[n, H_s]`` in ``h_s.dtype``, ``[V_s, H_s]`` and ``[V_s]`` in the compute dtype;
-    rows of the head beyond ``vocab`` get a zero gradient.
+    ``loss_of_chunk`` gets each chunk's student logits (restricted to the first ``vocab`` classes)
+    and returns the chunk's summed loss; anything else it needs (teacher logits, targets) it computes
+    itself from the row range. ``needs`` says which of the student's (hidden, weight, bias) gradients
+    to compute. The gradients come back as ``[n, H_s]`` in ``h_s.dtype``, ``[V_s, H_s]`` and ``[V_s]``
+    in the compute dtype; rows of the head beyond ``vocab`` get a zero gradient.
     """
     n = h_s.shape[0]
     cdtype = compute_dtype(h_s)
     mm_s = _matmul_dtype(h_s, w_s, b_s)
-    mm_t = _matmul_dtype(h_t, w_t, b_t)
     # The head restricted to the shared vocabulary: padded rows are never multiplied.
     ws = w_s.detach()[:vocab].to(mm_s)
     bs = None if b_s is None else b_s.detach()[:vocab].to(mm_s)
-    wt = w_t.detach()[:vocab].to(mm_t)
-    bt = None if b_t is None else b_t.detach()[:vocab].to(mm_t)
     need_h, need_w, need_b = needs
     grad_h = torch.empty_like(h_s) if need_h else None
     grad_w = w_s.new_zeros(w_s.shape, dtype=cdtype) if need_w else None
@@ -164,18 +162,17 @@ def _chunk_loop(
         stop = min(start + chunk_size, n)
         hs = h_s[start:stop].detach().to(mm_s)  # (c, H_s)
         with torch.no_grad():
-            t = F.linear(h_t[start:stop].detach().to(mm_t), wt, bt).to(cdtype)  # (c, V)
             s = F.linear(hs, ws, bs).to(cdtype)  # (c, V)
         if not any(needs):
             with torch.no_grad():
-                total += fn(s, t, temperature=temperature, reduction="sum", **kwargs)
+                total += loss_of_chunk(s, start, stop)
             continue
         s.requires_grad_(True)
         with torch.enable_grad():
-            loss = fn(s, t, temperature=temperature, reduction="sum", **kwargs)
+            loss = loss_of_chunk(s, start, stop)
         (g,) = torch.autograd.grad(loss, s, grad_outputs=scale)  # (c, V): d (loss * scale) / d s
         total += loss.detach()
-        del s, t, loss
+        del s, loss
         if need_b:
             grad_b[:vocab] += g.sum(0)
         g = g.to(mm_s)
@@ -190,13 +187,13 @@ def _chunk_loop(
     return total * scale, grad_h, grad_w, grad_b
 
 
-class _ChunkedKD(torch.autograd.Function):
+class _Chunked(torch.autograd.Function):
     """Loss in forward; the student's gradients, computed in forward too, are replayed in backward."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, fn, temperature, kwargs, vocab, scale, chunk_size, needs):
+    def forward(ctx, h_s, w_s, b_s, loss_of_chunk, vocab, scale, chunk_size, needs):
         loss, grad_h, grad_w, grad_b = _chunk_loop(
-            h_s, w_s, b_s, h_t, w_t, b_t, fn, temperature, kwargs, vocab, scale, chunk_size, needs
+            h_s, w_s, b_s, loss_of_chunk, vocab, scale, chunk_size, needs
         )
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
         ctx.needs = needs
@@ -213,7 +210,41 @@ class _ChunkedKD(torch.autograd.Function):
                 grads.append(None)
                 continue
             grads.append((next(saved) * grad_output).to(dtype))
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
+
+
+def _scale(
+    reduction: str, num_valid: Tensor | float | None, rows: int, dtype: torch.dtype, device
+) -> Tensor | float:
+    """The factor turning the summed loss into the requested reduction."""
+    if reduction == "sum":
+        return 1.0
+    if num_valid is None:
+        return 1.0 / max(rows, 1)
+    if isinstance(num_valid, Tensor):
+        return 1.0 / num_valid.to(device=device, dtype=dtype).clamp_min(1)
+    return 1.0 / max(float(num_valid), 1.0)
+
+
+def _apply(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, loss_of_chunk: ChunkLoss, vocab: int,
+           scale: Tensor | float, chunk_size: int, hidden: Tensor) -> Tensor:  # fmt: skip
+    params = (hidden, w_s, b_s)
+    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad for x in params)
+    if not any(needs):
+        return _chunk_loop(h_s, w_s, b_s, loss_of_chunk, vocab, scale, chunk_size, needs)[0]
+    return _Chunked.apply(h_s, w_s, b_s, loss_of_chunk, vocab, scale, chunk_size, needs)
+
+
+def _check_reduction_and_chunk(reduction: str, chunk_size: int, name: str) -> None:
+    check_reduction(reduction)
+    if reduction == "none":
+        raise ValueError(
+            f'{name} supports reduction "mean" or "sum", not "none": per-token losses '
+            "cannot be backpropagated from the gradients precomputed chunk by chunk; call the "
+            "loss on the logits of a slice of the tokens for per-token values"
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
 
 
 def chunked_kd_from_hidden(
@@ -316,17 +347,9 @@ def chunked_kd_from_hidden(
         >>> bool(torch.allclose(loss, naive))
         True
     """
-    check_reduction(reduction)
-    if reduction == "none":
-        raise ValueError(
-            'chunked_kd_from_hidden supports reduction "mean" or "sum", not "none": per-token losses '
-            "cannot be backpropagated from the gradients precomputed chunk by chunk; call the "
-            "divergence on the logits of a slice of the tokens for per-token values"
-        )
+    _check_reduction_and_chunk(reduction, chunk_size, "chunked_kd_from_hidden")
     check_temperature("temperature", temperature)
     fn = _resolve_divergence(divergence, divergence_kwargs)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
     _check_head("student", student_hidden, student_head_weight, student_head_bias)
     _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias)
     lead = student_hidden.shape[:-1]
@@ -343,29 +366,116 @@ def chunked_kd_from_hidden(
 
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    if mask is not None:
-        if mask.shape != lead:
-            raise ValueError(
-                f"mask has shape {tuple(mask.shape)}; expected the hidden states' leading shape {tuple(lead)}"
-            )
-        index = mask.reshape(-1).to(torch.bool).nonzero().squeeze(-1)
+    index = _valid_rows(mask, lead, "hidden states")
+    if index is not None:
         h_s, h_t = h_s.index_select(0, index), h_t.index_select(0, index)
 
-    if reduction == "sum":
-        scale: Tensor | float = 1.0
-    elif num_valid is None:
-        scale = 1.0 / max(h_s.shape[0], 1)
-    elif isinstance(num_valid, Tensor):
-        scale = 1.0 / num_valid.to(device=h_s.device, dtype=cdtype).clamp_min(1)
-    else:
-        scale = 1.0 / max(float(num_valid), 1.0)
+    # The teacher is a constant: its head (shared vocabulary only) multiplies under no_grad.
+    mm_t = _matmul_dtype(h_t, teacher_head_weight, teacher_head_bias)
+    wt = teacher_head_weight.detach()[:vocab].to(mm_t)
+    bt = None if teacher_head_bias is None else teacher_head_bias.detach()[:vocab].to(mm_t)
+    h_t = h_t.detach().to(mm_t)
 
-    params = (student_hidden, student_head_weight, student_head_bias)
-    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad for x in params)
-    args = (
-        h_s, student_head_weight, student_head_bias, h_t, teacher_head_weight, teacher_head_bias,
-        fn, temperature, divergence_kwargs, vocab, scale, chunk_size,
-    )  # fmt: skip
-    if not any(needs):
-        return _chunk_loop(*args, needs)[0]
-    return _ChunkedKD.apply(*args, needs)
+    def loss_of_chunk(s: Tensor, start: int, stop: int) -> Tensor:
+        with torch.no_grad():
+            t = F.linear(h_t[start:stop], wt, bt).to(s.dtype)  # (c, V)
+        return fn(s, t, temperature=temperature, reduction="sum", **divergence_kwargs)
+
+    scale = _scale(reduction, num_valid, h_s.shape[0], cdtype, h_s.device)
+    return _apply(
+        h_s, student_head_weight, student_head_bias, loss_of_chunk, vocab, scale, chunk_size, student_hidden
+    )
+
+
+def _valid_rows(mask: Tensor | None, lead: torch.Size, what: str) -> Tensor | None:
+    """Indices of the True rows of ``mask`` (flattened), or None without a mask."""
+    if mask is None:
+        return None
+    if mask.shape != lead:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}; expected the {what}' leading shape {tuple(lead)}"
+        )
+    return mask.reshape(-1).to(torch.bool).nonzero().squeeze(-1)
+
+
+def chunked_cross_entropy_from_hidden(
+    hidden: Tensor,
+    head_weight: Tensor,
+    target: Tensor,
+    *,
+    head_bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    num_valid: Tensor | float | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: int = 256,
+) -> Tensor:
+    r"""Next-token cross-entropy from hidden states and an LM head, chunk by chunk over the tokens.
+
+    With :math:`s_i = h_i W^\top + b` the logits of token row :math:`i`, this returns exactly
+    :func:`distillery.functional.cross_entropy` of those logits,
+
+    .. math::
+
+        \mathcal{L} = -\frac{1}{N} \sum_{i:\, y_i \neq \text{ignore}} \log \mathrm{softmax}(s_i)_{y_i}
+
+    (with label smoothing :math:`\varepsilon`, the target is :math:`(1-\varepsilon)\,\text{onehot}(y)
+    + \varepsilon / V`), without ever holding the ``[tokens, vocab]`` logits: the supervised half of
+    a distillation objective, computed the way :func:`chunked_kd_from_hidden` computes the divergence
+    (the chunked linear-cross-entropy of "Liger Kernel: Efficient Triton Kernels for LLM Training",
+    Hsu et al., in plain PyTorch). Memory, precision and the ``reduction="none"`` restriction are
+    those of :func:`chunked_kd_from_hidden`.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states; the leading dims are flattened into tokens.
+        head_weight: ``[V, H]`` the LM head (an ``nn.Linear.weight``).
+        target: ``[...]`` next-token ids, ``ignore_index`` where there is no target.
+        head_bias: optional ``[V]`` bias of the head.
+        mask: optional ``[...]`` boolean; False tokens are skipped and get a zero gradient.
+        reduction: ``"mean"`` over labelled valid tokens or ``"sum"``.
+        num_valid: with ``"mean"``, divide the sum by this (global) count instead.
+        ignore_index: target value of tokens without a label.
+        label_smoothing: :math:`\varepsilon \in [0, 1)`.
+        chunk_size: tokens per chunk (>= 1).
+
+    Returns:
+        A scalar in float32 (float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> from distillery.functional import cross_entropy
+        >>> h = torch.arange(24.0).reshape(2, 3, 4).sin().requires_grad_()
+        >>> w = torch.arange(40.0).reshape(10, 4).cos().requires_grad_()
+        >>> y = torch.tensor([[1, 7, -100], [0, 9, 3]])
+        >>> loss = chunked_cross_entropy_from_hidden(h, w, y, chunk_size=2)
+        >>> round(loss.item(), 4)
+        2.4891
+        >>> bool(torch.allclose(loss, cross_entropy(h @ w.T, y)))
+        True
+    """
+    _check_reduction_and_chunk(reduction, chunk_size, "chunked_cross_entropy_from_hidden")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing}")
+    _check_head("student", hidden, head_weight, head_bias)
+    lead = hidden.shape[:-1]
+    if target.shape != lead:
+        raise ValueError(
+            f"target has shape {tuple(target.shape)}; expected the hidden states' leading shape {tuple(lead)}"
+        )
+    if mask is not None and mask.shape != lead:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}; expected the hidden states' leading shape {tuple(lead)}"
+        )
+    rows = target != ignore_index
+    if mask is not None:
+        rows &= mask.to(torch.bool)
+    index = rows.reshape(-1).nonzero().squeeze(-1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    y = check_targets(target.reshape(-1).index_select(0, index), head_weight.shape[0])
+
+    def loss_of_chunk(s: Tensor, start: int, stop: int) -> Tensor:
+        return F.cross_entropy(s, y[start:stop], reduction="sum", label_smoothing=label_smoothing)
+
+    scale = _scale(reduction, num_valid, h.shape[0], compute_dtype(hidden), h.device)
+    return _apply(h, head_weight, head_bias, loss_of_chunk, head_weight.shape[0], scale, chunk_size, hidden)

@@ -112,6 +112,25 @@ class LMMethodConfig(StrictModel):
     )
 
 
+class ChunkedLossConfig(StrictModel):
+    """Compute the loss from final hidden states and LM heads, a chunk of tokens at a time.
+
+    The ``[tokens, vocab]`` logits of the student and the teacher are then never materialised
+    (:func:`distillery.functional.chunked_kd_from_hidden`, :func:`~distillery.functional.chunked.
+    chunked_cross_entropy_from_hidden`); values and gradients are those of the plain loss.
+    """
+
+    enabled: Literal["auto"] | bool = Field(
+        "auto",
+        description="auto: when a micro-batch's logits exceed `threshold` values (should_chunk) and every "
+        "loss term supports it; true: always (an error if a term or the model cannot); false: never",
+    )
+    chunk_size: int = Field(256, ge=1, description="tokens per chunk")
+    threshold: int = Field(
+        2**24, ge=1, description="auto: chunk when micro-batch tokens x vocabulary exceeds this many values"
+    )
+
+
 class LMEvalConfig(StrictModel):
     batch_size: int = Field(32, ge=1)
 
@@ -132,6 +151,7 @@ class LMRunConfig(StrictModel):
     train: TrainConfig
     baseline: BaselineConfig | None = None
     eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
+    chunked_loss: ChunkedLossConfig = Field(default_factory=ChunkedLossConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     _name_from_key = field_validator("loss", mode="before")(RunConfig._name_from_key.__func__)
@@ -163,6 +183,21 @@ class LMRunConfig(StrictModel):
             )
         if method != "token" and self.teacher is None:
             raise ValueError(f"conflicting fields: method.name={method} needs a teacher section")
+        if self.chunked_loss.enabled is True:
+            unchunked = [
+                label for label, term in self.loss.items() if not LOSSES[term.name][1].supports_hidden
+            ]
+            if unchunked:
+                raise ValueError(
+                    f"conflicting fields: chunked_loss.enabled=true, but loss.{unchunked[0]} "
+                    f"({self.loss[unchunked[0]].name}) is computed from full logits only; chunked terms: "
+                    f"{', '.join(sorted(k for k, (_, cls) in LOSSES.items() if cls.supports_hidden))}"
+                )
+            if method == "paced":
+                raise ValueError(
+                    "conflicting fields: chunked_loss.enabled=true, but method.name=paced weights each row, "
+                    "which the chunked loss cannot; set chunked_loss.enabled=auto or false"
+                )
         if method == "paced":
             unweighted = [
                 label for label, term in self.loss.items() if not LOSSES[term.name][1].supports_row_weight

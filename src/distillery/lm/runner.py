@@ -253,6 +253,48 @@ def _aligned_loss(cfg: LMRunConfig, shared_vocab: int, padded: bool) -> dict:
     return out
 
 
+def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module | None) -> tuple[bool, str]:
+    """Whether the training loss is computed chunk by chunk from hidden states, and why (for the log).
+
+    ``chunked_loss.enabled``: ``false`` never; ``true`` always (a model that cannot is an error:
+    the configuration already refused loss terms and methods that cannot); ``auto`` when every term
+    and both models support it and one micro-batch's logits (``batch_size / grad_accum`` sequences of
+    ``data.seq_len`` tokens times the student's vocabulary) exceed ``chunked_loss.threshold`` values.
+    """
+    from distillery.errors import ConfigError
+    from distillery.losses import LOSSES
+    from distillery.models.hf import chunked_loss_support
+
+    c = cfg.chunked_loss
+    if c.enabled is False:
+        return False, "off (chunked_loss.enabled=false)"
+    reasons = [
+        f"loss.{label} ({term.name}) needs full logits"
+        for label, term in cfg.loss.items()
+        if not LOSSES[term.name][1].supports_hidden
+    ]
+    if cfg.method.name == "paced":
+        reasons.append("method.name=paced weights each row")
+    for who, model in (("student", student), ("teacher", teacher)):
+        why = None if model is None else chunked_loss_support(model)
+        if why is not None:
+            reasons.append(f"the {who}: {why}")
+    if reasons:
+        if c.enabled is True:
+            raise ConfigError(
+                f"chunked_loss.enabled=true, but {'; '.join(reasons)}; set chunked_loss.enabled=auto"
+            )
+        return False, f"off ({'; '.join(reasons)})"
+    vocab = student.get_output_embeddings().weight.shape[0]
+    tokens = cfg.train.batch_size // cfg.train.grad_accum * cfg.data.seq_len
+    if c.enabled == "auto" and not DF.should_chunk(tokens, vocab, c.threshold):
+        return False, f"off (auto: {tokens:,} tokens x {vocab:,} vocabulary <= threshold {c.threshold:,})"
+    return (
+        True,
+        f"on, {c.chunk_size} tokens per chunk ({tokens:,} tokens x {vocab:,} vocabulary per micro-batch)",
+    )
+
+
 def run_lm(
     cfg: LMRunConfig,
     *,
@@ -269,7 +311,6 @@ def run_lm(
     main = acc.is_main_process
 
     t_start = time.perf_counter()
-    adapter = HFCausalLMAdapter()
     data = prepare_data(cfg)
     tokenizer = data["tokenizer"]
     n_vocab = len(tokenizer)
@@ -305,10 +346,15 @@ def run_lm(
                 _write_atomic(seed_dir / "teacher.json", json.dumps(t_info, indent=2))
             how = "cached" if t_info["cached"] else f"trained in {t_info['seconds']:.1f}s"
             console.print(f"  seed {seed} teacher: perplexity {t_info['metrics']['perplexity']:.2f} ({how})")
-            teacher = FrozenTeacher(t_model, adapter)
 
         torch.manual_seed(seed)
         student0 = build_causal_lm(cfg.student, n_vocab, tokenizer)
+        chunked, why = chunked_loss_plan(cfg, student0, t_model)
+        if seed == cfg.seeds[0]:
+            console.print(f"  chunked loss: {why}")
+        adapter = HFCausalLMAdapter(hidden_states=chunked)
+        if t_model is not None:
+            teacher = FrozenTeacher(t_model, adapter)
         init_state = {k: v.clone() for k, v in student0.state_dict().items()}
         padded = (
             t_model is not None
@@ -330,6 +376,8 @@ def run_lm(
                 objective = build_objective(_aligned_loss(cfg, n_vocab, padded))
                 train_cfg, arm_teacher = cfg.train, teacher
                 train_set, transform = method_data(cfg, data, t_model, seed, console)
+            for term in objective.terms.values():
+                term.chunk_size = cfg.chunked_loss.chunk_size
             student = build_causal_lm(cfg.student, n_vocab, tokenizer)
             student.load_state_dict(init_state)
             fitted = fit(
@@ -358,6 +406,7 @@ def run_lm(
                 "steps": fitted.steps,
                 "seconds": fitted.seconds,
                 "samples_per_second": fitted.samples_per_second,
+                "chunked_loss": chunked,
                 "history": fitted.history,
             }
             if transform is not None:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from distillery.configbase import StrictModel
 from distillery.functional.paced import weighted_row_mean
+from distillery.models.adapters import LM_HEAD_BIAS, LM_HEAD_WEIGHT, LM_HIDDEN
 
 IGNORE_INDEX = -100
 
@@ -33,7 +34,7 @@ class LossInputs:
     pass-rate weights, :func:`distillery.functional.paced.paced_weights`).
     """
 
-    student_logits: Tensor
+    student_logits: Tensor | None  # None: computed chunk by chunk from student_features (chunked loss)
     target: Tensor
     mask: Tensor
     teacher_logits: Tensor | None = None
@@ -57,6 +58,10 @@ class LossTerm(nn.Module):
 
     needs_teacher: ClassVar[bool] = True
     supports_row_weight: ClassVar[bool] = False
+    # Terms that can also be computed from hidden states and LM heads, chunk by chunk over the
+    # tokens, when the outputs carry no logits (see ``LM_HIDDEN``); ``chunk_size`` tokens per chunk.
+    supports_hidden: ClassVar[bool] = False
+    chunk_size: int = 256
 
     def rows(self, target: Tensor, mask: Tensor) -> Tensor:
         """Boolean ``[...]``: the rows this term averages over (default: every valid row)."""
@@ -64,6 +69,33 @@ class LossTerm(nn.Module):
 
     def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
         raise NotImplementedError
+
+    def _from_hidden(self, inputs: LossInputs, teacher: bool) -> dict[str, Tensor | None]:
+        """Keyword arguments of the chunked functions when the outputs carry hidden states, not logits."""
+        if not self.supports_hidden:
+            raise ValueError(
+                f"loss term {type(self).__name__} needs logits, but the model returned hidden states for a "
+                "chunked loss; turn chunked_loss off or use terms that support it (ce, forward_kl, reverse_kl, "
+                "jsd, tvd, skew_kl, skew_reverse_kl)"
+            )
+        if inputs.row_weight is not None:
+            raise ValueError(
+                "per-row weights (PACED) cannot be combined with the chunked loss; turn chunked_loss off"
+            )
+        sides = [("student", inputs.student_features)] + (
+            [("teacher", inputs.teacher_features)] if teacher else []
+        )
+        out: dict[str, Tensor | None] = {}
+        for side, features in sides:
+            if LM_HIDDEN not in features or LM_HEAD_WEIGHT not in features:
+                raise ValueError(
+                    f"loss term {type(self).__name__}: the {side} output has neither logits nor the hidden "
+                    f"states and LM head of a chunked loss ({LM_HIDDEN}, {LM_HEAD_WEIGHT})"
+                )
+            out[f"{side}_hidden"] = features[LM_HIDDEN]
+            out[f"{side}_head_weight"] = features[LM_HEAD_WEIGHT]
+            out[f"{side}_head_bias"] = features.get(LM_HEAD_BIAS)
+        return out
 
     def _teacher_logits(self, inputs: LossInputs) -> Tensor:
         if inputs.teacher_logits is None:

@@ -31,6 +31,7 @@ class CrossEntropyLoss(LossTerm):
 
     needs_teacher: ClassVar[bool] = False
     supports_row_weight: ClassVar[bool] = True
+    supports_hidden: ClassVar[bool] = True
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
@@ -40,6 +41,19 @@ class CrossEntropyLoss(LossTerm):
         return labelled_rows(target, mask)
 
     def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
+        if inputs.student_logits is None:  # chunked over tokens from hidden states and the LM head
+            kw = self._from_hidden(inputs, teacher=False)
+            return DF.chunked_cross_entropy_from_hidden(
+                kw["student_hidden"],
+                kw["student_head_weight"],
+                inputs.target,
+                head_bias=kw["student_head_bias"],
+                mask=inputs.mask,
+                num_valid=num_valid,
+                ignore_index=IGNORE_INDEX,
+                label_smoothing=self.label_smoothing,
+                chunk_size=self.chunk_size,
+            )
         weighted = inputs.row_weight is not None
         value = DF.cross_entropy(
             inputs.student_logits,
@@ -65,6 +79,7 @@ class ForwardKLConfig(TermConfig):
 
 class ForwardKLLoss(LossTerm):
     supports_row_weight: ClassVar[bool] = True
+    supports_hidden: ClassVar[bool] = True
 
     def __init__(self, temperature: float = 1.0, vocab_size: int | None = None) -> None:
         super().__init__()
@@ -72,6 +87,16 @@ class ForwardKLLoss(LossTerm):
         self.vocab_size = vocab_size
 
     def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
+        if inputs.student_logits is None:  # chunked over tokens from hidden states and the LM heads
+            return DF.chunked_kd_from_hidden(
+                **self._from_hidden(inputs, teacher=True),
+                divergence="forward_kl",
+                temperature=self.temperature,
+                vocab_size=self.vocab_size,
+                mask=inputs.mask,
+                num_valid=num_valid,
+                chunk_size=self.chunk_size,
+            )
         weighted = inputs.row_weight is not None
         value = DF.forward_kl(
             inputs.student_logits,
@@ -148,6 +173,8 @@ class _FunctionalTerm(LossTerm):
     function: ClassVar[Callable[..., Tensor]]
     uses_target: ClassVar[bool] = False
     supports_row_weight: ClassVar[bool] = True
+    # name of the divergence in distillery.functional.chunked.DIVERGENCES, for the chunked loss
+    chunk_name: ClassVar[str | None] = None
 
     def __init__(self, unlabelled: str = "skip", **hyperparameters: Any) -> None:
         super().__init__()
@@ -164,6 +191,15 @@ class _FunctionalTerm(LossTerm):
         return mask
 
     def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
+        if inputs.student_logits is None:  # chunked over tokens from hidden states and the LM heads
+            return DF.chunked_kd_from_hidden(
+                **self._from_hidden(inputs, teacher=True),
+                divergence=self.chunk_name,
+                mask=inputs.mask,
+                num_valid=num_valid,
+                chunk_size=self.chunk_size,
+                **self.hyperparameters,
+            )
         fn = type(self).function
         teacher = self._teacher_logits(inputs)
         args: tuple[Tensor, ...] = (inputs.student_logits, teacher)
@@ -207,6 +243,8 @@ class ReverseKLConfig(TermConfig):
 
 class ReverseKLLoss(_FunctionalTerm):
     function = staticmethod(DF.reverse_kl)
+    supports_hidden = True
+    chunk_name = "reverse_kl"
 
     def __init__(self, temperature: float = 1.0, vocab_size: int | None = None) -> None:
         super().__init__(temperature=temperature, vocab_size=vocab_size)
@@ -223,6 +261,8 @@ class JSDConfig(TermConfig):
 
 class JSDLoss(_FunctionalTerm):
     function = staticmethod(DF.generalized_jsd)
+    supports_hidden = True
+    chunk_name = "jsd"
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0, vocab_size: int | None = None) -> None:
         super().__init__(beta=beta, temperature=temperature, vocab_size=vocab_size)
@@ -238,6 +278,8 @@ class TVDConfig(TermConfig):
 
 class TVDLoss(_FunctionalTerm):
     function = staticmethod(DF.total_variation)
+    supports_hidden = True
+    chunk_name = "tvd"
 
     def __init__(self, temperature: float = 1.0, vocab_size: int | None = None) -> None:
         super().__init__(temperature=temperature, vocab_size=vocab_size)
@@ -254,6 +296,8 @@ class SkewKLConfig(TermConfig):
 
 class SkewKLLoss(_FunctionalTerm):
     function = staticmethod(DF.skew_kl)
+    supports_hidden = True
+    chunk_name = "skew_kl"
 
     def __init__(self, alpha: float = 0.1, temperature: float = 1.0, vocab_size: int | None = None) -> None:
         super().__init__(alpha=alpha, temperature=temperature, vocab_size=vocab_size)
@@ -270,6 +314,8 @@ class SkewReverseKLConfig(TermConfig):
 
 class SkewReverseKLLoss(_FunctionalTerm):
     function = staticmethod(DF.skew_reverse_kl)
+    supports_hidden = True
+    chunk_name = "skew_reverse_kl"
 
     def __init__(self, alpha: float = 0.1, temperature: float = 1.0, vocab_size: int | None = None) -> None:
         super().__init__(alpha=alpha, temperature=temperature, vocab_size=vocab_size)

@@ -13,13 +13,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+# Feature names of a causal LM's output when its logits are left to the loss (chunked over tokens):
+# the final hidden states aligned with the rows, and the LM head that turns them into logits.
+LM_HIDDEN = "lm_hidden"
+LM_HEAD_WEIGHT = "lm_head_weight"
+LM_HEAD_BIAS = "lm_head_bias"
+
 
 @dataclass
 class ModelOutput:
     """What a model (student or teacher) produced for a batch.
 
     ``logits`` is ``[..., C]`` with leading dims matching the rows of :meth:`ClassifierAdapter.rows`;
-    ``features`` holds named intermediate tensors for feature-level losses.
+    ``features`` holds named intermediate tensors for feature-level losses. A causal LM whose loss is
+    chunked over tokens returns ``logits=None`` and the features ``LM_HIDDEN`` ``[..., H]``,
+    ``LM_HEAD_WEIGHT`` ``[V, H]`` (and ``LM_HEAD_BIAS`` ``[V]`` when its head has a bias).
     """
 
     logits: Tensor | None
