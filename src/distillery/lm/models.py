@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from distillery.errors import ConfigError
 from distillery.lm.config import CausalLMConfig
 
 
@@ -21,6 +22,13 @@ def build_causal_lm(cfg: CausalLMConfig, vocab_size: int, tokenizer: Any | None 
 
     if cfg.pretrained is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(cfg.pretrained)
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < vocab_size:
+            raise ConfigError(
+                f"the model {cfg.pretrained!r} has {rows} output rows, fewer than the tokenizer's {vocab_size} "
+                "ids: it was trained with another tokenizer; set data.tokenizer={kind: pretrained, "
+                f"pretrained: {cfg.pretrained}}}"
+            )
     else:
         rows = cfg.vocab_size or vocab_size
         if rows < vocab_size:

@@ -253,6 +253,37 @@ def _aligned_loss(cfg: LMRunConfig, shared_vocab: int, padded: bool) -> dict:
     return out
 
 
+def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any) -> list[str]:
+    """Refuse pretrained models saved with a tokenizer other than the run's; return notes for the log.
+
+    Token-level distillation compares distributions id by id, so the teacher, the student and the
+    data must share one tokenizer (a model whose vocabulary is padded beyond it is fine). A pretrained
+    model directory (or hub id) without a tokenizer is assumed to use the run's, with a note.
+    """
+    from distillery.data.text.tokenizer import load_pretrained_tokenizer, tokenizer_differences
+    from distillery.errors import ConfigError
+
+    notes = []
+    sides = [("teacher", None if cfg.teacher is None else cfg.teacher.model), ("student", cfg.student)]
+    for who, model in sides:
+        if model is None or model.pretrained is None:
+            continue
+        try:
+            own = load_pretrained_tokenizer(model.pretrained)
+        except ConfigError:
+            notes.append(f"no tokenizer saved with the {who} {model.pretrained!r}; assuming it uses the run's")
+            continue
+        diffs = tokenizer_differences(own, tokenizer)
+        if diffs:
+            raise ConfigError(
+                f"the {who} model {model.pretrained!r} comes with a tokenizer that differs from the run's "
+                f"(its vs the run's: {'; '.join(diffs)}). Teacher, student and data must share one tokenizer: "
+                f"set data.tokenizer={{kind: pretrained, pretrained: {model.pretrained}}} (cross-tokenizer "
+                "distillation is not supported yet)"
+            )
+    return notes
+
+
 def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module | None) -> tuple[bool, str]:
     """Whether the training loss is computed chunk by chunk from hidden states, and why (for the log).
 
@@ -315,6 +346,8 @@ def run_lm(
     tokenizer = data["tokenizer"]
     n_vocab = len(tokenizer)
     special_ids(tokenizer)  # a clear error now if pad, bos or eos is missing
+    for note in check_model_tokenizers(cfg, tokenizer):
+        console.print(f"  note: {note}")
     console.print(
         f"[bold]{cfg.name}[/bold]: {cfg.data.name}, tokenizer {cfg.data.tokenizer.kind} ({n_vocab} tokens), "
         f"{len(data['train'])} training / {len(data['test'])} test sequences of <= {cfg.data.seq_len} tokens "

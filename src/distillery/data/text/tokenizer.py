@@ -47,28 +47,71 @@ MIN_FREQUENCY = 2
 # Bump when a change here makes previously cached tokenizers differ from freshly trained ones.
 CACHE_FORMAT = 1
 
-TokenizerKind = Literal["bpe", "byte"]
+TokenizerKind = Literal["bpe", "byte", "pretrained"]
 
 
 class TokenizerConfig(StrictModel):
-    """Which tokenizer a text run trains (or loads from the cache)."""
+    """Which tokenizer a text run trains (or loads from the cache), or the pretrained one it loads."""
 
-    kind: TokenizerKind = Field("bpe", description="bpe: byte-level BPE; byte: 256 bytes + specials")
+    kind: TokenizerKind = Field(
+        "bpe",
+        description="bpe: byte-level BPE; byte: 256 bytes + specials; pretrained: AutoTokenizer.from_pretrained"
+        "(tokenizer.pretrained), the tokenizer of pretrained teacher/student models",
+    )
     vocab_size: int | None = Field(
         None,
         ge=BYTE_VOCAB_SIZE,
-        description=f"bpe: total ids including specials (null = {DEFAULT_VOCAB_SIZE}); byte: must be null",
+        description=f"bpe: total ids including specials (null = {DEFAULT_VOCAB_SIZE}); byte, pretrained: null",
     )
+    pretrained: str | None = Field(None, description="kind=pretrained: hub id or directory of the tokenizer")
 
     @model_validator(mode="after")
     def _byte_has_fixed_size(self) -> TokenizerConfig:
         if self.kind == "byte" and self.vocab_size not in (None, BYTE_VOCAB_SIZE):
             raise ValueError(f"tokenizer.vocab_size must be null for kind=byte (always {BYTE_VOCAB_SIZE})")
+        if self.kind == "pretrained":
+            if self.pretrained is None:
+                raise ValueError("tokenizer.kind=pretrained needs tokenizer.pretrained (a hub id or directory)")
+            if self.vocab_size is not None:
+                raise ValueError("tokenizer.vocab_size must be null for kind=pretrained (the tokenizer's own)")
+        elif self.pretrained is not None:
+            raise ValueError(f"tokenizer.pretrained is set, but tokenizer.kind={self.kind}; set kind=pretrained")
         return self
 
     def build(self, text: str | Sequence[str], **kwargs: Any) -> PreTrainedTokenizerFast:
-        """:func:`train_tokenizer` with these settings (``kwargs``: ``use_cache``, ``cache_dir``)."""
+        """:func:`train_tokenizer` with these settings (``kwargs``: ``use_cache``, ``cache_dir``), or
+        :func:`load_pretrained_tokenizer` for ``kind=pretrained`` (``text`` and ``kwargs`` unused)."""
+        if self.kind == "pretrained":
+            return load_pretrained_tokenizer(self.pretrained)
         return train_tokenizer(text, self.vocab_size, self.kind, **kwargs)
+
+
+def load_pretrained_tokenizer(source: str) -> Any:
+    """``AutoTokenizer.from_pretrained(source)`` with the special tokens distillation needs.
+
+    Batches need a padding, a beginning and an end token. Many pretrained tokenizers lack a padding
+    token (GPT-2, Llama); it is then set to the end token (padding positions are masked out of every
+    loss and of attention, so the choice does not matter), and a missing beginning token likewise.
+    Loading the same source twice gives the same tokenizer, so a model's own tokenizer compares equal.
+
+    Raises:
+        ConfigError: nothing loads from ``source``, or the tokenizer has no end token.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {source!r}: {exc}") from None
+    if tokenizer.eos_token is None:
+        raise ConfigError(
+            f"the tokenizer of {source!r} has no end-of-sequence token; responses need one to end"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    return tokenizer
 
 
 def tokenizer_cache_root() -> Path:
