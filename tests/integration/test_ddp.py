@@ -87,3 +87,25 @@ def test_cli_run_under_two_processes_matches_one_process(tmp_path):
     ddp_acc, one_acc = ddp_summary["per_seed_accuracy"][0], one_summary["per_seed_accuracy"][0]
     for key in ("teacher", "baseline", "distilled"):
         assert ddp_acc[key] == pytest.approx(one_acc[key], abs=1e-6), key
+
+
+@pytest.mark.integration
+def test_past_predictions_table_is_gathered_across_processes(tmp_path):
+    """PS-KD under two processes: each rank sees half of every batch, but the table of past predictions
+    must hold every example's prediction (gathered), so the students match a single-process run."""
+    quick = ["seeds=[0]", "train.steps=30", "train.eval_every=0", "baseline.train.steps=4", "--no-progress"]
+    # 1300 examples / 128 per step: about 10 steps per epoch, so epochs 2 and 3 read the table
+    launch(["-m", "distillery", "run", "digits-pskd", f"output.dir={tmp_path / 'ddp'}", *quick], tmp_path)
+    single = subprocess.run(
+        [sys.executable, "-m", "distillery", "run", "digits-pskd", f"output.dir={tmp_path / 'one'}", *quick],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_w = load_file(str(tmp_path / "ddp" / "seed-0" / "distilled" / "student.safetensors"))
+    one_w = load_file(str(tmp_path / "one" / "seed-0" / "distilled" / "student.safetensors"))
+    for name, value in one_w.items():
+        assert torch.allclose(ddp_w[name], value, atol=1e-4), name
