@@ -109,3 +109,27 @@ def test_past_predictions_table_is_gathered_across_processes(tmp_path):
     one_w = load_file(str(tmp_path / "one" / "seed-0" / "distilled" / "student.safetensors"))
     for name, value in one_w.items():
         assert torch.allclose(ddp_w[name], value, atol=1e-4), name
+
+
+@pytest.mark.integration
+def test_lm_run_under_two_processes_matches_one_process(tmp_path):
+    """Token-level KD of a causal LM: the loss is normalised by the valid tokens of the global batch,
+    so two processes (each with half the sequences, different token counts) train the same student."""
+    quick = ["teacher.train.steps=4", "train.steps=4", "train.eval_every=0", "baseline.enabled=false",
+             "data.max_train_blocks=64", "data.max_eval_blocks=4", "data.seq_len=32",
+             "data.tokenizer.vocab_size=300", "--no-progress"]  # fmt: skip
+    env = {"DISTILLERY_CACHE": str(tmp_path / "cache-ddp")}
+    launch(["-m", "distillery", "run", "lm-kd", f"output.dir={tmp_path / 'ddp'}", *quick], tmp_path, env=env)
+    single = subprocess.run(
+        [sys.executable, "-m", "distillery", "run", "lm-kd", f"output.dir={tmp_path / 'one'}", *quick],
+        cwd=tmp_path,
+        env={**os.environ, "DISTILLERY_CACHE": str(tmp_path / "cache-one"), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_w = load_file(str(tmp_path / "ddp" / "seed-0" / "distilled" / "model" / "model.safetensors"))
+    one_w = load_file(str(tmp_path / "one" / "seed-0" / "distilled" / "model" / "model.safetensors"))
+    for name, value in one_w.items():
+        assert torch.allclose(ddp_w[name], value, atol=1e-4), name
