@@ -8,6 +8,7 @@ clean.
     python benchmarks/self_distillation.py                     # digits (default; ~20 minutes)
     python benchmarks/self_distillation.py --dataset fashion_mnist
     python benchmarks/self_distillation.py --quick             # a smoke test of the script
+    python benchmarks/self_distillation.py --arms multi-exit "multi-exit + hints" --tag hints
 
 Writes ``benchmarks/results/self_distillation-<dataset>.json`` (every number) and ``.md`` (tables).
 """
@@ -41,6 +42,8 @@ ARMS: dict[str, tuple[dict | None, dict]] = {
     "multi-exit": ({"source": "exits", "exits": {"at": ["body.2"]}}, CE_KL),
     "multi-exit, no SD": ({"source": "exits", "exits": {"at": ["body.2"]}},
                           {"ce": {"weight": 1.0}, "forward_kl": {"weight": 0.0}}),
+    "multi-exit + hints": ({"source": "exits", "exits": {"at": ["body.2"], "hint_at": "body.4"}},
+                           {**CE_KL, "hint": {"weight": 1.0}}),
     "mutual learning (K=2)": ({"source": "peers", "peers": 2}, CE_KL),
     "mean teacher (EMA 0.99)": ({"source": "ema", "momentum": 0.99}, CE_KL),
     "random teacher": ({"source": "random"}, CE_KL),
@@ -55,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="tiny step counts: checks the script, not the methods"
     )
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        choices=list(ARMS),
+        metavar="ARM",
+        help=f"run only these arms (the CE student always); one of: {'; '.join(ARMS)}",
+    )
+    p.add_argument("--tag", help="suffix of the result files (default with --arms: 'subset')")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--runs", type=Path, default=Path("runs") / "benchmarks")
     args = p.parse_args(argv)
@@ -71,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         noise = [f"data.label_noise={json.dumps({'rate': rate, 'kind': 'symmetric'})}"] if rate else []
         per_arm: dict[str, dict[int, dict]] = {}
         members: dict[str, dict[int, dict]] = {}
-        for i, (arm, (teacher, loss)) in enumerate(ARMS.items()):
+        chosen = {k: v for k, v in ARMS.items() if args.arms is None or k in args.arms}
+        for i, (arm, (teacher, loss)) in enumerate(chosen.items()):
             console.rule(f"noise {rate:.0%}: {arm}")
             overrides = [*common, *noise, f"name=self-distillation-{args.dataset}", f"loss={json.dumps(loss)}",
                          f"teacher={json.dumps(teacher)}", f"baseline.enabled={'true' if i == 0 else 'false'}"]  # fmt: skip
@@ -98,14 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "noise": args.noise,
         "quick": args.quick,
-        "arms": {k: {"teacher": t, "loss": lo} for k, (t, lo) in ARMS.items()},
+        "arms": {
+            k: {"teacher": t, "loss": lo}
+            for k, (t, lo) in ARMS.items()
+            if args.arms is None or k in args.arms
+        },
         "results": results,
         "seconds": seconds,
         "command": "python benchmarks/self_distillation.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"self_distillation-{args.dataset}" + ("-quick" if args.quick else "")
+    tag = args.tag or ("subset" if args.arms else None)
+    stem = f"self_distillation-{args.dataset}" + (f"-{tag}" if tag else "") + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str))
     (args.out / f"{stem}.md").write_text(text + "\n")
     console.print(f"total {seconds:.0f}s; wrote {args.out / stem}.json and .md")
