@@ -43,6 +43,19 @@ def launch(
     return proc
 
 
+def run_one_process(args: list[str], tmp_path: Path, env: dict | None = None) -> None:
+    """``python -m distillery <args>`` in one process, for comparison with ``launch``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "distillery", *args],
+        cwd=tmp_path,
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.integration
 def test_two_processes_match_one_process(tmp_path):
     out = tmp_path / "ddp.safetensors"
@@ -68,15 +81,11 @@ def test_cli_run_under_two_processes_matches_one_process(tmp_path):
     launch(
         ["-m", "distillery", "run", "digits-kd", f"output.dir={tmp_path / 'ddp'}", *quick], tmp_path, env=env
     )
-    single = subprocess.run(
-        [sys.executable, "-m", "distillery", "run", "digits-kd", f"output.dir={tmp_path / 'one'}", *quick],
-        cwd=tmp_path,
-        env={**os.environ, "DISTILLERY_CACHE": str(tmp_path / "cache-one"), "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_one_process(
+        ["run", "digits-kd", f"output.dir={tmp_path / 'one'}", *quick],
+        tmp_path,
+        env={"DISTILLERY_CACHE": str(tmp_path / "cache-one")},
     )
-    assert single.returncode == 0, single.stderr[-3000:]
     for arm in ("baseline", "distilled"):
         ddp_w = load_file(str(tmp_path / "ddp" / "seed-0" / arm / "student.safetensors"))
         one_w = load_file(str(tmp_path / "one" / "seed-0" / arm / "student.safetensors"))
@@ -96,15 +105,7 @@ def test_past_predictions_table_is_gathered_across_processes(tmp_path):
     quick = ["seeds=[0]", "train.steps=30", "train.eval_every=0", "baseline.train.steps=4", "--no-progress"]
     # 1300 examples / 128 per step: about 10 steps per epoch, so epochs 2 and 3 read the table
     launch(["-m", "distillery", "run", "digits-pskd", f"output.dir={tmp_path / 'ddp'}", *quick], tmp_path)
-    single = subprocess.run(
-        [sys.executable, "-m", "distillery", "run", "digits-pskd", f"output.dir={tmp_path / 'one'}", *quick],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    run_one_process(["run", "digits-pskd", f"output.dir={tmp_path / 'one'}", *quick], tmp_path)
     ddp_w = load_file(str(tmp_path / "ddp" / "seed-0" / "distilled" / "student.safetensors"))
     one_w = load_file(str(tmp_path / "one" / "seed-0" / "distilled" / "student.safetensors"))
     for name, value in one_w.items():
@@ -120,15 +121,11 @@ def test_lm_run_under_two_processes_matches_one_process(tmp_path):
              "data.tokenizer.vocab_size=300", "--no-progress"]  # fmt: skip
     env = {"DISTILLERY_CACHE": str(tmp_path / "cache-ddp")}
     launch(["-m", "distillery", "run", "lm-kd", f"output.dir={tmp_path / 'ddp'}", *quick], tmp_path, env=env)
-    single = subprocess.run(
-        [sys.executable, "-m", "distillery", "run", "lm-kd", f"output.dir={tmp_path / 'one'}", *quick],
-        cwd=tmp_path,
-        env={**os.environ, "DISTILLERY_CACHE": str(tmp_path / "cache-one"), "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_one_process(
+        ["run", "lm-kd", f"output.dir={tmp_path / 'one'}", *quick],
+        tmp_path,
+        env={"DISTILLERY_CACHE": str(tmp_path / "cache-one")},
     )
-    assert single.returncode == 0, single.stderr[-3000:]
     ddp_w = load_file(str(tmp_path / "ddp" / "seed-0" / "distilled" / "model" / "model.safetensors"))
     one_w = load_file(str(tmp_path / "one" / "seed-0" / "distilled" / "model" / "model.safetensors"))
     for name, value in one_w.items():

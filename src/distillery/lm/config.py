@@ -157,6 +157,10 @@ class LMRunConfig(StrictModel):
     _name_from_key = field_validator("loss", mode="before")(RunConfig._name_from_key.__func__)
     _merge_baseline_train = model_validator(mode="before")(RunConfig._merge_baseline_train.__func__)
 
+    def _terms_without(self, capability: str) -> list[str]:
+        """Labels of the loss terms whose module class lacks ``capability`` (a ClassVar flag)."""
+        return [label for label, term in self.loss.items() if not getattr(LOSSES[term.name][1], capability)]
+
     @model_validator(mode="after")
     def _consistent(self) -> LMRunConfig:
         users = [label for label, term in self.loss.items() if LOSSES[term.name][1].needs_teacher]
@@ -184,9 +188,7 @@ class LMRunConfig(StrictModel):
         if method != "token" and self.teacher is None:
             raise ValueError(f"conflicting fields: method.name={method} needs a teacher section")
         if self.chunked_loss.enabled is True:
-            unchunked = [
-                label for label, term in self.loss.items() if not LOSSES[term.name][1].supports_hidden
-            ]
+            unchunked = self._terms_without("supports_hidden")
             if unchunked:
                 raise ValueError(
                     f"conflicting fields: chunked_loss.enabled=true, but loss.{unchunked[0]} "
@@ -199,9 +201,7 @@ class LMRunConfig(StrictModel):
                     "which the chunked loss cannot; set chunked_loss.enabled=auto or false"
                 )
         if method == "paced":
-            unweighted = [
-                label for label, term in self.loss.items() if not LOSSES[term.name][1].supports_row_weight
-            ]
+            unweighted = self._terms_without("supports_row_weight")
             if unweighted:
                 raise ValueError(
                     f"conflicting fields: method.name=paced weights every loss term per problem, but "

@@ -271,7 +271,9 @@ def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any) -> list[str]:
         try:
             own = load_pretrained_tokenizer(model.pretrained)
         except ConfigError:
-            notes.append(f"no tokenizer saved with the {who} {model.pretrained!r}; assuming it uses the run's")
+            notes.append(
+                f"no tokenizer saved with the {who} {model.pretrained!r}; assuming it uses the run's"
+            )
             continue
         diffs = tokenizer_differences(own, tokenizer)
         if diffs:

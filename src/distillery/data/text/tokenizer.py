@@ -71,11 +71,17 @@ class TokenizerConfig(StrictModel):
             raise ValueError(f"tokenizer.vocab_size must be null for kind=byte (always {BYTE_VOCAB_SIZE})")
         if self.kind == "pretrained":
             if self.pretrained is None:
-                raise ValueError("tokenizer.kind=pretrained needs tokenizer.pretrained (a hub id or directory)")
+                raise ValueError(
+                    "tokenizer.kind=pretrained needs tokenizer.pretrained (a hub id or directory)"
+                )
             if self.vocab_size is not None:
-                raise ValueError("tokenizer.vocab_size must be null for kind=pretrained (the tokenizer's own)")
+                raise ValueError(
+                    "tokenizer.vocab_size must be null for kind=pretrained (the tokenizer's own)"
+                )
         elif self.pretrained is not None:
-            raise ValueError(f"tokenizer.pretrained is set, but tokenizer.kind={self.kind}; set kind=pretrained")
+            raise ValueError(
+                f"tokenizer.pretrained is set, but tokenizer.kind={self.kind}; set kind=pretrained"
+            )
         return self
 
     def build(self, text: str | Sequence[str], **kwargs: Any) -> PreTrainedTokenizerFast:
