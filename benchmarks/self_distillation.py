@@ -66,11 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         help=f"run only these arms (the CE student always); one of: {'; '.join(ARMS)}",
     )
     p.add_argument("--tag", help="suffix of the result files (default with --arms: 'subset')")
+    p.add_argument(
+        "--tables-from",
+        type=Path,
+        metavar="JSON",
+        help="do not train: rewrite the Markdown tables (full and compact) of an earlier run's JSON",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--runs", type=Path, default=Path("runs") / "benchmarks")
     args = p.parse_args(argv)
 
     console = Console()
+    if args.tables_from is not None:
+        record = json.loads(args.tables_from.read_text())
+        write_tables(record["results"], len(record["seeds"]), args.tables_from.with_suffix(""))
+        console.print(f"wrote {args.tables_from.with_suffix('.md')} and -compact.md")
+        return 0
     common = [f"seeds={json.dumps(args.seeds)}", f"output.root={args.runs}", "train.eval_every=0"]
     if args.dataset == "fashion_mnist":
         common += ["data.name=fashion_mnist", "data.labelled=10000", "data.test=null", "train.steps=5000"]
@@ -104,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     text = markdown(results, len(args.seeds))
     print(text)
+    print(compact(results, len(args.seeds)))
     record = {
         "benchmark": "self_distillation",
         "dataset": args.dataset,
@@ -124,9 +136,45 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.tag or ("subset" if args.arms else None)
     stem = f"self_distillation-{args.dataset}" + (f"-{tag}" if tag else "") + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str))
-    (args.out / f"{stem}.md").write_text(text + "\n")
+    write_tables(results, len(args.seeds), args.out / stem)
     console.print(f"total {seconds:.0f}s; wrote {args.out / stem}.json and .md")
     return 0
+
+
+def write_tables(results: dict[str, dict], n_seeds: int, stem: Path) -> None:
+    """``<stem>.md`` (every metric per noise level) and ``<stem>-compact.md`` (paired deltas only)."""
+    stem.with_suffix(".md").write_text(markdown(results, n_seeds) + "\n")
+    Path(f"{stem}-compact.md").write_text(compact(results, n_seeds) + "\n")
+
+
+def compact(results: dict[str, dict], n_seeds: int) -> str:
+    """One row per method: paired Δ accuracy (wins) and Δ ECE against CE at every noise level."""
+    noises = list(results)
+    head = " | ".join(f"Δ acc {n} (wins) | Δ ECE {n}" for n in noises)
+    lines = [
+        f"Paired differences to the CE student (points; mean over {n_seeds} seeds, wins = seeds better "
+        f"than CE; CE accuracy / ECE: "
+        + ", ".join(
+            f"{n}: {fmt(results[n]['summary']['CE']['accuracy'])} / {fmt(results[n]['summary']['CE']['ece'])}"
+            for n in noises
+        )
+        + ").",
+        "",
+        f"| method | {head} |",
+        "|---|" + "---|" * (2 * len(noises)),
+    ]
+    arms = [a for a in results[noises[0]]["summary"] if a != "CE"]
+    for arm in arms:
+        cells = []
+        for n in noises:
+            s = results[n]["summary"].get(arm)
+            if s is None:
+                cells += ["-", "-"]
+                continue
+            d_acc, d_ece = s["delta_accuracy"], s["delta_ece"]
+            cells += [f"{d_acc['mean']:+.2f} ({d_acc['wins']}/{n_seeds})", f"{d_ece['mean']:+.2f}"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarize(per_arm: dict[str, dict[int, dict]]) -> dict[str, dict]:
