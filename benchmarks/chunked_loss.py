@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Targets of the issue, reported against (not tuned to).
+# Targets reported against (not tuned to).
 TARGET_MEMORY_RATIO = 0.25
 TARGET_TIME_RATIO = 1.0
 # Prior for the first configuration's naive peak, in bytes per logit (refined after measuring it).

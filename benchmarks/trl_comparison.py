@@ -76,7 +76,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGET_RATIO = 1.5  # the target: distillery >= 1.5x TRL's samples/s at equal settings
+TARGET_RATIO = 1.5  # target: distillery >= 1.5x TRL's samples/s at equal settings
 
 # A chat template that renders exactly distillery's layout: <bos> prompt response <eos>.
 CHAT_TEMPLATE = (
