@@ -113,10 +113,12 @@ def test_past_predictions_table_is_gathered_across_processes(tmp_path):
 
 
 @pytest.mark.integration
-def test_lm_run_under_two_processes_matches_one_process(tmp_path):
+@pytest.mark.parametrize("chunked", ["false", "true"])
+def test_lm_run_under_two_processes_matches_one_process(tmp_path, chunked):
     """Token-level KD of a causal LM: the loss is normalised by the valid tokens of the global batch,
-    so two processes (each with half the sequences, different token counts) train the same student."""
-    quick = ["teacher.train.steps=4", "train.steps=4", "train.eval_every=0", "baseline.enabled=false",
+    so two processes (each with half the sequences, different token counts) train the same student,
+    with the full-logit loss and with the chunked one (hidden states read through DDP)."""
+    quick = [f"chunked_loss.enabled={chunked}", "teacher.train.steps=4", "train.steps=4", "train.eval_every=0", "baseline.enabled=false",
              "data.max_train_blocks=64", "data.max_eval_blocks=4", "data.seq_len=32",
              "data.tokenizer.vocab_size=300", "--no-progress"]  # fmt: skip
     env = {"DISTILLERY_CACHE": str(tmp_path / "cache-ddp")}
