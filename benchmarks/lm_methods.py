@@ -8,12 +8,15 @@ the same number of steps for every arm:
 * austen (the built-in corpus, packed text): SFT and the token-level divergences (sampling methods need
   prompts).
 
-Reported: held-out perplexity, the teacher-scored NLL of the student's own samples (arithmetic), and
-exact-match accuracy of greedy answers (arithmetic); mean ± std and paired differences to SFT.
+Reported: held-out perplexity, next-token agreement with the teacher, the teacher-scored NLL of the
+student's own samples (answers to the test problems; on austen, 32-token continuations of the first 16
+tokens of 64 test passages), and exact-match accuracy of greedy answers (arithmetic); mean ± std and
+paired differences to SFT.
 
     python benchmarks/lm_methods.py                   # both tasks, 3 seeds
     python benchmarks/lm_methods.py --task arithmetic
     python benchmarks/lm_methods.py --quick           # a smoke test of the script
+    python benchmarks/lm_methods.py --tables-from benchmarks/results/lm_methods-austen.json  # table only
 
 Writes ``benchmarks/results/lm_methods-<task>.json`` (every number) and ``.md`` (the table).
 """
@@ -83,10 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="tiny step counts: checks the script, not the methods"
     )
+    p.add_argument(
+        "--tables-from",
+        type=Path,
+        metavar="JSON",
+        help="do not train: rewrite the Markdown table of an earlier run's JSON",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--runs", type=Path, default=Path("runs") / "benchmarks")
     args = p.parse_args(argv)
     console = Console()
+    if args.tables_from is not None:
+        record = json.loads(args.tables_from.read_text())
+        table = markdown(record["task"], record["per_seed"], len(record["seeds"]))
+        args.tables_from.with_suffix(".md").write_text(table + "\n")
+        console.print(table)
+        return 0
     tasks = ["arithmetic", "austen"] if args.task == "both" else [args.task]
     for task in tasks:
         run_task(task, args, console)
@@ -129,19 +144,20 @@ def run_task(task: str, args, console: Console) -> None:
                     run_dir / f"seed-{seed}" / ("teacher.json" if key == "teacher" else f"{key}/result.json")
                 )
                 per_arm[label][seed] = dict(json.loads(path.read_text())["metrics"])
-        if task == "arithmetic":  # the teacher's NLL of each student's own samples
-            for seed in args.seeds:
-                tokenizer = load_tokenizer(run_dir / f"seed-{seed}" / "distilled" / "model")
-                teacher = load_teacher(run_dir, seed, cfg, tokenizer)
-                prompts = [ex.prompt for ex in cfg.data.arithmetic.build().split(cfg.data.arithmetic.train,
-                                                                              cfg.data.arithmetic.test)[1]]  # fmt: skip
-                for key, label in (("baseline", "SFT"), ("distilled", arm)):
-                    if key == "baseline" and i != 0:
-                        continue
-                    student = ds_load_student(run_dir / f"seed-{seed}" / key / "model")
-                    per_arm[label][seed]["teacher_nll"] = teacher_scored_nll(
-                        student, teacher, tokenizer, prompts, max_new_tokens=6, seed=seed
-                    )
+        # the teacher's NLL of each student's own samples: answers to the test problems (arithmetic), or
+        # continuations of the first PREFIX_TOKENS tokens of test passages (austen)
+        new_tokens = 6 if task == "arithmetic" else CONTINUATION_TOKENS
+        for seed in args.seeds:
+            tokenizer = load_tokenizer(run_dir / f"seed-{seed}" / "distilled" / "model")
+            teacher = load_teacher(run_dir, seed, cfg, tokenizer)
+            prompts = sample_prompts(task, cfg, tokenizer)
+            for key, label in (("baseline", "SFT"), ("distilled", arm)):
+                if key == "baseline" and i != 0:
+                    continue
+                student = ds_load_student(run_dir / f"seed-{seed}" / key / "model")
+                per_arm[label][seed]["teacher_nll"] = teacher_scored_nll(
+                    student, teacher, tokenizer, prompts, max_new_tokens=new_tokens, seed=seed
+                )
     seconds = time.perf_counter() - t0
     table = markdown(task, per_arm, len(args.seeds))
     print(table)
@@ -162,13 +178,33 @@ def run_task(task: str, args, console: Console) -> None:
     console.print(f"{task}: {seconds:.0f}s; wrote {args.out / stem}.json and .md")
 
 
+PREFIX_TOKENS = 16  # austen: prompts are the first tokens of test passages
+CONTINUATION_TOKENS = 32  # austen: sampled continuation length scored by the teacher
+AUSTEN_PROMPTS = 64
+
+
+def sample_prompts(task: str, cfg, tokenizer) -> list[str]:
+    """Test prompts the students continue: the held-out problems, or the openings of test passages."""
+    if task == "arithmetic":
+        arith = cfg.data.arithmetic
+        return [ex.prompt for ex in arith.build().split(arith.train, arith.test)[1]]
+    from distillery.lm.runner import prepare_data
+
+    test = prepare_data(cfg)["test"]
+    return [
+        tokenizer.decode(test.input_ids[i][:PREFIX_TOKENS], skip_special_tokens=True)
+        for i in range(min(AUSTEN_PROMPTS, len(test)))
+    ]
+
+
 def ds_load_student(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-METRICS = [("perplexity", "test perplexity", 2), ("teacher_nll", "teacher NLL of own samples", 3),
+METRICS = [("perplexity", "test perplexity", 2), ("agreement", "agreement with teacher %", 1),
+           ("teacher_nll", "teacher NLL of own samples", 3),
            ("task_accuracy", "exact match %", 1)]  # fmt: skip
 
 
