@@ -366,7 +366,7 @@ def chunked_kd_from_hidden(
 
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    index = _valid_rows(mask, lead, "hidden states")
+    index = _valid_rows(mask, lead)
     if index is not None:
         h_s, h_t = h_s.index_select(0, index), h_t.index_select(0, index)
 
@@ -387,15 +387,17 @@ def chunked_kd_from_hidden(
     )
 
 
-def _valid_rows(mask: Tensor | None, lead: torch.Size, what: str) -> Tensor | None:
-    """Indices of the True rows of ``mask`` (flattened), or None without a mask."""
-    if mask is None:
-        return None
-    if mask.shape != lead:
+def _check_mask(mask: Tensor | None, lead: torch.Size) -> None:
+    if mask is not None and mask.shape != lead:
         raise ValueError(
-            f"mask has shape {tuple(mask.shape)}; expected the {what}' leading shape {tuple(lead)}"
+            f"mask has shape {tuple(mask.shape)}; expected the hidden states' leading shape {tuple(lead)}"
         )
-    return mask.reshape(-1).to(torch.bool).nonzero().squeeze(-1)
+
+
+def _valid_rows(mask: Tensor | None, lead: torch.Size) -> Tensor | None:
+    """Indices of the True rows of ``mask`` (flattened), or None without a mask."""
+    _check_mask(mask, lead)
+    return None if mask is None else mask.reshape(-1).to(torch.bool).nonzero().squeeze(-1)
 
 
 def chunked_cross_entropy_from_hidden(
@@ -463,10 +465,7 @@ def chunked_cross_entropy_from_hidden(
         raise ValueError(
             f"target has shape {tuple(target.shape)}; expected the hidden states' leading shape {tuple(lead)}"
         )
-    if mask is not None and mask.shape != lead:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}; expected the hidden states' leading shape {tuple(lead)}"
-        )
+    _check_mask(mask, lead)
     rows = target != ignore_index
     if mask is not None:
         rows &= mask.to(torch.bool)

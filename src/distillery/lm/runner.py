@@ -28,12 +28,14 @@ from distillery import functional as DF
 from distillery.data.text import TokenDataset, lm_datasets, split_austen
 from distillery.data.text.arithmetic import verify
 from distillery.data.text.collate import collate_prompts, special_ids
+from distillery.data.text.tokenizer import load_pretrained_tokenizer, tokenizer_differences
+from distillery.errors import ConfigError
 from distillery.lm.config import LMRunConfig
 from distillery.lm.models import build_causal_lm
-from distillery.losses import build_objective
+from distillery.losses import LOSSES, build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models import count_parameters
-from distillery.models.hf import HFCausalLMAdapter
+from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
 from distillery.report import fmt, mean_std, paired_difference
 from distillery.runner import _write_atomic, start_run
 from distillery.teachers import FrozenTeacher, TeacherStore, config_hash
@@ -260,8 +262,6 @@ def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any) -> list[str]:
     data must share one tokenizer (a model whose vocabulary is padded beyond it is fine). A pretrained
     model directory (or hub id) without a tokenizer is assumed to use the run's, with a note.
     """
-    from distillery.data.text.tokenizer import load_pretrained_tokenizer, tokenizer_differences
-    from distillery.errors import ConfigError
 
     notes = []
     sides = [("teacher", None if cfg.teacher is None else cfg.teacher.model), ("student", cfg.student)]
@@ -294,9 +294,6 @@ def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module |
     and both models support it and one micro-batch's logits (``batch_size / grad_accum`` sequences of
     ``data.seq_len`` tokens times the student's vocabulary) exceed ``chunked_loss.threshold`` values.
     """
-    from distillery.errors import ConfigError
-    from distillery.losses import LOSSES
-    from distillery.models.hf import chunked_loss_support
 
     c = cfg.chunked_loss
     if c.enabled is False:

@@ -173,8 +173,13 @@ class _FunctionalTerm(LossTerm):
     function: ClassVar[Callable[..., Tensor]]
     uses_target: ClassVar[bool] = False
     supports_row_weight: ClassVar[bool] = True
-    # name of the divergence in distillery.functional.chunked.DIVERGENCES, for the chunked loss
+    # name of the divergence in distillery.functional.chunked.DIVERGENCES, for the chunked loss;
+    # a subclass that names one supports hidden-state inputs
     chunk_name: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.supports_hidden = cls.chunk_name is not None
 
     def __init__(self, unlabelled: str = "skip", **hyperparameters: Any) -> None:
         super().__init__()
@@ -243,7 +248,6 @@ class ReverseKLConfig(TermConfig):
 
 class ReverseKLLoss(_FunctionalTerm):
     function = staticmethod(DF.reverse_kl)
-    supports_hidden = True
     chunk_name = "reverse_kl"
 
     def __init__(self, temperature: float = 1.0, vocab_size: int | None = None) -> None:
@@ -261,7 +265,6 @@ class JSDConfig(TermConfig):
 
 class JSDLoss(_FunctionalTerm):
     function = staticmethod(DF.generalized_jsd)
-    supports_hidden = True
     chunk_name = "jsd"
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0, vocab_size: int | None = None) -> None:
@@ -278,7 +281,6 @@ class TVDConfig(TermConfig):
 
 class TVDLoss(_FunctionalTerm):
     function = staticmethod(DF.total_variation)
-    supports_hidden = True
     chunk_name = "tvd"
 
     def __init__(self, temperature: float = 1.0, vocab_size: int | None = None) -> None:
@@ -296,7 +298,6 @@ class SkewKLConfig(TermConfig):
 
 class SkewKLLoss(_FunctionalTerm):
     function = staticmethod(DF.skew_kl)
-    supports_hidden = True
     chunk_name = "skew_kl"
 
     def __init__(self, alpha: float = 0.1, temperature: float = 1.0, vocab_size: int | None = None) -> None:
@@ -314,7 +315,6 @@ class SkewReverseKLConfig(TermConfig):
 
 class SkewReverseKLLoss(_FunctionalTerm):
     function = staticmethod(DF.skew_reverse_kl)
-    supports_hidden = True
     chunk_name = "skew_reverse_kl"
 
     def __init__(self, alpha: float = 0.1, temperature: float = 1.0, vocab_size: int | None = None) -> None:
