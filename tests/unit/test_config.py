@@ -122,6 +122,14 @@ def test_every_shipped_recipe_validates():
         assert resolve_recipe(r.name) == r.path
 
 
+def test_a_directory_named_like_a_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    (tmp_path / "digits-kd").mkdir()  # e.g. a run folder left in the working directory
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe("digits-kd") == next(r.path for r in list_recipes() if r.name == "digits-kd")
+    with pytest.raises(ConfigError, match="is a directory"):
+        resolve_recipe("./digits-kd")
+
+
 def test_logit_family_recipes_exist_for_both_datasets():
     names = {r.name for r in list_recipes()}
     for dataset in ("digits", "fashion-mnist"):

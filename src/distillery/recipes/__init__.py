@@ -56,7 +56,10 @@ def list_recipes() -> list[Recipe]:
 def resolve_recipe(name_or_path: str) -> Path:
     """A path to an existing YAML file, or the file of a shipped recipe with that name."""
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+    # a directory that happens to carry a recipe's name (a run folder, say) does not hide the recipe
+    if path.suffix in (".yaml", ".yml") or path.is_file() or "/" in name_or_path:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; give a YAML config file or a recipe name")
         if not path.is_file():
             raise ConfigError(
                 f"config file {path} does not exist (shipped recipes: {', '.join(r.name for r in list_recipes())})"
