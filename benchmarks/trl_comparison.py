@@ -18,7 +18,13 @@ The two sides:
 
 * distillery: :func:`distillery.train.fit` with :class:`distillery.generation.OnPolicyBatches`
   as ``batch_transform``, ``Objective({"jsd": JSDLoss(beta)})``, a :class:`FrozenTeacher` and the
-  :class:`HFCausalLMAdapter`, on a pre-tokenized :class:`TokenDataset`.
+  :class:`HFCausalLMAdapter`, on a pre-tokenized :class:`TokenDataset`; twice: with the loss on the
+  full logits, and with the chunked loss from hidden states (``HFCausalLMAdapter(hidden_states=True)``,
+  what ``chunked_loss.enabled: true`` does in a run).
+
+Vocabulary: ``--vocab-sizes byte 32768`` (the default) runs everything with the byte tokenizer's 259
+output rows, then with 32,768 (the byte ids plus unused rows: the output-layer, sampling and loss cost
+of a 32k vocabulary, as in Llama 2 or Mistral). Sampled ids are used as ids, never decoded.
 * TRL: ``trl.experimental.gkd.GKDTrainer`` -- TRL's trainer for GKD with a lambda (``lmbda``):
   ``trl.DistillationTrainer`` is always fully on-policy (no lambda), so it cannot run lambda = 0.5.
   The data is a ``datasets.Dataset`` of chat ``messages`` (user prompt, assistant response) that
@@ -47,7 +53,7 @@ are built, so the peak covers trainer set-up and training (optimizer state, acti
 caches, the framework's own buffers); a high-water mark reached before the baseline (imports) would
 hide smaller training peaks, so the CPU figure is a lower bound.
 
-    python benchmarks/trl_comparison.py                    # lambda 0.5 and 1.0, 200 measured steps
+    python benchmarks/trl_comparison.py                    # lambda 0.5 and 1.0, vocab 259 and 32,768
     python benchmarks/trl_comparison.py --repeats 3        # median of 3 runs per arm
     python benchmarks/trl_comparison.py --quick            # a smoke test of the script
 
@@ -93,6 +99,7 @@ PRESETS = {
         "teacher": {"hidden_size": 256, "layers": 4, "heads": 4},
         "student": {"hidden_size": 128, "layers": 2, "heads": 4},
         "problems": 2000,
+        "vocab_sizes": ["byte", "32768"],
     },
     "quick": {
         "steps": 4,
@@ -102,6 +109,7 @@ PRESETS = {
         "teacher": {"hidden_size": 32, "layers": 1, "heads": 2},
         "student": {"hidden_size": 16, "layers": 1, "heads": 2},
         "problems": 64,
+        "vocab_sizes": ["byte", "512"],
     },
 }
 
@@ -133,9 +141,10 @@ def _build(spec: dict):
     tokenizer = train_tokenizer("", kind="byte", use_cache=False)
     pairs = ArithmeticTask(digits=(1, 3), ops=("+",), seed=spec["seed"]).problems(spec["problems"])
     torch.manual_seed(spec["seed"])
-    teacher = build_causal_lm(CausalLMConfig(**spec["teacher"]), len(tokenizer), tokenizer).float()
-    student = build_causal_lm(CausalLMConfig(**spec["student"]), len(tokenizer), tokenizer).float()
-    return tokenizer, pairs, teacher, student
+    vocab = spec.get("vocab_size") or len(tokenizer)  # output rows; beyond the tokenizer's ids: unused
+    teacher = build_causal_lm(CausalLMConfig(**spec["teacher"]), vocab, tokenizer).float()
+    student = build_causal_lm(CausalLMConfig(**spec["student"]), vocab, tokenizer).float()
+    return tokenizer, pairs, teacher, student, vocab
 
 
 def _optimizer_settings(optimizer) -> dict:
@@ -200,7 +209,7 @@ def run_distillery(spec: dict, device: torch.device) -> dict:
     from distillery.train import fit
     from distillery.train.config import OptimizerConfig, ScheduleConfig, TrainConfig
 
-    tokenizer, pairs, teacher_model, student = _build(spec)
+    tokenizer, pairs, teacher_model, student, vocab = _build(spec)
     train_set = TokenDataset.from_pairs(pairs, tokenizer)
     baseline = _peak_bytes(device)
     if device.type == "cuda":
@@ -210,7 +219,7 @@ def run_distillery(spec: dict, device: torch.device) -> dict:
         baseline = torch.cuda.memory_allocated(device)
 
     pad_id, _, eos_id = special_ids(tokenizer)
-    adapter = HFCausalLMAdapter()
+    adapter = HFCausalLMAdapter(hidden_states=spec["chunked"])
     transform = OnPolicyBatches(
         spec["lmbda"],
         max_new_tokens=spec["max_new_tokens"],
@@ -243,11 +252,13 @@ def run_distillery(spec: dict, device: torch.device) -> dict:
         if transform.last["on_policy"]:
             completion_tokens.append(transform.last["sampled_tokens"])
 
+    jsd = JSDLoss(beta=spec["beta"])
+    jsd.chunk_size = spec["chunk_size"]
     stamps.append(_now(device))
     fit(
         student,
         train_set,
-        Objective({"jsd": JSDLoss(beta=spec["beta"])}),
+        Objective({"jsd": jsd}),
         config,
         teacher=FrozenTeacher(teacher_model, adapter),
         adapter=adapter,
@@ -267,12 +278,14 @@ def run_distillery(spec: dict, device: torch.device) -> dict:
             "top_k": 0,
             "do_sample": True,
         },
-        "loss": f"generalized_jsd(beta={spec['beta']}, temperature=1) over the valid tokens of the step",
+        "loss": f"generalized_jsd(beta={spec['beta']}, temperature=1) over the valid tokens of the step"
+        + (f", chunk by chunk from hidden states ({spec['chunk_size']} tokens per chunk)" if spec["chunked"] else ""),
         "rows_per_step": sorted(set(rows)),
         "student_dtype": str(next(student.parameters()).dtype),
     }
     return {
         **_summarise(spec, stamps, flags, completion_tokens),
+        "vocab": vocab,
         "peak_mb": peak / 2**20,
         "settings": settings,
     }
@@ -295,7 +308,7 @@ def run_trl(spec: dict, device: torch.device) -> dict:
         warnings.simplefilter("ignore")
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    tokenizer, pairs, teacher_model, student = _build(spec)
+    tokenizer, pairs, teacher_model, student, vocab = _build(spec)
     tokenizer.chat_template = CHAT_TEMPLATE
     dataset = Dataset.from_list(
         [
@@ -414,6 +427,7 @@ def run_trl(spec: dict, device: torch.device) -> dict:
     }
     return {
         **_summarise(spec, stamps, flags, completion_tokens),
+        "vocab": vocab,
         "peak_mb": peak / 2**20,
         "settings": settings,
     }
@@ -475,34 +489,51 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def summarise(runs: list[dict], lambdas: list[float]) -> list[dict]:
-    """One row per (framework, lambda): medians over repeats, ratios distillery / TRL."""
+ARMS = (("trl", None), ("distillery", False), ("distillery", True))  # (framework, chunked loss)
+
+
+def arm_name(framework: str, chunked: bool | None) -> str:
+    if framework == "trl":
+        return "TRL GKDTrainer"
+    return "distillery, chunked loss" if chunked else "distillery, full logits"
+
+
+def summarise(runs: list[dict], vocabs: list[int], lambdas: list[float]) -> list[dict]:
+    """One row per (vocabulary, lambda, arm): medians over repeats, ratios distillery / TRL."""
     rows = []
-    for lam in lambdas:
-        per = {}
-        for fw in ("trl", "distillery"):
-            mine = [r for r in runs if r["framework"] == fw and r["lmbda"] == lam]
-            per[fw] = {
-                "framework": fw,
-                "lmbda": lam,
-                "steps": mine[0]["steps"],
-                "repeats": len(mine),
-                "seconds": _median([r["seconds"] for r in mine]),
-                "samples_per_second": _median([r["samples_per_second"] for r in mine]),
-                "samples_per_second_at_lambda": _median([r["samples_per_second_at_lambda"] for r in mine]),
-                "on_policy_fraction": _median([r["on_policy_fraction"] for r in mine]),
-                "peak_mb": max(r["peak_mb"] for r in mine),
-                "mean_completion_tokens": _median([r["mean_completion_tokens"] for r in mine]),
-            }
-        d, t = per["distillery"], per["trl"]
-        d["ratio"] = d["samples_per_second"] / t["samples_per_second"]
-        d["ratio_at_lambda"] = (
-            d["samples_per_second_at_lambda"] / t["samples_per_second_at_lambda"]
-            if d["samples_per_second_at_lambda"] and t["samples_per_second_at_lambda"]
-            else None
-        )
-        d["memory_ratio"] = d["peak_mb"] / t["peak_mb"] if t["peak_mb"] > 0 else None
-        rows += [t, d]
+    for vocab in vocabs:
+        for lam in lambdas:
+            group = []
+            for fw, chunked in ARMS:
+                mine = [r for r in runs if r["framework"] == fw and r["lmbda"] == lam and
+                        r["vocab"] == vocab and r.get("chunked") == chunked]  # fmt: skip
+                if not mine:
+                    continue
+                group.append({
+                    "arm": arm_name(fw, chunked),
+                    "framework": fw,
+                    "chunked": chunked,
+                    "vocab": vocab,
+                    "lmbda": lam,
+                    "steps": mine[0]["steps"],
+                    "repeats": len(mine),
+                    "seconds": _median([r["seconds"] for r in mine]),
+                    "samples_per_second": _median([r["samples_per_second"] for r in mine]),
+                    "samples_per_second_at_lambda": _median([r["samples_per_second_at_lambda"] for r in mine]),
+                    "on_policy_fraction": _median([r["on_policy_fraction"] for r in mine]),
+                    "peak_mb": max(r["peak_mb"] for r in mine),
+                    "mean_completion_tokens": _median([r["mean_completion_tokens"] for r in mine]),
+                })  # fmt: skip
+            t = group[0]
+            for d in group[1:]:
+                d["ratio"] = d["samples_per_second"] / t["samples_per_second"]
+                d["ratio_at_lambda"] = (
+                    d["samples_per_second_at_lambda"] / t["samples_per_second_at_lambda"]
+                    if d["samples_per_second_at_lambda"] and t["samples_per_second_at_lambda"]
+                    else None
+                )
+                d["memory_ratio"] = d["peak_mb"] / t["peak_mb"] if t["peak_mb"] > 0 else None
+            rows += group
     return rows
 
 
@@ -521,15 +552,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Peak = extra memory above the built models ({memory}). "
         f"Target: distillery >= {TARGET_RATIO}x TRL's samples/s.",
         "",
-        "| framework | lambda | steps | seconds | samples/s | samples/s at exact lambda | on-policy steps "
-        "| peak MB | ratio distillery/TRL | ratio at exact lambda |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vocabulary | lambda | run | steps | seconds | samples/s | samples/s at exact lambda | on-policy steps "
+        "| peak MB | ratio to TRL | ratio at exact lambda |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = _f(r.get("ratio"), suffix="x") if r["framework"] == "distillery" else "-"
         ratio_l = _f(r.get("ratio_at_lambda"), suffix="x") if r["framework"] == "distillery" else "-"
         lines.append(
-            f"| {r['framework']} | {r['lmbda']:g} | {r['steps']} | {_f(r['seconds'])} | "
+            f"| {r['vocab']:,} | {r['lmbda']:g} | {r['arm']} | {r['steps']} | {_f(r['seconds'])} | "
             f"{_f(r['samples_per_second'], 1)} | {_f(r['samples_per_second_at_lambda'], 1)} | "
             f"{_f(100 * r['on_policy_fraction'], 0, '%')} | {_f(r['peak_mb'], 0)} | {ratio} | {ratio_l} |"
         )
@@ -551,6 +582,13 @@ NOTES = [
     "num_items_in_batch, counted before the student's samples replace them); distillery by the tokens "
     "actually trained on. Loss values differ on on-policy steps, the cost does not.",
     "Models are untrained (random init): sampled responses run to max_new_tokens on both sides.",
+    "Vocabulary: 259 is the byte tokenizer itself; a larger number gives both models that many output "
+    "rows (the byte ids plus unused ones), i.e. the output layer, sampling and loss cost of a real "
+    "vocabulary that size. Sampled ids are used as ids on both sides, never decoded.",
+    "distillery, full logits: the JSD over the models' [batch, length, vocab] logits, as TRL computes it. "
+    "distillery, chunked loss (`chunked_loss.enabled: true` in a run config): the models return hidden "
+    "states and the JSD is computed chunk by chunk from them and the output layers, on response tokens "
+    "only. Both use distillery's closed-form JSD gradient.",
 ]
 
 
@@ -560,6 +598,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="measured optimizer steps per run (after --warmup)")
     p.add_argument("--warmup", type=int, help="unmeasured optimizer steps first (>= 1)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0], help="on-policy probabilities")
+    p.add_argument(
+        "--vocab-sizes",
+        nargs="+",
+        help="output rows of both models: 'byte' (the byte tokenizer's 259 ids) or a number (the byte "
+        "tokenizer's ids plus unused rows, the cost of a real vocabulary that size); default: byte 32768",
+    )
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk of distillery's chunked loss")
     p.add_argument("--beta", type=float, default=0.5, help="JSD beta")
     p.add_argument("--batch-size", type=int, help="sequences per optimizer step")
     p.add_argument("--max-new-tokens", type=int, help="length cap of sampled responses")
@@ -593,25 +638,33 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "device": device,
         "threads": args.threads,
+        "chunk_size": args.chunk_size,
     }
+    vocab_sizes = args.vocab_sizes or preset["vocab_sizes"]
+    for v in vocab_sizes:
+        if v != "byte" and not (v.isdigit() and int(v) >= 259):
+            p.error(f"--vocab-sizes: {v!r} is neither 'byte' nor a number >= 259 (the byte tokenizer's ids)")
     if base["warmup"] < 1:
         p.error("--warmup must be >= 1 (the first step's time includes one-off set-up)")
 
     t0 = time.perf_counter()
     runs = []
-    for lam in args.lambdas:
-        for rep in range(args.repeats):
-            for fw in ("trl", "distillery"):  # interleaved, so slow drifts of the machine hit both
-                spec = {**base, "framework": fw, "lmbda": lam, "repeat": rep}
-                result = run_in_subprocess(spec)
-                runs.append(result)
-                print(
-                    f"{fw:>10} lambda={lam:g} run {rep + 1}/{args.repeats}: {result['seconds']:.2f}s, "
-                    f"{result['samples_per_second']:.1f} samples/s, on-policy "
-                    f"{100 * result['on_policy_fraction']:.0f}%, peak {result['peak_mb']:.0f} MB",
-                    flush=True,
-                )
-    rows = summarise(runs, args.lambdas)
+    for v in vocab_sizes:
+        for lam in args.lambdas:
+            for rep in range(args.repeats):
+                for fw, chunked in ARMS:  # interleaved, so slow drifts of the machine hit every arm
+                    spec = {**base, "framework": fw, "chunked": chunked, "lmbda": lam, "repeat": rep,
+                            "vocab_size": None if v == "byte" else int(v)}  # fmt: skip
+                    result = run_in_subprocess(spec)
+                    runs.append(result)
+                    print(
+                        f"{arm_name(fw, chunked):>26} vocab {result['vocab']} lambda={lam:g} run {rep + 1}/"
+                        f"{args.repeats}: {result['seconds']:.2f}s, {result['samples_per_second']:.1f} samples/s, "
+                        f"on-policy {100 * result['on_policy_fraction']:.0f}%, peak {result['peak_mb']:.0f} MB",
+                        flush=True,
+                    )
+    vocabs = list(dict.fromkeys(r["vocab"] for r in runs))
+    rows = summarise(runs, vocabs, args.lambdas)
     threads = runs[0]["torch_threads"]
     import transformers
     import trl
@@ -633,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = r["ratio_at_lambda"] or r["ratio"]
             verdict = "meets" if ratio >= TARGET_RATIO else "misses"
             print(
-                f"lambda={r['lmbda']:g}: distillery/TRL = {ratio:.2f}x ({verdict} the {TARGET_RATIO}x target)"
+                f"vocabulary {r['vocab']:,}, lambda={r['lmbda']:g}, {r['arm']}: {ratio:.2f}x TRL "
+                f"({verdict} the {TARGET_RATIO}x target)"
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -643,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "settings": base,
         "lambdas": args.lambdas,
+        "vocab_sizes": vocabs,
         "target_ratio": TARGET_RATIO,
         "summary": rows,
         "runs": runs,

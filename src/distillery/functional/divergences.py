@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from distillery.functional._fused import fused_rows
 from distillery.functional._rows import (
     align_vocab,
     check_reduction,
@@ -66,7 +67,9 @@ def forward_kl(
     check_temperature("temperature", temperature)
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
     s, t, _, index, lead = flatten_rows(student_logits, teacher_logits, mask)
-    per_row = kl_rows(log_probs(t, temperature), log_probs(s, temperature)) * temperature**2
+    per_row = fused_rows("forward_kl", s, t, temperature)
+    if per_row is None:
+        per_row = kl_rows(log_probs(t, temperature), log_probs(s, temperature)) * temperature**2
     return reduce_rows(per_row, index, lead, reduction, num_valid)
 
 
@@ -118,7 +121,9 @@ def reverse_kl(
     check_temperature("temperature", temperature)
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
     s, t, _, index, lead = flatten_rows(student_logits, teacher_logits, mask)
-    per_row = kl_rows(log_probs(s, temperature), log_probs(t, temperature)) * temperature**2
+    per_row = fused_rows("reverse_kl", s, t, temperature)
+    if per_row is None:
+        per_row = kl_rows(log_probs(s, temperature), log_probs(t, temperature)) * temperature**2
     return reduce_rows(per_row, index, lead, reduction, num_valid)
 
 
@@ -187,6 +192,10 @@ def generalized_jsd(
     check_unit_interval("beta", beta)
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
     s, t, _, index, lead = flatten_rows(student_logits, teacher_logits, mask)
+    kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, "jsd")
+    per_row = fused_rows(kind, s, t, temperature, beta)
+    if per_row is not None:
+        return reduce_rows(per_row, index, lead, reduction, num_valid)
     log_ps, log_pt = log_probs(s, temperature), log_probs(t, temperature)  # (N, C)
     if beta == 0.0:
         per_row = kl_rows(log_pt, log_ps)
@@ -302,8 +311,10 @@ def skew_kl(
     check_unit_interval("alpha", alpha)
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
     s, t, _, index, lead = flatten_rows(student_logits, teacher_logits, mask)
-    log_ps, log_pt = log_probs(s, temperature), log_probs(t, temperature)  # (N, C)
-    per_row = kl_rows(log_pt, mix_log_probs(log_pt, log_ps, alpha)) * temperature**2
+    per_row = fused_rows("skew_kl", s, t, temperature, alpha)
+    if per_row is None:
+        log_ps, log_pt = log_probs(s, temperature), log_probs(t, temperature)  # (N, C)
+        per_row = kl_rows(log_pt, mix_log_probs(log_pt, log_ps, alpha)) * temperature**2
     return reduce_rows(per_row, index, lead, reduction, num_valid)
 
 
@@ -357,6 +368,8 @@ def skew_reverse_kl(
     check_unit_interval("alpha", alpha)
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
     s, t, _, index, lead = flatten_rows(student_logits, teacher_logits, mask)
-    log_ps, log_pt = log_probs(s, temperature), log_probs(t, temperature)  # (N, C)
-    per_row = kl_rows(log_ps, mix_log_probs(log_ps, log_pt, alpha)) * temperature**2
+    per_row = fused_rows("skew_reverse_kl", s, t, temperature, alpha)
+    if per_row is None:
+        log_ps, log_pt = log_probs(s, temperature), log_probs(t, temperature)  # (N, C)
+        per_row = kl_rows(log_ps, mix_log_probs(log_ps, log_pt, alpha)) * temperature**2
     return reduce_rows(per_row, index, lead, reduction, num_valid)

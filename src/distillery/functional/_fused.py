@@ -1,0 +1,129 @@
+r"""Row divergences with closed-form gradients: one autograd node instead of a dozen.
+
+Composed from ``log_softmax``, ``exp``, ``logaddexp`` and ``where``, a divergence over ``[N, C]``
+logits records every intermediate for the backward pass; with a language model's vocabulary
+(``C`` = 32k-256k) those passes over ``N x C`` values, not the matrix products, dominate a
+distillation step. Every divergence here depends on the student only through its log-probabilities
+:math:`\ell_s = \log\mathrm{softmax}(z_s)`, ``z_s = s / T``, so its gradient is
+
+.. math::
+
+    \frac{\partial \mathcal{L}}{\partial s} = T \left( g - p_s \textstyle\sum_c g_c \right),
+    \qquad g = \frac{\partial\, T^{-2}\mathcal{L}}{\partial \ell_s},
+
+with a short closed form for ``g`` (derived per divergence below; ``m`` is the mixture of the
+divergence, ``\ell_m = \log m``):
+
+* forward KL :math:`\mathrm{KL}(p_t\|p_s)`: ``g = -p_t``, so the gradient is ``T (p_s - p_t)``;
+* reverse KL :math:`\mathrm{KL}(p_s\|p_t)`: ``g = p_s (\ell_s - \ell_t + 1)``;
+* generalized JSD(beta), ``m = beta p_t + (1 - beta) p_s``: ``g = (1 - beta) p_s (\ell_s - \ell_m)``;
+* skew KL(alpha), :math:`\mathrm{KL}(p_t\|m)`, ``m = alpha p_t + (1 - alpha) p_s``:
+  ``g = -(1 - alpha) p_t p_s / m``;
+* skew reverse KL(alpha), :math:`\mathrm{KL}(p_s\|m)`, ``m = alpha p_s + (1 - alpha) p_t``:
+  ``g = p_s (\ell_s - \ell_m + 1 - alpha p_s / m)``.
+
+The gradient is computed in the forward pass (only when the student's logits require one) and kept
+as the node's single saved tensor. This path is taken when every logit is finite and the teacher's
+logits need no gradient; anything else (``-inf`` slots, a trained teacher, double backward) goes
+through the composed functions, whose floors at ``LOG_FLOOR`` define the values there. With finite
+logits those floors never act, so both paths compute the same function: the tests check values and
+gradients against the composed path and against naive float64 loops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
+
+
+def _log_mix(p: Tensor, q: Tensor, weight: float) -> Tensor:
+    """``log(weight p + (1 - weight) q)``; a mixture that underflows to 0 is floored at the smallest
+    normal number (both sides are then 0 too, so every term it enters is multiplied by 0)."""
+    m = torch.add(p * weight, q, alpha=1.0 - weight)
+    return m.clamp_min_(torch.finfo(m.dtype).tiny).log_()
+
+
+def _rows(kind: str, s: Tensor, t: Tensor, temperature: float, weight: float, need_grad: bool):
+    """``(per_row [N], gradient [N, C] or None)`` of ``T^2 * divergence`` for ``[N, C]`` logits."""
+    T = temperature
+    zs, zt = (s, t) if T == 1.0 else (s / T, t / T)
+    ls, lt = torch.log_softmax(zs, dim=-1), torch.log_softmax(zt, dim=-1)
+    del zs, zt
+    ps = ls.exp()
+    g = None
+    if kind == "forward_kl":
+        pt = lt.exp()
+        value = (pt * (lt - ls)).sum(-1)
+        if need_grad:
+            g = -pt
+    elif kind == "reverse_kl":
+        d = ls - lt
+        value = (ps * d).sum(-1)
+        if need_grad:
+            g = ps * (d + 1.0)
+    elif kind == "jsd":
+        pt = lt.exp()
+        lm = _log_mix(pt, ps, weight)  # m = beta p_t + (1 - beta) p_s
+        ds = ls - lm
+        value = weight * (pt * (lt - lm)).sum(-1) + (1.0 - weight) * (ps * ds).sum(-1)
+        if need_grad:
+            g = ds.mul_(ps).mul_(1.0 - weight)
+    elif kind == "skew_kl":
+        pt = lt.exp()
+        lm = _log_mix(pt, ps, weight)  # m = alpha p_t + (1 - alpha) p_s
+        value = (pt * (lt - lm)).sum(-1)
+        if need_grad:
+            g = (pt * ps).div_(lm.exp_()).mul_(-(1.0 - weight))
+    elif kind == "skew_reverse_kl":
+        pt = lt.exp()
+        lm = _log_mix(ps, pt, weight)  # m = alpha p_s + (1 - alpha) p_t
+        d = ls - lm
+        value = (ps * d).sum(-1)
+        if need_grad:
+            g = ps * (d + 1.0 - weight * ps / lm.exp())
+    else:
+        raise ValueError(f"unknown fused divergence {kind!r}; one of {', '.join(KINDS)}")
+    grad = None
+    if need_grad:
+        grad = g.sub_(ps * g.sum(-1, keepdim=True)).mul_(T)  # through log_softmax and s / T
+    return value * T**2, grad
+
+
+class _FusedRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, kind: str, temperature: float, weight: float) -> Tensor:
+        per_row, grad = _rows(kind, s, t, temperature, weight, need_grad=True)
+        ctx.save_for_backward(grad)
+        return per_row
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_rows.unsqueeze(-1), None, None, None, None
+
+
+def fused_rows(kind: str, s: Tensor, t: Tensor, temperature: float, weight: float = 0.0) -> Tensor | None:
+    """Per-row ``T^2 * divergence`` of ``[N, C]`` logits with a closed-form gradient, or None when the
+    composed path must be used instead (non-finite logits, a teacher that needs a gradient, an empty
+    input or an end of the mixture weight, where the divergence reduces to another one).
+
+    ``weight`` is ``beta`` for ``"jsd"`` and ``alpha`` for the skew divergences.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown fused divergence {kind!r}; one of {', '.join(KINDS)}")
+    if kind in ("jsd", "skew_kl", "skew_reverse_kl") and not 0.0 < weight < 1.0:
+        return None
+    if s.numel() == 0 or (t.requires_grad and torch.is_grad_enabled()):
+        return None
+    if not bool(torch.isfinite(s.detach()).all() & torch.isfinite(t.detach()).all()):
+        return None
+    if torch.is_grad_enabled() and s.requires_grad:
+        return _FusedRows.apply(s, t, kind, float(temperature), float(weight))
+    return _rows(kind, s, t, float(temperature), float(weight), need_grad=False)[0]
+
+
+__all__ = ["KINDS", "fused_rows"]
