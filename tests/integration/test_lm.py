@@ -113,6 +113,24 @@ def test_lm_arithmetic_task_reports_exact_match_accuracy(tmp_path):
         assert 0.0 <= acc <= 100.0
 
 
+def test_reversed_arithmetic_trains_and_checks_reversed_answers():
+    from distillery.lm.runner import prepare_data
+
+    cfg = load_config("lm-kd", ["data.name=arithmetic", "data.seq_len=16", "data.arithmetic.train=30",
+                                "data.arithmetic.test=10", "data.tokenizer={kind: byte}",
+                                "data.arithmetic.reverse=true"])  # fmt: skip
+    data = prepare_data(cfg)
+    tok = data["tokenizer"]
+    for pair in data["task"]:
+        plain = str(eval(pair.prompt[:-1]))  # the prompts are "a+b="
+        assert pair.response == plain[::-1]
+        assert data["check"](pair.prompt, pair.response + tok.eos_token)
+        assert data["check"](pair.prompt, plain + tok.eos_token) == (plain == plain[::-1])
+    row = data["train"].get_batch(torch.arange(1))
+    trained = row["labels"][0][row["labels"][0] != -100].tolist()
+    assert tok.decode(trained, skip_special_tokens=True) == data["train_pairs"][0].response
+
+
 def test_padded_teacher_vocabulary_is_sliced_to_the_shared_tokens(tmp_path):
     out = tmp_path / "run"
     assert main(["run", "lm-kd", *TINY, "teacher.model.vocab_size=320", f"output.dir={out}"]) == 0

@@ -380,3 +380,22 @@ def test_verifier_helpers():
     assert task.accuracy(["1+1=", "2+2=", "3*3="], ["2", "4<eos>", "6"]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         task.accuracy(["1+1=", "2+2="], ["2"])
+
+
+def test_reversed_answers_are_the_same_problems_written_backwards():
+    plain = ArithmeticTask(digits=(1, 3), ops=("+", "-", "*"), seed=3)
+    rev = ArithmeticTask(digits=(1, 3), ops=("+", "-", "*"), seed=3, reverse=True)
+    a, b = plain.problems(300), rev.problems(300)
+    assert [p.prompt for p in a] == [p.prompt for p in b]  # the format does not change the draw
+    for p, q in zip(a, b):
+        sign = "-" if p.response.startswith("-") else ""
+        assert q.response == sign + p.response.lstrip("-")[::-1]
+        assert rev.verify(q.prompt, q.response)
+        assert plain.verify(q.prompt, q.response) == (q.response == p.response)  # palindromes pass both
+    assert any(q.response != p.response for p, q in zip(a, b))
+    assert solve("12+345=", reverse=True) == "753" and solve("3-15=", reverse=True) == "-21"
+    assert solve("50+50=", reverse=True) == "001"  # leading zeros of the reversed text are part of it
+    assert rev.verify("12+345=", "753<eos>") and not rev.verify("12+345=", "357")
+    assert rev.accuracy(["1+9=", "2+2="], ["01", "4"]) == 1.0
+    assert ArithmeticConfig(reverse=True, train=10, test=5).build().reverse
+    assert "reverse=True" in repr(rev)

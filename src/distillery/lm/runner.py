@@ -14,6 +14,7 @@ Writes, like the classification runner::
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import json
 import math
 import time
@@ -65,9 +66,9 @@ def prepare_data(cfg: LMRunConfig) -> dict[str, Any]:
         tokenizer = d.tokenizer.build(text)
         train = TokenDataset.from_pairs(train_pairs, tokenizer, d.seq_len)
         test = TokenDataset.from_pairs(test_pairs, tokenizer, d.seq_len)
-        task = test_pairs
+        check = functools.partial(verify, eos=tokenizer.eos_token, reverse=task.reverse)
         return {"tokenizer": tokenizer, "train": train, "test": _cap(test, d.max_eval_blocks),
-                "task": task, "train_pairs": train_pairs}  # fmt: skip
+                "task": test_pairs, "train_pairs": train_pairs, "check": check}  # fmt: skip
     g = torch.Generator().manual_seed(0)
     if d.max_train_blocks is not None and len(train) > d.max_train_blocks:
         train = train.subset(torch.randperm(len(train), generator=g)[: d.max_train_blocks].sort().values)
@@ -126,9 +127,16 @@ def lm_metrics(
 
 @torch.no_grad()
 def task_accuracy(
-    model: nn.Module, tokenizer, pairs, device, max_new_tokens: int, batch_size: int = 64
+    model: nn.Module,
+    tokenizer,
+    pairs,
+    device,
+    max_new_tokens: int,
+    check: Callable[[str, str], bool],
+    batch_size: int = 64,
 ) -> float:
-    """Exact-match accuracy (percent) of greedy completions of the task's test prompts."""
+    """Exact-match accuracy (percent) of greedy completions of the task's test prompts, as judged by
+    ``check(prompt, completion_text)``."""
     was_training = model.training
     model.eval()
     correct = 0
@@ -141,7 +149,7 @@ def task_accuracy(
             completions = tokenizer.batch_decode(
                 out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False
             )
-            correct += sum(verify(p.prompt, c, eos=tokenizer.eos_token) for p, c in zip(chunk, completions))
+            correct += sum(check(p.prompt, c) for p, c in zip(chunk, completions))
     finally:
         model.train(was_training)
     return 100.0 * correct / max(len(pairs), 1)
@@ -225,9 +233,8 @@ def method_data(cfg: LMRunConfig, data: dict, teacher: nn.Module, seed: int, con
         return data["train"], OnPolicyBatches(m.student_lambda, pad_id=pad_id, eos_id=eos_id, **common)
     if m.name == "paced":  # fixed responses; each problem weighted by the student's pass rate on it
         p = m.paced
-        check = functools.partial(verify, eos=tokenizer.eos_token)
         return data["train"], PacedBatches(
-            check,
+            data["check"],
             tokenizer,
             samples=p.samples,
             a=p.a,
@@ -361,7 +368,9 @@ def run_lm(
         def evaluate(model: nn.Module) -> dict[str, float]:
             out = lm_metrics(model, data["test"], cfg.eval.batch_size, acc.device, teacher_model, vocab)
             if data["task"] is not None:
-                out["task_accuracy"] = task_accuracy(model, tokenizer, data["task"], acc.device, max_new)
+                out["task_accuracy"] = task_accuracy(
+                    model, tokenizer, data["task"], acc.device, max_new, data["check"]
+                )
             return out
 
         return evaluate

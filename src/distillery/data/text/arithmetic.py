@@ -9,6 +9,13 @@ many digits (1 digit: 0..9; d > 1 digits: 10^(d-1)..10^d - 1). Short operands ar
 frequent as long ones. Repeated prompts are redrawn, so every problem appears once; the test problems
 are drawn first, then the training ones, so the test split does not depend on the training size.
 Subtraction may give negative answers (``"3-12="`` -> ``"-9"``).
+
+``reverse=True`` writes every answer least-significant digit first (``"12+345="`` -> ``"753"``, a
+negative answer keeps its sign in front: ``"3-15="`` -> ``"-21"``). A
+left-to-right model then emits each digit after the digits whose carries it needs, which makes
+addition far easier to learn for small transformers ("Teaching Arithmetic to Small Transformers",
+Lee et al., 2023, report reversed answers learned from several times fewer examples than the
+plain format).
 """
 
 from __future__ import annotations
@@ -28,18 +35,25 @@ OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _PROMPT = re.compile(r"\s*(\d+)\s*([-+*])\s*(\d+)\s*=\s*")
 
 
-def solve(prompt: str) -> str:
-    """The exact answer to an arithmetic prompt such as ``"12+345="``.
+def solve(prompt: str, reverse: bool = False) -> str:
+    """The exact answer to an arithmetic prompt such as ``"12+345="`` (digits reversed with ``reverse``).
 
     Example:
-        >>> solve("12+345="), solve("3-12="), solve("7*8=")
-        ('357', '-9', '56')
+        >>> solve("12+345="), solve("3-12="), solve("7*8="), solve("12+345=", reverse=True)
+        ('357', '-9', '56', '753')
     """
     m = _PROMPT.fullmatch(prompt)
     if m is None:
         raise ValueError(f"not an arithmetic prompt: {prompt!r} (expected like '12+345=')")
     a, op, b = m.groups()
-    return str(OPS[op](int(a), int(b)))
+    return _write(OPS[op](int(a), int(b)), reverse)
+
+
+def _write(value: int, reverse: bool) -> str:
+    """``value`` as text; with ``reverse`` its digits least-significant first, the sign kept in front."""
+    if not reverse:
+        return str(value)
+    return ("-" if value < 0 else "") + str(abs(value))[::-1]
 
 
 def extract_answer(completion: str, eos: str | None = EOS) -> str:
@@ -54,17 +68,22 @@ def extract_answer(completion: str, eos: str | None = EOS) -> str:
     return completion.split("\n", 1)[0].strip()
 
 
-def verify(prompt: str, completion: str, eos: str | None = EOS) -> bool:
-    """Whether ``completion`` answers ``prompt`` exactly (after :func:`extract_answer`).
+def verify(prompt: str, completion: str, eos: str | None = EOS, reverse: bool = False) -> bool:
+    """Whether ``completion`` answers ``prompt`` exactly (after :func:`extract_answer`), in the plain
+    or (``reverse``) the reversed-digit format.
 
     Example:
         >>> verify("12+345=", "357"), verify("12+345=", " 357\\n"), verify("12+345=", "0357")
         (True, True, False)
+        >>> verify("12+345=", "753", reverse=True), verify("12+345=", "357", reverse=True)
+        (True, False)
     """
-    return extract_answer(completion, eos) == solve(prompt)
+    return extract_answer(completion, eos) == solve(prompt, reverse)
 
 
-def accuracy(prompts: Sequence[str], completions: Sequence[str], eos: str | None = EOS) -> float:
+def accuracy(
+    prompts: Sequence[str], completions: Sequence[str], eos: str | None = EOS, reverse: bool = False
+) -> float:
     """Fraction of completions that :func:`verify` accepts.
 
     Example:
@@ -75,7 +94,7 @@ def accuracy(prompts: Sequence[str], completions: Sequence[str], eos: str | None
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if len(prompts) == 0:
         raise ValueError("accuracy of an empty set of completions is undefined")
-    return sum(verify(p, c, eos) for p, c in zip(prompts, completions)) / len(prompts)
+    return sum(verify(p, c, eos, reverse) for p, c in zip(prompts, completions)) / len(prompts)
 
 
 def _count_with_digits(d: int) -> int:
@@ -89,6 +108,8 @@ class ArithmeticTask:
         digits: ``(min, max)`` digit count of each operand, inclusive.
         ops: operators, from ``+ - *``.
         seed: the problems drawn are a function of the seed alone.
+        reverse: write answers least-significant digit first (see the module docstring); the
+            problems drawn do not depend on it.
 
     Example:
         >>> task = ArithmeticTask(digits=(1, 2), ops=("+",), seed=0)
@@ -99,7 +120,9 @@ class ArithmeticTask:
         (True, 0.0)
     """
 
-    def __init__(self, digits: tuple[int, int] = (1, 3), ops: Sequence[str] = ("+",), seed: int = 0) -> None:
+    def __init__(
+        self, digits: tuple[int, int] = (1, 3), ops: Sequence[str] = ("+",), seed: int = 0, reverse: bool = False
+    ) -> None:
         lo, hi = (int(d) for d in digits)
         if not 1 <= lo <= hi:
             raise ValueError(f"digits={tuple(digits)} must satisfy 1 <= min <= max")
@@ -109,6 +132,7 @@ class ArithmeticTask:
         self.digits = (lo, hi)
         self.ops = tuple(dict.fromkeys(ops))
         self.seed = int(seed)
+        self.reverse = bool(reverse)
 
     @property
     def num_problems(self) -> int:
@@ -137,7 +161,7 @@ class ArithmeticTask:
             if prompt in seen:
                 continue
             seen.add(prompt)
-            out.append(PromptResponse(prompt, str(OPS[op](a, b))))
+            out.append(PromptResponse(prompt, _write(OPS[op](a, b), self.reverse)))
         return out
 
     def split(self, n_train: int, n_test: int) -> tuple[list[PromptResponse], list[PromptResponse]]:
@@ -148,15 +172,16 @@ class ArithmeticTask:
         return drawn[n_test:], drawn[:n_test]
 
     def verify(self, prompt: str, completion: str, eos: str | None = EOS) -> bool:
-        """See :func:`verify`."""
-        return verify(prompt, completion, eos)
+        """See :func:`verify` (in this task's answer format)."""
+        return verify(prompt, completion, eos, self.reverse)
 
     def accuracy(self, prompts: Sequence[str], completions: Sequence[str], eos: str | None = EOS) -> float:
-        """See :func:`accuracy`."""
-        return accuracy(prompts, completions, eos)
+        """See :func:`accuracy` (in this task's answer format)."""
+        return accuracy(prompts, completions, eos, self.reverse)
 
     def __repr__(self) -> str:
-        return f"ArithmeticTask(digits={self.digits}, ops={self.ops}, seed={self.seed})"
+        rev = ", reverse=True" if self.reverse else ""
+        return f"ArithmeticTask(digits={self.digits}, ops={self.ops}, seed={self.seed}{rev})"
 
 
 class ArithmeticConfig(StrictModel):
@@ -167,6 +192,11 @@ class ArithmeticConfig(StrictModel):
     seed: int = Field(0, description="seed of the problem sequence (independent of run seeds)")
     train: int = Field(10_000, ge=0, description="training problems")
     test: int = Field(1_000, ge=1, description="held-out problems (disjoint from training)")
+    reverse: bool = Field(
+        False,
+        description="answers least-significant digit first ('12+345=' -> '753'): far easier for small "
+        "models to learn (Lee et al. 2023, 'Teaching Arithmetic to Small Transformers')",
+    )
 
     @field_validator("ops")
     @classmethod
@@ -190,4 +220,4 @@ class ArithmeticConfig(StrictModel):
         return self
 
     def build(self) -> ArithmeticTask:
-        return ArithmeticTask(self.digits, self.ops, self.seed)
+        return ArithmeticTask(self.digits, self.ops, self.seed, self.reverse)
