@@ -38,6 +38,9 @@ from torch.autograd.function import once_differentiable
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 
+# Switch for comparisons (benchmarks/divergence_speed.py): False sends every call down the composed path.
+enabled = True
+
 
 def _log_mix(p: Tensor, q: Tensor, weight: float) -> Tensor:
     """``log(weight p + (1 - weight) q)``; a mixture that underflows to 0 is floored at the smallest
@@ -115,7 +118,7 @@ def fused_rows(kind: str, s: Tensor, t: Tensor, temperature: float, weight: floa
     """
     if kind not in KINDS:
         raise ValueError(f"unknown fused divergence {kind!r}; one of {', '.join(KINDS)}")
-    if kind in ("jsd", "skew_kl", "skew_reverse_kl") and not 0.0 < weight < 1.0:
+    if not enabled or (kind in ("jsd", "skew_kl", "skew_reverse_kl") and not 0.0 < weight < 1.0):
         return None
     if s.numel() == 0 or (t.requires_grad and torch.is_grad_enabled()):
         return None
