@@ -58,7 +58,7 @@ def measure(call, s: torch.Tensor, t: torch.Tensor, fused: bool, repeats: int) -
             start = time.perf_counter()
             call(x, t).backward()
             times.append(time.perf_counter() - start)
-        return {"seconds": statistics.median(times), "saved_mb": saved[0] / 2**20, "value": float(loss)}
+        return {"seconds": statistics.median(times), "saved_mb": saved[0] / 2**20, "value": float(loss.detach())}
     finally:
         _fused.enabled = True
 

@@ -42,56 +42,67 @@ KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 enabled = True
 
 
-def _log_mix(p: Tensor, q: Tensor, weight: float) -> Tensor:
-    """``log(weight p + (1 - weight) q)``; a mixture that underflows to 0 is floored at the smallest
-    normal number (both sides are then 0 too, so every term it enters is multiplied by 0)."""
-    m = torch.add(p * weight, q, alpha=1.0 - weight)
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for ``[N, C]`` tensors without an ``[N, C]`` temporary (one dot per row)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+
+
+def _log_(m: Tensor) -> Tensor:
+    """``log m`` in place; a mixture that underflows to 0 is floored at the smallest normal number
+    (both of its sides are then 0, so every term it enters is multiplied by 0)."""
     return m.clamp_min_(torch.finfo(m.dtype).tiny).log_()
 
 
 def _rows(kind: str, s: Tensor, t: Tensor, temperature: float, weight: float, need_grad: bool):
-    """``(per_row [N], gradient [N, C] or None)`` of ``T^2 * divergence`` for ``[N, C]`` logits."""
-    T = temperature
+    """``(per_row [N], gradient [N, C] or None)`` of ``T^2 * divergence`` for ``[N, C]`` logits.
+
+    Written to allocate few ``[N, C]`` tensors: intermediates are overwritten in place once used.
+    """
+    T, w = temperature, weight
     zs, zt = (s, t) if T == 1.0 else (s / T, t / T)
     ls, lt = torch.log_softmax(zs, dim=-1), torch.log_softmax(zt, dim=-1)
     del zs, zt
-    ps = ls.exp()
-    g = None
+    grad = None
     if kind == "forward_kl":
         pt = lt.exp()
-        value = (pt * (lt - ls)).sum(-1)
+        value = _row_dot(pt, lt.sub_(ls))
         if need_grad:
-            g = -pt
+            grad = ls.exp_().sub_(pt)  # p_s - p_t: here g = -p_t sums to -1 per row
     elif kind == "reverse_kl":
-        d = ls - lt
-        value = (ps * d).sum(-1)
-        if need_grad:
-            g = ps * (d + 1.0)
+        ps = ls.exp()
+        d = ls.sub_(lt)  # l_s - l_t
+        value = _row_dot(ps, d)
+        if need_grad:  # g = p_s (d + 1), sum g = value + 1
+            grad = d.sub_(value.unsqueeze(-1)).mul_(ps)
     elif kind == "jsd":
-        pt = lt.exp()
-        lm = _log_mix(pt, ps, weight)  # m = beta p_t + (1 - beta) p_s
-        ds = ls - lm
-        value = weight * (pt * (lt - lm)).sum(-1) + (1.0 - weight) * (ps * ds).sum(-1)
-        if need_grad:
-            g = ds.mul_(ps).mul_(1.0 - weight)
+        ps, pt = ls.exp(), lt.exp()
+        lm = _log_(torch.add(pt * w, ps, alpha=1.0 - w))  # m = beta p_t + (1 - beta) p_s
+        ds, dt = ls.sub_(lm), lt.sub_(lm)
+        del lm
+        student_part = _row_dot(ps, ds)
+        value = w * _row_dot(pt, dt) + (1.0 - w) * student_part
+        if need_grad:  # g = (1 - beta) p_s ds, sum g = (1 - beta) student_part
+            grad = ds.mul_(1.0 - w).sub_((1.0 - w) * student_part.unsqueeze(-1)).mul_(ps)
     elif kind == "skew_kl":
-        pt = lt.exp()
-        lm = _log_mix(pt, ps, weight)  # m = alpha p_t + (1 - alpha) p_s
-        value = (pt * (lt - lm)).sum(-1)
+        ps, pt = ls.exp(), lt.exp()
+        m = torch.add(pt * w, ps, alpha=1.0 - w)  # m = alpha p_t + (1 - alpha) p_s
+        value = _row_dot(pt, lt.sub_(_log_(m.clone())))
         if need_grad:
-            g = (pt * ps).div_(lm.exp_()).mul_(-(1.0 - weight))
+            g = pt.div_(m.clamp_min_(torch.finfo(m.dtype).tiny)).mul_(ps).mul_(-(1.0 - w))
+            grad = g.addcmul_(ps, g.sum(-1, keepdim=True), value=-1.0)
     elif kind == "skew_reverse_kl":
-        pt = lt.exp()
-        lm = _log_mix(ps, pt, weight)  # m = alpha p_s + (1 - alpha) p_t
-        d = ls - lm
-        value = (ps * d).sum(-1)
+        ps, pt = ls.exp(), lt.exp()
+        m = torch.add(ps * w, pt, alpha=1.0 - w)  # m = alpha p_s + (1 - alpha) p_t
+        d = ls.sub_(_log_(m.clone()))
+        value = _row_dot(ps, d)
         if need_grad:
-            g = ps * (d + 1.0 - weight * ps / lm.exp())
+            r = torch.div(ps, m.clamp_min_(torch.finfo(m.dtype).tiny), out=pt).mul_(w)  # alpha p_s / m
+            g = d.add_(1.0).sub_(r).mul_(ps)
+            grad = g.addcmul_(ps, g.sum(-1, keepdim=True), value=-1.0)
     else:
         raise ValueError(f"unknown fused divergence {kind!r}; one of {', '.join(KINDS)}")
-    grad = None
-    if need_grad:
-        grad = g.sub_(ps * g.sum(-1, keepdim=True)).mul_(T)  # through log_softmax and s / T
+    if grad is not None and T != 1.0:
+        grad.mul_(T)  # through s / T, times the T^2 scale
     return value * T**2, grad
 
 

@@ -311,7 +311,7 @@ def skew_kl(
     check_unit_interval("alpha", alpha)
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
     s, t, _, index, lead = flatten_rows(student_logits, teacher_logits, mask)
-    per_row = fused_rows("skew_kl", s, t, temperature, alpha)
+    per_row = fused_rows("forward_kl" if alpha == 0.0 else "skew_kl", s, t, temperature, alpha)
     if per_row is None:
         log_ps, log_pt = log_probs(s, temperature), log_probs(t, temperature)  # (N, C)
         per_row = kl_rows(log_pt, mix_log_probs(log_pt, log_ps, alpha)) * temperature**2
@@ -368,7 +368,7 @@ def skew_reverse_kl(
     check_unit_interval("alpha", alpha)
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_size)
     s, t, _, index, lead = flatten_rows(student_logits, teacher_logits, mask)
-    per_row = fused_rows("skew_reverse_kl", s, t, temperature, alpha)
+    per_row = fused_rows("reverse_kl" if alpha == 0.0 else "skew_reverse_kl", s, t, temperature, alpha)
     if per_row is None:
         log_ps, log_pt = log_probs(s, temperature), log_probs(t, temperature)  # (N, C)
         per_row = kl_rows(log_ps, mix_log_probs(log_ps, log_pt, alpha)) * temperature**2
