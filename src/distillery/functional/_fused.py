@@ -133,7 +133,9 @@ def fused_rows(kind: str, s: Tensor, t: Tensor, temperature: float, weight: floa
         return None
     if s.numel() == 0 or (t.requires_grad and torch.is_grad_enabled()):
         return None
-    if not bool(torch.isfinite(s.detach()).all() & torch.isfinite(t.detach()).all()):
+    # A sum is finite only if every term is (inf + -inf and nan give nan): one read-only pass each,
+    # where isfinite().all() would allocate. A sum that overflows merely takes the composed path.
+    if not bool(torch.isfinite(s.detach().sum() + t.detach().sum())):
         return None
     if torch.is_grad_enabled() and s.requires_grad:
         return _FusedRows.apply(s, t, kind, float(temperature), float(weight))
