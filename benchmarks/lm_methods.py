@@ -43,9 +43,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 TASKS = {
     "arithmetic": [
-        "data.name=arithmetic", "data.tokenizer={kind: byte}", "data.seq_len=16", "data.arithmetic.train=5000",
-        "data.arithmetic.test=200", "data.max_eval_blocks=200", "teacher.train.steps=1500",
-        "teacher.train.batch_size=64", "train.steps=600", "train.batch_size=64", "train.eval_every=0",
+        "data.name=arithmetic", "data.tokenizer={kind: byte}", "data.seq_len=16", "data.arithmetic.train=20000",
+        "data.arithmetic.test=200", "data.arithmetic.reverse=true", "data.max_eval_blocks=200",
+        "teacher.train.steps=5000", "teacher.train.batch_size=64", "teacher.train.optimizer.lr=0.001",
+        "train.steps=STUDENT_STEPS", "train.batch_size=64", "train.optimizer.lr=0.001", "train.eval_every=0",
     ],
     "austen": ["teacher.train.steps=1500", "train.steps=800", "train.eval_every=0"],
 }  # fmt: skip
