@@ -5,7 +5,7 @@ For each logit divergence with a closed-form gradient (``distillery/functional/_
 a standard deviation of 2, the student's logits requiring a gradient, the teacher's not), and the
 bytes autograd keeps for the backward pass (counted with ``torch.autograd.graph.saved_tensors_hooks``),
 with the closed form and with the composed path (``log_softmax``/``exp``/``logaddexp`` recorded op by
-op, what the function computes when the closed form is switched off).
+op, what the function computes inside ``distillery.functional.composed_gradients()``).
 
     python benchmarks/divergence_speed.py                  # 512 and 4096 tokens x 32,768 vocab
     python benchmarks/divergence_speed.py --quick          # a smoke test of the script
@@ -18,6 +18,7 @@ the cores to use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -27,7 +28,6 @@ from pathlib import Path
 import torch
 
 from distillery import functional as DF
-from distillery.functional import _fused
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALLS = {
@@ -40,8 +40,7 @@ CALLS = {
 
 
 def measure(call, s: torch.Tensor, t: torch.Tensor, fused: bool, repeats: int) -> dict:
-    _fused.enabled = fused
-    try:
+    with contextlib.nullcontext() if fused else DF.composed_gradients():
         saved = [0]
 
         def pack(x):
@@ -58,9 +57,11 @@ def measure(call, s: torch.Tensor, t: torch.Tensor, fused: bool, repeats: int) -
             start = time.perf_counter()
             call(x, t).backward()
             times.append(time.perf_counter() - start)
-        return {"seconds": statistics.median(times), "saved_mb": saved[0] / 2**20, "value": float(loss.detach())}
-    finally:
-        _fused.enabled = True
+        return {
+            "seconds": statistics.median(times),
+            "saved_mb": saved[0] / 2**20,
+            "value": float(loss.detach()),
+        }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -279,7 +279,11 @@ def run_distillery(spec: dict, device: torch.device) -> dict:
             "do_sample": True,
         },
         "loss": f"generalized_jsd(beta={spec['beta']}, temperature=1) over the valid tokens of the step"
-        + (f", chunk by chunk from hidden states ({spec['chunk_size']} tokens per chunk)" if spec["chunked"] else ""),
+        + (
+            f", chunk by chunk from hidden states ({spec['chunk_size']} tokens per chunk)"
+            if spec["chunked"]
+            else ""
+        ),
         "rows_per_step": sorted(set(rows)),
         "student_dtype": str(next(student.parameters()).dtype),
     }
@@ -604,7 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         help="output rows of both models: 'byte' (the byte tokenizer's 259 ids) or a number (the byte "
         "tokenizer's ids plus unused rows, the cost of a real vocabulary that size); default: byte 32768",
     )
-    p.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk of distillery's chunked loss")
+    p.add_argument(
+        "--chunk-size", type=int, default=256, help="tokens per chunk of distillery's chunked loss"
+    )
     p.add_argument("--beta", type=float, default=0.5, help="JSD beta")
     p.add_argument("--batch-size", type=int, help="sequences per optimizer step")
     p.add_argument("--max-new-tokens", type=int, help="length cap of sampled responses")

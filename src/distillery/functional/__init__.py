@@ -3,6 +3,7 @@
 Conventions shared by every logit function are documented in :mod:`distillery.functional._rows`.
 """
 
+from distillery.functional._fused import composed_gradients
 from distillery.functional.chunked import (
     chunked_cross_entropy_from_hidden,
     chunked_kd_from_hidden,
@@ -28,6 +29,7 @@ from distillery.functional.uskd import uskd_loss
 __all__ = [
     "chunked_cross_entropy_from_hidden",
     "chunked_kd_from_hidden",
+    "composed_gradients",
     "cross_entropy",
     "dkd_loss",
     "forward_kl",

@@ -24,22 +24,50 @@ divergence, ``\ell_m = \log m``):
 
 The gradient is computed in the forward pass (only when the student's logits require one) and kept
 as the node's single saved tensor. This path is taken when every logit is finite and the teacher's
-logits need no gradient; anything else (``-inf`` slots, a trained teacher, double backward) goes
-through the composed functions, whose floors at ``LOG_FLOOR`` define the values there. With finite
+logits need no gradient; anything else (``-inf`` slots, a trained teacher) goes through the composed
+functions, whose floors at ``LOG_FLOOR`` define the values there. The node is differentiable once:
+a second-order gradient through it (``create_graph=True``) raises with a pointer to
+:func:`composed_gradients`, which switches this path off. With finite
 logits those floors never act, so both paths compute the same function: the tests check values and
 gradients against the composed path and against naive float64 loops.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 
-# Switch for comparisons (benchmarks/divergence_speed.py): False sends every call down the composed path.
+# False sends every call down the composed path (see composed_gradients).
 enabled = True
+
+
+@contextmanager
+def composed_gradients() -> Iterator[None]:
+    """Inside this block the divergences record the composed autograd graph instead of their
+    closed-form gradient: slower and heavier, but differentiable to any order (use it for
+    second-order gradients, e.g. gradient penalties through the distillation loss).
+
+    Example:
+        >>> import torch
+        >>> from distillery.functional import forward_kl
+        >>> s = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+        >>> t = torch.randn(2, 5, dtype=torch.float64)
+        >>> with composed_gradients():
+        ...     (g,) = torch.autograd.grad(forward_kl(s, t), s, create_graph=True)
+        >>> g.requires_grad
+        True
+    """
+    global enabled
+    previous, enabled = enabled, False
+    try:
+        yield
+    finally:
+        enabled = previous
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -114,8 +142,14 @@ class _FusedRows(torch.autograd.Function):
         return per_row
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_rows: Tensor):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a graph of the gradient is wanted
+            raise RuntimeError(
+                "a second-order gradient through forward_kl / reverse_kl / generalized_jsd / skew_kl / "
+                "skew_reverse_kl was asked for (create_graph=True), but their gradient is computed in "
+                "closed form, first order only; compute the loss inside "
+                "`with distillery.functional.composed_gradients():` to get a graph of any order"
+            )
         (grad,) = ctx.saved_tensors
         return grad * grad_rows.unsqueeze(-1), None, None, None, None
 
@@ -142,4 +176,4 @@ def fused_rows(kind: str, s: Tensor, t: Tensor, temperature: float, weight: floa
     return _rows(kind, s, t, float(temperature), float(weight), need_grad=False)[0]
 
 
-__all__ = ["KINDS", "fused_rows"]
+__all__ = ["KINDS", "composed_gradients", "fused_rows"]

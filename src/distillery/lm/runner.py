@@ -14,10 +14,10 @@ Writes, like the classification runner::
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 

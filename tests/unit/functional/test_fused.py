@@ -8,8 +8,8 @@ the conditions under which the composed path is taken instead, and the memory th
 import pytest
 import torch
 
-from distillery.functional import forward_kl, generalized_jsd, reverse_kl, skew_kl, skew_reverse_kl
-from distillery.functional._fused import KINDS, fused_rows
+from distillery.functional import _fused, forward_kl, generalized_jsd, reverse_kl, skew_kl, skew_reverse_kl
+from distillery.functional._fused import KINDS, composed_gradients, fused_rows
 from tests.unit.functional import reference as ref
 
 # kind -> (mixture weight, naive row (s_row, t_row, T), library call)
@@ -80,7 +80,7 @@ def test_float32_is_as_accurate_as_the_composed_path(kind, scale):
 
     true_value, true_grad = run(s64, t64, True)  # float64, composed
     fused_value, fused_grad = run(s64.float(), t64.float(), False)
-    composed_value, composed_grad = run(s64.float(), t64.float(), True)
+    _, composed_grad = run(s64.float(), t64.float(), True)
     assert torch.isfinite(fused_grad).all()
     assert fused_value.item() == pytest.approx(true_value.item(), rel=1e-5, abs=1e-6)
     fused_err = (fused_grad - true_grad).abs().max().item()
@@ -143,3 +143,17 @@ def test_unknown_kind_is_refused():
     s, t = _logits(1, 3, seed=6)
     with pytest.raises(ValueError, match="unknown fused divergence"):
         fused_rows("tvd", s, t, 1.0)
+
+
+def test_a_second_order_gradient_is_refused_not_wrong():
+    s, t = _logits(2, 5, seed=8)
+    x = s.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="composed_gradients"):
+        torch.autograd.grad(forward_kl(x, t), x, create_graph=True)
+    with composed_gradients():  # the composed graph is differentiable twice
+        (g,) = torch.autograd.grad(forward_kl(x, t), x, create_graph=True)
+    (h,) = torch.autograd.grad(g[0, 0], x)
+    assert h.abs().sum() > 0
+    assert _fused.enabled  # switched back on after the block
+    first = fused_rows("forward_kl", x, t, 1.0)
+    assert first is not None and first.grad_fn is not None

@@ -121,7 +121,11 @@ class ArithmeticTask:
     """
 
     def __init__(
-        self, digits: tuple[int, int] = (1, 3), ops: Sequence[str] = ("+",), seed: int = 0, reverse: bool = False
+        self,
+        digits: tuple[int, int] = (1, 3),
+        ops: Sequence[str] = ("+",),
+        seed: int = 0,
+        reverse: bool = False,
     ) -> None:
         lo, hi = (int(d) for d in digits)
         if not 1 <= lo <= hi:
