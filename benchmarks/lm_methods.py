@@ -46,7 +46,7 @@ TASKS = {
         "data.name=arithmetic", "data.tokenizer={kind: byte}", "data.seq_len=16", "data.arithmetic.train=20000",
         "data.arithmetic.test=200", "data.arithmetic.reverse=true", "data.max_eval_blocks=200",
         "teacher.train.steps=5000", "teacher.train.batch_size=64", "teacher.train.optimizer.lr=0.001",
-        "train.steps=1000", "train.batch_size=64", "train.optimizer.lr=0.001", "train.eval_every=0",
+        "train.steps=2000", "train.batch_size=64", "train.optimizer.lr=0.001", "train.eval_every=0",
     ],
     "austen": ["teacher.train.steps=1500", "train.steps=800", "train.eval_every=0"],
 }  # fmt: skip
