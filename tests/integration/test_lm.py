@@ -88,6 +88,7 @@ def test_lm_recipe_end_to_end_saves_a_loadable_student(tmp_path, capsys):
     assert main(["run", "lm-kd", *TINY, f"output.dir={out}"]) == 0
     printed = capsys.readouterr().out
     assert "student KD" in printed and "perplexity" in printed
+    assert "task accuracy" not in printed + (out / "report.md").read_text()  # no task on the corpus
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["models"]) == {"teacher", "baseline", "distilled"}
     assert summary["models"]["distilled"]["perplexity"]["mean"] > 1.0
@@ -107,6 +108,7 @@ def test_lm_arithmetic_task_reports_exact_match_accuracy(tmp_path):
     args = ["data.name=arithmetic", "data.seq_len=16", "data.arithmetic.train=200", "data.arithmetic.test=20",
             "data.tokenizer={kind: byte}"]  # fmt: skip
     assert main(["run", "lm-kd", *TINY, *args, f"output.dir={out}"]) == 0
+    assert "| task accuracy % |" in (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     for key in ("teacher", "baseline", "distilled"):
         acc = summary["models"][key]["task_accuracy"]["mean"]

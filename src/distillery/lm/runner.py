@@ -513,21 +513,23 @@ def summarize_lm(cfg: LMRunConfig, teachers: dict, results: dict, seconds: float
 HEADERS = ["model", "perplexity", "NLL / token", "agreement %", "task accuracy %", "params", "time"]
 
 
-def _rows(summary: dict) -> list[list[str]]:
+def _table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the summary table; the task-accuracy column only when the run has a task."""
+    with_task = any("task_accuracy" in m for m in summary["models"].values())
+    headers = [h for h in HEADERS if with_task or h != "task accuracy %"]
     rows = []
     for m in summary["models"].values():
-        rows.append(
-            [
-                m["label"],
-                fmt(m["perplexity"], 2),
-                fmt(m["nll"], 3),
-                fmt(m["agreement"], 1) if "agreement" in m else "-",
-                fmt(m["task_accuracy"], 1) if "task_accuracy" in m else "-",
-                f"{m['params']:,}",
-                fmt(m["seconds"], 1) + " s",
-            ]
-        )
-    return rows
+        row = [
+            m["label"],
+            fmt(m["perplexity"], 2),
+            fmt(m["nll"], 3),
+            fmt(m["agreement"], 1) if "agreement" in m else "-",
+            *([fmt(m["task_accuracy"], 1) if "task_accuracy" in m else "-"] if with_task else []),
+            f"{m['params']:,}",
+            fmt(m["seconds"], 1) + " s",
+        ]
+        rows.append(row)
+    return headers, rows
 
 
 def _paired_line(summary: dict) -> str | None:
@@ -547,9 +549,10 @@ def print_lm(console: Console, summary: dict, run_dir: Path) -> None:
     table = Table(
         title=f"{summary['name']}: mean ± std over {len(summary['seeds'])} seed(s)", title_justify="left"
     )
-    for h in HEADERS:
+    headers, rows = _table(summary)
+    for h in headers:
         table.add_column(h, justify="left" if h == "model" else "right")
-    for row in _rows(summary):
+    for row in rows:
         table.add_row(*row)
     console.print(table)
     line = _paired_line(summary)
@@ -571,10 +574,10 @@ def report_lm(cfg: LMRunConfig, summary: dict) -> str:
         "- *perplexity*: exp of the mean next-token NLL over the test tokens; *agreement*: top-1 next-token "
         "agreement with the teacher.",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "---|" * len(HEADERS),
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(summary)]
+    headers, rows = _table(summary)
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     line = _paired_line(summary)
     if line:
         lines += ["", f"**{line[0].upper() + line[1:]}.**"]
