@@ -1,4 +1,5 @@
 import math
+import zlib
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ def _rows(x):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_naive_reference(shape, temperature, masked, reduction):
-    g = torch.Generator().manual_seed(hash((shape, temperature, masked, reduction)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, temperature, masked, reduction)).encode()))
     s = torch.randn(shape, generator=g) * 3
     t = torch.randn(shape, generator=g) * 3
     mask = torch.rand(shape[:-1], generator=g) > 0.4 if masked else None
