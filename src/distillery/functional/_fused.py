@@ -75,10 +75,15 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
 
 
+def _floor_(m: Tensor) -> Tensor:
+    """A mixture floored in place at the smallest normal number: where it underflows to 0 both of
+    its sides are 0 too, so every term it enters is multiplied by 0."""
+    return m.clamp_min_(torch.finfo(m.dtype).tiny)
+
+
 def _log_(m: Tensor) -> Tensor:
-    """``log m`` in place; a mixture that underflows to 0 is floored at the smallest normal number
-    (both of its sides are then 0, so every term it enters is multiplied by 0)."""
-    return m.clamp_min_(torch.finfo(m.dtype).tiny).log_()
+    """``log m`` in place, of the floored mixture."""
+    return _floor_(m).log_()
 
 
 def _rows(kind: str, s: Tensor, t: Tensor, temperature: float, weight: float, need_grad: bool):
@@ -116,7 +121,7 @@ def _rows(kind: str, s: Tensor, t: Tensor, temperature: float, weight: float, ne
         m = torch.add(pt * w, ps, alpha=1.0 - w)  # m = alpha p_t + (1 - alpha) p_s
         value = _row_dot(pt, lt.sub_(_log_(m.clone())))
         if need_grad:
-            g = pt.div_(m.clamp_min_(torch.finfo(m.dtype).tiny)).mul_(ps).mul_(-(1.0 - w))
+            g = pt.div_(_floor_(m)).mul_(ps).mul_(-(1.0 - w))
             grad = g.addcmul_(ps, g.sum(-1, keepdim=True), value=-1.0)
     elif kind == "skew_reverse_kl":
         ps, pt = ls.exp(), lt.exp()
@@ -124,7 +129,7 @@ def _rows(kind: str, s: Tensor, t: Tensor, temperature: float, weight: float, ne
         d = ls.sub_(_log_(m.clone()))
         value = _row_dot(ps, d)
         if need_grad:
-            r = torch.div(ps, m.clamp_min_(torch.finfo(m.dtype).tiny), out=pt).mul_(w)  # alpha p_s / m
+            r = torch.div(ps, _floor_(m), out=pt).mul_(w)  # alpha p_s / m
             g = d.add_(1.0).sub_(r).mul_(ps)
             grad = g.addcmul_(ps, g.sum(-1, keepdim=True), value=-1.0)
     else:
