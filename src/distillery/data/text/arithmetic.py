@@ -11,9 +11,9 @@ are drawn first, then the training ones, so the test split does not depend on th
 Subtraction may give negative answers (``"3-12="`` -> ``"-9"``).
 
 ``reverse=True`` writes every answer least-significant digit first (``"12+345="`` -> ``"753"``, a
-negative answer keeps its sign in front: ``"3-15="`` -> ``"-21"``). A
-left-to-right model then emits each digit after the digits whose carries it needs, which makes
-addition far easier to learn for small transformers ("Teaching Arithmetic to Small Transformers",
+negative answer keeps its sign in front: ``"3-15="`` -> ``"-21"``). A left-to-right model then emits
+each digit after the digits whose carries it needs, which makes addition far easier to learn for
+small transformers ("Teaching Arithmetic to Small Transformers",
 Lee et al., 2023, report reversed answers learned from several times fewer examples than the
 plain format).
 """
