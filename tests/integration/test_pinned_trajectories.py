@@ -1,0 +1,113 @@
+"""Pinned short trajectories of the main job (digits-kd) and lm-kd in a reduced setting.
+
+Each test runs a recipe through the CLI (one thread, a private teacher cache) and compares the
+logged training losses of every arm and the final metrics with numbers pinned here, to 1e-6. A
+change that is not meant to alter training (a restructuring, a refactor) must keep them; a change
+that is meant to alter training regenerates them and says so in its commit:
+
+    DISTILLERY_REPIN=1 python -m pytest tests/integration/test_pinned_trajectories.py -s
+
+prints the current values in the form of the tables below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillery.cli import main
+
+DIGITS = [
+    "seeds=[0]",
+    "teacher.ensemble=1",
+    "teacher.train.steps=200",
+    "train.steps=40",
+    "train.log_every=8",
+    "train.eval_every=0",
+    "--no-progress",
+]
+LM = [
+    "teacher.train.steps=60",
+    "train.steps=20",
+    "train.log_every=5",
+    "train.eval_every=0",
+    "data.max_train_blocks=48",
+    "data.max_eval_blocks=8",
+    "data.seq_len=32",
+    "data.tokenizer.vocab_size=300",
+    "--no-progress",
+]
+
+# arm -> logged training losses (every train.log_every steps); arm -> final metrics
+DIGITS_LOSSES = {
+    "baseline": [2.2219173908233643, 2.153597116470337, 2.1166064739227295, 2.074413776397705, 2.0766448974609375],
+    "distilled": [1.5496085286140442, 1.3500173091888428, 1.1233925819396973, 1.137636810541153, 0.992436408996582],
+}  # fmt: skip
+DIGITS_METRICS = {
+    "baseline": {"accuracy": 67.80683994293213, "nll": 2.082422971725464, "ece": 54.84402775764465, "agreement": 61.97183132171631},
+    "distilled": {"accuracy": 82.69617557525635, "nll": 1.5079786777496338, "ece": 58.624786138534546, "agreement": 75.8551299571991},
+}  # fmt: skip
+DIGITS_TEACHER = {"accuracy": 78.47082614898682}
+LM_LOSSES = {
+    "baseline": [4.9327921867370605, 4.44037389755249, 4.23721170425415, 4.209868431091309],
+    "distilled": [2.8810783326625824, 2.4188964515924454, 2.279122218489647, 2.260166570544243],
+}  # fmt: skip
+LM_METRICS = {
+    "baseline": {"nll": 4.438180246660786, "perplexity": 84.62081247173374, "agreement": 27.822580645161292},
+    "distilled": {"nll": 4.413274949596774, "perplexity": 82.53933351466965, "agreement": 28.629032258064516},
+}  # fmt: skip
+LM_TEACHER = {"perplexity": 83.24014932178714}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _trajectory(arm_dir: Path) -> tuple[list[float], dict[str, float]]:
+    records = [json.loads(line) for line in (arm_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    metrics = json.loads((arm_dir / "result.json").read_text())["metrics"]
+    return losses, metrics
+
+
+def _check(run_dir: Path, losses: dict, metrics: dict, teacher: dict, name: str) -> None:
+    got_losses, got_metrics = {}, {}
+    for arm in losses:
+        got_losses[arm], final = _trajectory(run_dir / "seed-0" / arm)
+        got_metrics[arm] = {k: final[k] for k in metrics[arm]}
+    got_teacher = json.loads((run_dir / "seed-0" / "teacher.json").read_text())["metrics"]
+    got_teacher = {k: got_teacher[k] for k in teacher}
+    if os.environ.get("DISTILLERY_REPIN"):
+        print(f"\n{name}_LOSSES = {json.dumps(got_losses)}")
+        print(f"{name}_METRICS = {json.dumps(got_metrics)}")
+        print(f"{name}_TEACHER = {json.dumps(got_teacher)}")
+    for arm in losses:
+        assert got_losses[arm] == pytest.approx(losses[arm], rel=1e-6, abs=1e-6), arm
+        for key, value in metrics[arm].items():
+            assert got_metrics[arm][key] == pytest.approx(value, rel=1e-6, abs=1e-6), (arm, key)
+    for key, value in teacher.items():
+        assert got_teacher[key] == pytest.approx(value, rel=1e-6, abs=1e-6), ("teacher", key)
+
+
+@pytest.mark.integration
+def test_digits_kd_trajectory_is_pinned(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    assert main(["run", "digits-kd", *DIGITS, f"output.dir={run_dir}"]) == 0
+    _check(run_dir, DIGITS_LOSSES, DIGITS_METRICS, DIGITS_TEACHER, "DIGITS")
+
+
+@pytest.mark.integration
+def test_lm_kd_trajectory_is_pinned(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    assert main(["run", "lm-kd", *LM, f"output.dir={run_dir}"]) == 0
+    _check(run_dir, LM_LOSSES, LM_METRICS, LM_TEACHER, "LM")
