@@ -43,7 +43,7 @@ from distillery.generation.sampling import (
     split_prompts,
     tensor_digest,
 )
-from distillery.losses.base import ROW_WEIGHT_KEY
+from distillery.models.adapters import ROW_WEIGHT_KEY
 
 
 class PacedBatches:

@@ -15,9 +15,6 @@ from distillery.models.adapters import LM_HEAD_BIAS, LM_HEAD_WEIGHT, LM_HIDDEN
 
 IGNORE_INDEX = -100
 
-# Optional batch key: one weight per example ``[B]``; the loop turns it into LossInputs.row_weight.
-ROW_WEIGHT_KEY = "row_weight"
-
 
 @dataclass
 class LossInputs:

@@ -9,8 +9,7 @@ from torch import Tensor
 
 from distillery import functional as DF
 from distillery.losses.base import LossInputs, LossTerm, TermConfig
-
-HINT_FEATURE = "hint"  # the feature name multi-exit students and their teacher use for hints
+from distillery.models.adapters import HINT_FEATURE
 
 
 class HintConfig(TermConfig):

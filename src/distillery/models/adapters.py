@@ -18,6 +18,10 @@ from torch import Tensor, nn
 LM_HIDDEN = "lm_hidden"
 LM_HEAD_WEIGHT = "lm_head_weight"
 LM_HEAD_BIAS = "lm_head_bias"
+# Feature name of the hints that multi-exit students output and their deepest-exit teacher matches.
+HINT_FEATURE = "hint"
+# Optional batch key: one weight per example ``[B]`` (PACED); the loop turns it into per-row weights.
+ROW_WEIGHT_KEY = "row_weight"
 
 
 @dataclass

@@ -33,8 +33,7 @@ from torch import Tensor, nn
 
 from distillery.capture import Capture, resolve_module, unwrap_model
 from distillery.configbase import StrictModel
-from distillery.losses.features import HINT_FEATURE
-from distillery.models.adapters import ModelOutput, StackedClassifierAdapter
+from distillery.models.adapters import HINT_FEATURE, ModelOutput, StackedClassifierAdapter
 
 FINAL = "final"  # name of the wrapped model's own output in MultiExit.exit_names
 

@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from distillery.functional.ensemble import leave_one_out_logits
-from distillery.losses.features import HINT_FEATURE
-from distillery.models.adapters import ModelOutput
+from distillery.models.adapters import HINT_FEATURE, ModelOutput
 from distillery.teachers.base import BaseTeacher, TeacherOutput
 
 

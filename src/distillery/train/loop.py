@@ -31,8 +31,7 @@ from distillery.data.augment import augment_batch
 from distillery.errors import ConfigError, NonFiniteLossError, RunInterrupted
 from distillery.functional.paced import expand_row_weight
 from distillery.losses import LossInputs, Objective
-from distillery.losses.base import ROW_WEIGHT_KEY
-from distillery.models.adapters import ClassifierAdapter
+from distillery.models.adapters import ROW_WEIGHT_KEY, ClassifierAdapter
 from distillery.train.batches import BatchPlan
 from distillery.train.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint, step_of
 from distillery.train.config import TrainConfig
