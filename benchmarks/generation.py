@@ -1,7 +1,7 @@
 """Where the time of an on-policy distillation step goes, and what faster decoding would buy.
 
 Times, on the models and batch of ``benchmarks/trl_comparison.py`` (a 4-layer teacher and a 2-layer
-student Llama from :func:`distillery.lm.models.build_causal_lm`, 16 arithmetic prompts, 16 sampled
+student Llama from :func:`distillery.models.causal_lm.build_causal_lm`, 16 arithmetic prompts, 16 sampled
 tokens per row, float32):
 
 * the parts of one on-policy step: the student's sampling (:func:`distillery.generation.sampling.
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from distillery.data.text.collate import special_ids
     from distillery.functional import generalized_jsd
     from distillery.generation.sampling import build_batch, generate_completions, pad_left
-    from distillery.lm.config import CausalLMConfig
-    from distillery.lm.models import build_causal_lm
+    from distillery.models.causal_lm import CausalLMConfig, build_causal_lm
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip

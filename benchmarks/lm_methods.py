@@ -34,8 +34,8 @@ from rich.console import Console
 
 import distillery as ds
 from distillery.data.text import load_tokenizer
-from distillery.lm.metrics import teacher_scored_nll
-from distillery.lm.models import build_causal_lm
+from distillery.eval.lm import teacher_scored_nll
+from distillery.models.causal_lm import build_causal_lm
 from distillery.report.summary import fmt, mean_std, paired_difference
 from distillery.teachers import TeacherStore
 
@@ -132,8 +132,7 @@ def run_task(task: str, args, console: Console) -> None:
         overrides = [*common, f"loss={json.dumps(loss)}", f"method={json.dumps(method)}",
                      f"baseline.enabled={'true' if i == 0 else 'false'}"]  # fmt: skip
         cfg = ds.load_config("lm-kd", overrides)
-        summary = ds.run(cfg, console=console, progress=False)
-        run_dir = Path(summary["run_dir"])
+        run_dir = ds.run(cfg, console=console, progress=False).run_dir
         for key, label in (("teacher", "teacher"), ("baseline", "SFT"), ("distilled", arm)):
             if key == "teacher" and "teacher" in per_arm:
                 continue
@@ -189,7 +188,7 @@ def sample_prompts(task: str, cfg, tokenizer) -> list[str]:
     if task == "arithmetic":
         arith = cfg.data.arithmetic
         return [ex.prompt for ex in arith.build().split(arith.train, arith.test)[1]]
-    from distillery.lm.runner import prepare_data
+    from distillery.tasks.lm import prepare_data
 
     test = prepare_data(cfg)["test"]
     return [

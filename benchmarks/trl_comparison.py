@@ -3,7 +3,7 @@
 Both sides train the same student against the same teacher with the same settings:
 
 * models: a tiny Llama teacher and a narrower Llama student from
-  :func:`distillery.lm.models.build_causal_lm`, built from the same seed (identical initial weights on
+  :func:`distillery.models.causal_lm.build_causal_lm`, built from the same seed (identical initial weights on
   both sides), float32, on the CPU (or CUDA with ``--device cuda``; ``auto`` picks CUDA when present);
 * data: arithmetic prompt/response pairs (:class:`distillery.data.text.ArithmeticTask`) with the byte
   tokenizer, laid out as ``<bos> prompt response <eos>`` with the prompt masked;
@@ -135,8 +135,7 @@ def _now(device: torch.device) -> float:
 def _build(spec: dict):
     """Tokenizer, prompt/response pairs, teacher and student (seeded: the same weights in every worker)."""
     from distillery.data.text import ArithmeticTask, train_tokenizer
-    from distillery.lm.config import CausalLMConfig
-    from distillery.lm.models import build_causal_lm
+    from distillery.models.causal_lm import CausalLMConfig, build_causal_lm
 
     tokenizer = train_tokenizer("", kind="byte", use_cache=False)
     pairs = ArithmeticTask(digits=(1, 3), ops=("+",), seed=spec["seed"]).problems(spec["problems"])

@@ -18,8 +18,8 @@ or, with your own modules, the loop alone::
 from distillery import functional, losses
 from distillery.config import RunConfig, load_config
 from distillery.errors import ConfigError, DataNotFoundError, DistilleryError, NonFiniteLossError
+from distillery.experiment import RunResult, evaluate_run, run
 from distillery.losses import Objective
-from distillery.runner import evaluate_run, run
 from distillery.teachers import CachedTeacher, FrozenTeacher, Teacher, TeacherOutput
 from distillery.train import FitResult, TrainConfig, fit
 
@@ -35,6 +35,7 @@ __all__ = [
     "NonFiniteLossError",
     "Objective",
     "RunConfig",
+    "RunResult",
     "Teacher",
     "TeacherOutput",
     "TrainConfig",

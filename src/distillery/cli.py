@@ -76,7 +76,7 @@ def _split_run_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 def _cmd_run(ns: argparse.Namespace, console: Console) -> int:
     from distillery.config import dump_config, load_config
-    from distillery.runner import run
+    from distillery.experiment import run
 
     source, overrides = _split_run_args(ns.args)
     cfg = load_config(source, overrides)
@@ -103,7 +103,7 @@ def _cmd_recipes(console: Console) -> int:
 
 
 def _cmd_eval(ns: argparse.Namespace, console: Console) -> int:
-    from distillery.runner import evaluate_run
+    from distillery.experiment import evaluate_run
 
     evaluate_run(ns.run_dir, console=console)
     return 0

@@ -1,284 +1,51 @@
-"""Pydantic models of a run; YAML loading (safe); dotted ``key=value`` overrides; readable errors.
+"""Run configs: YAML loading (safe), recipe bases, dotted ``key=value`` overrides, readable errors.
 
 A run config names one choice per axis of a distillation method: the data, the teacher, the student,
-the loss terms with their weights, and how training goes. Everything is validated before anything is
-built or trained. Errors name the field and say what would be valid:
+the loss terms with their weights, and how training goes. Each task has its own pydantic model
+(:data:`distillery.tasks.TASKS`; the shared fields are :class:`distillery.tasks.base.RunConfigBase`),
+and a config is validated as the model its ``task:`` key names (default ``classification``) before
+anything is built or trained. Errors name the field and say what would be valid:
 
-* an unknown key names the key and lists the valid keys at that place;
+* an unknown key names the key and lists the valid keys at that place (a key of another task says so);
 * a wrong type names the field path and the expected type;
 * an impossible combination says which fields conflict.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Tag, ValidationError
 
-from distillery.configbase import StrictModel
-from distillery.data import ImageDataConfig
 from distillery.errors import ConfigError
-from distillery.losses import LOSSES, LossTermConfig
-from distillery.models import ModelConfig
-from distillery.models.exits import ExitConfig
-from distillery.train.config import TrainConfig
-
-# ----------------------------------------------------------------------------------------------------
-# Run sections
-# ----------------------------------------------------------------------------------------------------
+from distillery.recipes import DEFAULT_RECIPE, resolve_recipe
+from distillery.tasks import DEFAULT_TASK, TASKS, RunConfigBase, task_class
+from distillery.tasks.base import deep_merge
 
 
-class FrozenTeacherConfig(StrictModel):
-    """A fixed teacher: trained first by this run (and cached), or loaded from a checkpoint."""
-
-    source: Literal["frozen"] = "frozen"
-    model: ModelConfig | None = Field(
-        None, description="teacher architecture (to train, or for the checkpoint)"
-    )
-    ensemble: int = Field(1, ge=1, description="train this many members and average their probabilities")
-    train: TrainConfig | None = Field(
-        None,
-        description="train the teacher on the labelled split first (reused from the cache by config hash)",
-    )
-    checkpoint: str | None = Field(None, description="safetensors weights of `model`")
-    precompute: bool | None = Field(
-        None,
-        description="compute teacher outputs once per training example (null: whenever the student's "
-        "training has no augmentation)",
-    )
-    cache: bool = Field(True, description="reuse a teacher trained earlier with the same settings")
-    cache_dir: str | None = Field(None, description="teacher cache (default: ~/.cache/distillery/teachers)")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> FrozenTeacherConfig:
-        given = [k for k in ("train", "checkpoint") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "conflicting fields: give exactly one of teacher.train (train it first) or teacher.checkpoint "
-                f"(load weights); got {', '.join(given) or 'neither'}"
-            )
-        if self.model is None:
-            raise ValueError(f"conflicting fields: teacher.{given[0]} needs teacher.model (the architecture)")
-        if self.ensemble > 1 and self.checkpoint is not None:
-            raise ValueError(
-                "conflicting fields: teacher.ensemble > 1 needs teacher.train (members are trained)"
-            )
-        return self
+def task_of(data: Any) -> str:
+    """The task a config describes: its ``task`` key, by default :data:`~distillery.tasks.DEFAULT_TASK`."""
+    if isinstance(data, dict):
+        return data.get("task", DEFAULT_TASK)
+    return getattr(data, "task", DEFAULT_TASK)
 
 
-class EMATeacherConfig(StrictModel):
-    """Mean teacher: an exponential moving average of the student's weights (and float buffers)."""
-
-    source: Literal["ema"] = "ema"
-    momentum: float = Field(
-        0.99, ge=0.0, le=1.0, description="EMA momentum (weight the teacher keeps per step)"
-    )
-    momentum_end: float | None = Field(
-        None, ge=0.0, le=1.0, description="cosine-ramp the momentum to this value over training (BYOL/DINO)"
-    )
-
-
-class RandomTeacherConfig(StrictModel):
-    """A frozen, randomly initialised copy of the student ("Random Teachers are Good Teachers")."""
-
-    source: Literal["random"] = "random"
-    init_seed_offset: int = Field(
-        10_000, description="the teacher is initialised with seed + offset (the student with seed)"
-    )
-
-
-class PastPredictionsTeacherConfig(StrictModel):
-    """PS-KD: targets mix the labels with the student's own predictions from the previous epoch."""
-
-    source: Literal["past_predictions"] = "past_predictions"
-    alpha_T: float = Field(0.8, ge=0.0, le=1.0, description="final weight of the past predictions")
-
-
-class SnapshotTeacherConfig(StrictModel):
-    """Born-again networks: generation k+1 (a fresh student) learns from generation k; generation 0 is
-    the cross-entropy baseline."""
-
-    source: Literal["snapshot"] = "snapshot"
-    generations: int = Field(3, ge=1, description="distilled generations after the CE generation 0")
-    ensemble_eval: bool = Field(True, description="also report the ensemble of generations 1..N")
-
-
-class PeersTeacherConfig(StrictModel):
-    """Deep mutual learning: K students trained together, each learning from the others' mean."""
-
-    source: Literal["peers"] = "peers"
-    peers: int = Field(2, ge=2, description="number of students trained together")
-
-
-class ExitsTeacherConfig(StrictModel):
-    """Multi-exit self-distillation: auxiliary exits learn from the deepest one."""
-
-    source: Literal["exits"] = "exits"
-    exits: ExitConfig
-
-
-SELF_SOURCES = ("ema", "random", "past_predictions", "snapshot", "peers", "exits")
-TeacherConfig = Annotated[
-    FrozenTeacherConfig
-    | EMATeacherConfig
-    | RandomTeacherConfig
-    | PastPredictionsTeacherConfig
-    | SnapshotTeacherConfig
-    | PeersTeacherConfig
-    | ExitsTeacherConfig,
-    Field(discriminator="source"),
+# Any task's run config, told apart by `task` (the type of `distillery.load_config`'s result).
+RunConfig = Annotated[
+    functools.reduce(operator.or_, [Annotated[cls.config, Tag(name)] for name, cls in TASKS.items()]),
+    Discriminator(task_of),
 ]
-
-
-class BaselineConfig(StrictModel):
-    """A paired control: the same student, same seeds, splits and initial weights, trained with
-    cross-entropy on the labelled split only."""
-
-    enabled: bool = True
-    train: TrainConfig | None = Field(
-        None, description="training settings, merged over the run's `train` section (e.g. another batch size)"
-    )
-
-
-class EvalConfig(StrictModel):
-    ece_bins: int = Field(15, ge=1, description="confidence bins of the expected calibration error")
-    batch_size: int = Field(1024, ge=1)
-
-
-class OutputConfig(StrictModel):
-    root: str = Field("runs", description="run directories are created under root/<name>/<timestamp>")
-    dir: str | None = Field(None, description="exact run directory (overrides root)")
-    tensorboard: bool | None = Field(
-        None, description="TensorBoard logs (null: when tensorboard is installed)"
-    )
-
-
-class RunConfig(StrictModel):
-    """One run of ``distillery run``: a student distilled from a teacher over several seeds, and
-    (optionally) a paired cross-entropy baseline."""
-
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
-    description: str = ""
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    data: ImageDataConfig = Field(default_factory=ImageDataConfig)
-    teacher: TeacherConfig | None = None
-    student: ModelConfig
-    loss: dict[str, LossTermConfig] = Field(default_factory=lambda: {"ce": {"name": "ce"}}, min_length=1)
-    train: TrainConfig
-    baseline: BaselineConfig | None = None
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
-
-    @field_validator("loss", mode="before")
-    @classmethod
-    def _name_from_key(cls, value: Any) -> Any:
-        """``loss: {kd: {temperature: 4}}`` means a term of type kd; ``{hi: {name: forward_kl}}`` labels it."""
-        if not isinstance(value, dict):
-            return value
-        out = {}
-        for key, spec in value.items():
-            spec = {} if spec is None else spec
-            if isinstance(spec, dict) and "name" not in spec:
-                spec = {**spec, "name": key}
-            out[key] = spec
-        return out
-
-    @field_validator("teacher", mode="before")
-    @classmethod
-    def _frozen_by_default(cls, value: Any) -> Any:
-        """A teacher section without ``source`` is a frozen (trained or loaded) teacher."""
-        if isinstance(value, dict) and "source" not in value:
-            return {"source": "frozen", **value}
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _merge_baseline_train(cls, data: Any) -> Any:
-        if (
-            isinstance(data, dict)
-            and isinstance(data.get("baseline"), dict)
-            and isinstance(data.get("train"), dict)
-        ):
-            base = dict(data["baseline"])
-            base["train"] = deep_merge(data["train"], base.get("train") or {})
-            data = {**data, "baseline": base}
-        return data
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RunConfig:
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct; got {self.seeds}")
-        users = [label for label, term in self.loss.items() if LOSSES[term.name][1].needs_teacher]
-        if users and self.teacher is None:
-            raise ValueError(
-                f"conflicting fields: loss.{users[0]} needs a teacher, but `teacher` is not set; "
-                "add a teacher section or train with `ce` only"
-            )
-        if self.teacher is not None and not users:
-            raise ValueError(
-                f"conflicting fields: `teacher` is set but no loss term uses it (loss: {', '.join(self.loss)}); "
-                "add a distillation term such as kd or forward_kl"
-            )
-        if self.data.transfer and not users:
-            raise ValueError(
-                f"conflicting fields: data.transfer={self.data.transfer} unlabelled examples, but no loss term "
-                "uses a teacher, so they would contribute nothing; set data.transfer=0 or add a distillation term"
-            )
-        source = None if self.teacher is None else self.teacher.source
-        if source == "past_predictions" and self.data.transfer:
-            raise ValueError(
-                f"conflicting fields: teacher.source=past_predictions (PS-KD) mixes each example's label with "
-                f"its past prediction, but data.transfer={self.data.transfer} examples have no label; set "
-                "data.transfer=0"
-            )
-        if source == "snapshot" and (self.baseline is None or not self.baseline.enabled):
-            raise ValueError(
-                "conflicting fields: teacher.source=snapshot starts from generation 0, the cross-entropy "
-                "student of the baseline arm; set baseline.enabled=true"
-            )
-        hint_terms = [label for label, term in self.loss.items() if term.name == "hint"]
-        hint_at = self.teacher.exits.hint_at if source == "exits" else None
-        if hint_terms and hint_at is None:
-            raise ValueError(
-                f"conflicting fields: loss.{hint_terms[0]} (feature hints) needs a multi-exit student with hints; "
-                "set teacher.source=exits and teacher.exits.hint_at to the deep module the exits should learn "
-                "(e.g. the input of the final classifier)"
-            )
-        if hint_at is not None and not hint_terms:
-            raise ValueError(
-                f"conflicting fields: teacher.exits.hint_at={hint_at!r} adds hint projections, but no loss term "
-                "trains them; add a `hint` term (e.g. loss.hint={weight: 1.0}) or drop hint_at"
-            )
-        if source == "frozen" and self.teacher.precompute and not self.train.augment.is_identity():
-            raise ValueError(
-                "conflicting fields: teacher.precompute=true stores one output per example, but train.augment "
-                "changes the inputs every step; set teacher.precompute=false (or null) or turn augmentation off"
-            )
-        return self
-
-    def teacher_precomputed(self) -> bool:
-        if self.teacher is None or self.teacher.source != "frozen":
-            return False
-        if self.teacher.precompute is None:
-            return self.train.augment.is_identity()
-        return self.teacher.precompute
-
 
 # ----------------------------------------------------------------------------------------------------
 # Loading, overrides
 # ----------------------------------------------------------------------------------------------------
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -346,23 +113,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def config_model(data: Any) -> type[BaseModel]:
-    """The run model a config describes: ``task: lm`` is a language-model run, else classification."""
-    if isinstance(data, dict) and data.get("task") == "lm":
-        from distillery.lm.config import LMRunConfig
-
-        return LMRunConfig
-    if isinstance(data, dict) and data.get("task") not in (None, "classification"):
-        raise ConfigError(f"task: unknown task {data.get('task')!r}; valid: classification, lm")
-    return RunConfig
+def config_model(data: Any) -> type[RunConfigBase]:
+    """The run model a config describes, chosen by its ``task`` key from the task table."""
+    name = task_of(data)
+    if not isinstance(name, str):
+        raise ConfigError(f"task: expected a task name, got {name!r}; valid: {', '.join(sorted(TASKS))}")
+    return task_class(name).config
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfigBase:
+    """Validate ``data`` as the run config of its task; every problem is listed in one ConfigError."""
     model = config_model(data)
     try:
-        return model.model_validate(
-            {k: v for k, v in data.items() if not (k == "task" and model is RunConfig)}
-        )
+        return model.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         lines = [format_error(err, model) for err in errors]
@@ -377,6 +140,13 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         ]
         unique = list(dict.fromkeys(unique))
         raise ConfigError(f"invalid {source}:\n" + "\n".join(f"  - {line}" for line in unique)) from None
+
+
+def _owner_tasks(key: str, model: type[BaseModel]) -> list[str]:
+    """The other tasks whose configs have a top-level ``key``."""
+    return sorted(
+        name for name, cls in TASKS.items() if cls.config is not model and key in cls.config.model_fields
+    )
 
 
 # Sections that a derived recipe replaces instead of merging: a loss is a set of terms, and a
@@ -402,8 +172,6 @@ def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
     ``base`` names a shipped recipe or a YAML path (relative to the file that names it); the file's
     own keys are merged over the base's (see :func:`merge_configs`).
     """
-    from distillery.recipes import resolve_recipe
-
     path = Path(path).resolve()
     if path in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, path))
@@ -419,16 +187,14 @@ def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
     return merge_configs(read_recipe(base_path, (*_chain, path)), data)
 
 
-def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> RunConfigBase:
     """Load a run config from a YAML path or a shipped recipe name (default: the built-in recipe)."""
-    from distillery.recipes import DEFAULT_RECIPE, resolve_recipe
-
     path = resolve_recipe(DEFAULT_RECIPE if source is None else str(source))
     data = apply_overrides(read_recipe(path), overrides or [])
     return validate_config(data, source=str(path))
 
 
-def dump_config(cfg: RunConfig) -> str:
+def dump_config(cfg: RunConfigBase) -> str:
     """The resolved config as YAML (every default filled in)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
@@ -454,12 +220,19 @@ _EXPECTED = {
 }
 
 
-def format_error(err: dict[str, Any], root: type[BaseModel] = RunConfig) -> str:
+def format_error(err: dict[str, Any], root: type[BaseModel]) -> str:
     path, model = _walk(root, err["loc"])
     where = ".".join(path) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         valid = sorted(model.model_fields) if model is not None else []
+        others = _owner_tasks(path[0], root) if len(path) == 1 else []
+        if others:
+            task = root.model_fields["task"].default
+            return (
+                f"unknown key '{where}' for task: {task}; `{where}` belongs to task: {' / '.join(others)} "
+                f"(set task: {others[0]}, or remove `{where}`)"
+            )
         return f"unknown key '{where}'; valid keys{_at(path[:-1])}: {', '.join(valid)}"
     if kind == "missing":
         return f"missing required field '{where}'"

@@ -120,7 +120,7 @@ def test_main_job_reduced_end_to_end_then_eval_and_resume(tmp_path):
     assert "learning_curves.png" in report and "student KD" in report
 
     # eval reloads the saved students and reproduces the numbers
-    from distillery.runner import evaluate_run
+    from distillery.experiment import evaluate_run
 
     again = evaluate_run(run_dir)
     for arm in ("baseline", "distilled"):

@@ -8,10 +8,9 @@ import torch
 
 from distillery.cli import main
 from distillery.config import load_config
-from distillery.lm.config import CausalLMConfig
-from distillery.lm.models import build_causal_lm
 from distillery.losses import LossInputs, Objective
 from distillery.losses.logit import CrossEntropyLoss, ForwardKLLoss
+from distillery.models.causal_lm import CausalLMConfig, build_causal_lm
 from distillery.models.hf import HFCausalLMAdapter
 from distillery.teachers import FrozenTeacher
 
@@ -116,7 +115,7 @@ def test_lm_arithmetic_task_reports_exact_match_accuracy(tmp_path):
 
 
 def test_reversed_arithmetic_trains_and_checks_reversed_answers():
-    from distillery.lm.runner import prepare_data
+    from distillery.tasks.lm import prepare_data
 
     cfg = load_config("lm-kd", ["data.name=arithmetic", "data.seq_len=16", "data.arithmetic.train=30",
                                 "data.arithmetic.test=10", "data.tokenizer={kind: byte}",
@@ -207,9 +206,21 @@ def test_paced_needs_a_verifiable_task(capsys):
     assert "method.paced.samples" in capsys.readouterr().err
 
 
-def test_eval_command_refuses_lm_runs_with_a_clear_message(tmp_path, capsys):
+def test_eval_reloads_lm_students_and_reproduces_their_numbers(tmp_path, capsys):
+    from distillery.experiment import evaluate_run
+
     out = tmp_path / "run"
     assert main(["run", "lm-kd", *TINY, f"output.dir={out}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
-    assert main(["eval", str(out)]) == 2
-    assert "is a language-model run" in capsys.readouterr().err
+    again = evaluate_run(out).summary
+    for key in ("teacher", "baseline", "distilled"):
+        for metric in ("perplexity", "nll"):
+            assert again["models"][key][metric]["mean"] == pytest.approx(
+                summary["models"][key][metric]["mean"], rel=1e-6
+            ), (key, metric)
+    assert again["models"]["distilled"]["agreement"]["mean"] == pytest.approx(
+        summary["models"]["distilled"]["agreement"]["mean"]
+    )
+    assert main(["eval", str(out / "seed-0" / "baseline")]) == 0
+    assert "student SFT" in capsys.readouterr().out

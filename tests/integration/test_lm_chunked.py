@@ -10,8 +10,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from distillery.cli import main
 from distillery.config import load_config
 from distillery.errors import ConfigError
-from distillery.lm.models import build_causal_lm
-from distillery.lm.runner import chunked_loss_plan
 from distillery.losses import LossInputs, build_objective
 from distillery.losses.logit import (
     CrossEntropyConfig,
@@ -24,7 +22,9 @@ from distillery.losses.logit import (
     TVDConfig,
 )
 from distillery.models.adapters import LM_HEAD_WEIGHT, LM_HIDDEN
+from distillery.models.causal_lm import build_causal_lm
 from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
+from distillery.tasks.lm import chunked_loss_plan
 from tests.integration.test_lm import TINY, _batch_with_uneven_lengths
 
 

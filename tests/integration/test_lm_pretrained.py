@@ -7,8 +7,7 @@ import pytest
 from distillery.cli import main
 from distillery.data.text.tokenizer import TokenizerConfig, load_pretrained_tokenizer, train_tokenizer
 from distillery.errors import ConfigError
-from distillery.lm.config import CausalLMConfig
-from distillery.lm.models import build_causal_lm
+from distillery.models.causal_lm import CausalLMConfig, build_causal_lm
 from tests.integration.test_lm import ARITH, TINY
 
 

@@ -135,7 +135,7 @@ def test_label_noise_in_a_run_keeps_clean_labels_and_test_split():
 
 def test_label_noise_changes_the_teacher_cache_key():
     from distillery.config import load_config
-    from distillery.runner import teacher_cache_key
+    from distillery.tasks.classification import teacher_cache_key
 
     clean = load_config("digits-kd")
     noisy = load_config("digits-kd", ["data.label_noise.rate=0.2"])

@@ -147,7 +147,7 @@ def test_language_model_runs_refuse_hint_terms():
 
 
 def test_a_run_with_hints_end_to_end(tmp_path):
-    from distillery.runner import run
+    from distillery.experiment import run
 
     cfg = load_config(
         "digits-exits",

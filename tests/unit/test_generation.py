@@ -22,8 +22,7 @@ from distillery.generation import (
 )
 from distillery.generation import sampling as sampling_module
 from distillery.generation.speculative import _Decoder
-from distillery.lm.config import CausalLMConfig
-from distillery.lm.models import build_causal_lm
+from distillery.models.causal_lm import CausalLMConfig, build_causal_lm
 from distillery.models.hf import HFCausalLMAdapter
 from distillery.teachers import FrozenTeacher
 

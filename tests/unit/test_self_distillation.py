@@ -151,7 +151,7 @@ SOURCES = {
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_a_recipe_switches_the_teacher_source_by_name(source, tmp_path):
-    from distillery.runner import run
+    from distillery.experiment import run
 
     teacher, loss = SOURCES[source]
     extra = ["data.transfer=0"] if source == "past_predictions" else []
@@ -187,7 +187,7 @@ def test_a_recipe_switches_the_teacher_source_by_name(source, tmp_path):
 
 
 def test_born_again_generation_learns_from_the_previous_generation(tmp_path, monkeypatch):
-    import distillery.runner as runner
+    import distillery.experiment.runner as runner
 
     teachers = {}
     real_fit = runner.fit
@@ -224,8 +224,8 @@ def test_born_again_generation_learns_from_the_previous_generation(tmp_path, mon
 
 
 def test_exits_are_removed_and_the_exported_student_matches_the_final_exit(tmp_path):
+    from distillery.experiment import run
     from distillery.models.exits import MultiExit
-    from distillery.runner import run
 
     cfg = load_config(
         "digits-kd",

@@ -1,16 +1,88 @@
-"""Generation-based metrics of language-model students."""
+"""Metrics of language models: perplexity, next-token agreement, task accuracy of greedy answers,
+and the teacher's NLL of a student's own samples."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from distillery import functional as DF
-from distillery.data.text.collate import encode_texts, special_ids
+from distillery.data.text.collate import collate_prompts, encode_texts, special_ids
+from distillery.data.text.dataset import TokenDataset
 from distillery.generation.sampling import build_batch, generate_completions
 from distillery.models.hf import HFCausalLMAdapter
+
+
+@torch.no_grad()
+def lm_metrics(
+    model: nn.Module,
+    dataset: TokenDataset,
+    batch_size: int,
+    device,
+    teacher: nn.Module | None = None,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
+    """Per-token NLL and perplexity over the labelled tokens of ``dataset``; with ``teacher``, the
+    top-1 next-token agreement with it (percent)."""
+    adapter = HFCausalLMAdapter()
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens, agree = 0.0, 0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = dataset.get_batch(torch.arange(start, min(start + batch_size, len(dataset))))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = adapter.forward(model, batch).logits.float()  # (B, T-1, V)
+            target, mask = adapter.rows(batch)
+            if vocab_size is not None:
+                logits = logits[..., :vocab_size]
+            total_nll += float(DF.cross_entropy(logits, target, mask=mask, reduction="sum"))
+            total_tokens += int(mask.sum())
+            if teacher is not None:
+                t_logits = adapter.forward(teacher, batch).logits.float()
+                if vocab_size is not None:
+                    t_logits = t_logits[..., :vocab_size]
+                agree += int((logits.argmax(-1) == t_logits.argmax(-1))[mask].sum())
+    finally:
+        model.train(was_training)
+    mean = total_nll / max(total_tokens, 1)
+    out = {"nll": mean, "perplexity": math.exp(min(mean, 50.0))}
+    if teacher is not None:
+        out["agreement"] = 100.0 * agree / max(total_tokens, 1)
+    return out
+
+
+@torch.no_grad()
+def task_accuracy(
+    model: nn.Module,
+    tokenizer,
+    pairs,
+    device,
+    max_new_tokens: int,
+    check: Callable[[str, str], bool],
+    batch_size: int = 64,
+) -> float:
+    """Exact-match accuracy (percent) of greedy completions of the task's test prompts, as judged by
+    ``check(prompt, completion_text)``."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            enc = collate_prompts([p.prompt for p in chunk], tokenizer)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            completions = tokenizer.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False
+            )
+            correct += sum(check(p.prompt, c) for p, c in zip(chunk, completions))
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / max(len(pairs), 1)
 
 
 @torch.no_grad()

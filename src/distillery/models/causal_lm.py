@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field, model_validator
 from torch import nn
 
+from distillery.configbase import StrictModel
 from distillery.errors import ConfigError
-from distillery.lm.config import CausalLMConfig
+
+
+class CausalLMConfig(StrictModel):
+    """A causal LM: a small Llama built from a config, or a pretrained model (hub id or directory)."""
+
+    name: Literal["causal_lm"] = "causal_lm"
+    pretrained: str | None = Field(
+        None,
+        description="AutoModelForCausalLM.from_pretrained source; the size fields below are then ignored",
+    )
+    hidden_size: int = Field(128, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int | None = Field(None, ge=1, description="MLP width (null: 3 x hidden_size)")
+    max_positions: int = Field(512, ge=8)
+    vocab_size: int | None = Field(
+        None, description="embedding rows (null: the tokenizer's size; larger: a padded vocabulary)"
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> CausalLMConfig:
+        if self.pretrained is None and self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of heads={self.heads}")
+        return self
 
 
 def build_causal_lm(cfg: CausalLMConfig, vocab_size: int, tokenizer: Any | None = None) -> nn.Module:

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distillery.config import RunConfig
 from distillery.data import ClassificationData
 from distillery.models import build_model
 from distillery.models.adapters import ClassifierAdapter, StackedClassifierAdapter
 from distillery.models.exits import MultiExit, MultiExitAdapter
 from distillery.models.peers import PeerGroup
+from distillery.tasks.classification.config import ClassificationConfig
 from distillery.teachers import FrozenTeacher
 from distillery.teachers.ema import EMATeacher
 from distillery.teachers.past_predictions import PastPredictionsTeacher
@@ -60,7 +60,7 @@ def total_epochs(train_cfg: TrainConfig, num_examples: int) -> tuple[float, floa
 
 
 def build_arm(
-    cfg: RunConfig,
+    cfg: ClassificationConfig,
     data: ClassificationData,
     seed: int,
     init_state: dict[str, torch.Tensor],

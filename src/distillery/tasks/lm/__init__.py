@@ -1,23 +1,17 @@
-"""Execute a language-model distillation run (``task: lm``).
+"""Language models (``task: lm``): causal LMs from Hugging Face ``transformers``, distilled token by token.
 
-Per seed: the tokenizer (trained on the training text, cached), the teacher LM (trained first and
-cached by config hash, or loaded), then the same student from the same initial weights trained as a
-plain SFT student (cross-entropy) and with the configured distillation terms, token by token, through
-the one training loop. Every term averages over the valid (unmasked) tokens of the global batch.
-
-Writes, like the classification runner::
-
-    <run_dir>/config.yaml, summary.json, report.md
-    <run_dir>/seed-<s>/<arm>/{metrics.jsonl, checkpoints/, model/ (save_pretrained + tokenizer), result.json}
+The data (tokenizer, training and test sequences) is prepared once for all seeds. Per seed: the
+teacher LM (trained first and cached by config hash, or loaded), then the same student from the
+same initial weights trained as a plain SFT student (cross-entropy) and with the configured
+distillation terms on the data regime of ``method`` (fixed data, teacher responses, on-policy or
+speculative samples, PACED weights), through the one training loop. Every term averages over the
+valid (unmasked) tokens of the global batch. Students are saved with ``save_pretrained`` (and the
+tokenizer) in ``<arm>/model/``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +22,20 @@ from torch import nn
 from distillery import functional as DF
 from distillery.data.text import TokenDataset, lm_datasets, split_austen
 from distillery.data.text.arithmetic import verify
-from distillery.data.text.collate import collate_prompts, special_ids
+from distillery.data.text.collate import special_ids
 from distillery.data.text.tokenizer import load_pretrained_tokenizer, tokenizer_differences
 from distillery.errors import ConfigError
-from distillery.lm.config import LMRunConfig
-from distillery.lm.models import build_causal_lm
+from distillery.eval.lm import lm_metrics, task_accuracy
+from distillery.generation import OnPolicyBatches, PacedBatches, SpeculativeBatches, sequence_level_pairs
 from distillery.losses import LOSSES, build_objective
 from distillery.losses.logit import CrossEntropyConfig
-from distillery.models import count_parameters
+from distillery.models.causal_lm import build_causal_lm
 from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
-from distillery.report import fmt, mean_std, paired_difference
-from distillery.runner import _write_atomic, start_run
-from distillery.teachers import FrozenTeacher, TeacherStore, config_hash
+from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
+from distillery.tasks.lm.config import LMRunConfig
+from distillery.teachers import FrozenTeacher
+from distillery.teachers.store import default_cache_root
 from distillery.train import fit
-
-BASELINE, DISTILLED = "baseline", "distilled"
-
 
 # ----------------------------------------------------------------------------------------------------
 # Data
@@ -81,140 +73,8 @@ def _cap(dataset: TokenDataset, limit: int | None) -> TokenDataset:
     return dataset
 
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def lm_metrics(
-    model: nn.Module,
-    dataset: TokenDataset,
-    batch_size: int,
-    device,
-    teacher: nn.Module | None = None,
-    vocab_size: int | None = None,
-) -> dict[str, float]:
-    """Per-token NLL and perplexity over the labelled tokens of ``dataset``; with ``teacher``, the
-    top-1 next-token agreement with it (percent)."""
-    adapter = HFCausalLMAdapter()
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens, agree = 0.0, 0, 0
-    try:
-        for start in range(0, len(dataset), batch_size):
-            batch = dataset.get_batch(torch.arange(start, min(start + batch_size, len(dataset))))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = adapter.forward(model, batch).logits.float()  # (B, T-1, V)
-            target, mask = adapter.rows(batch)
-            if vocab_size is not None:
-                logits = logits[..., :vocab_size]
-            total_nll += float(DF.cross_entropy(logits, target, mask=mask, reduction="sum"))
-            total_tokens += int(mask.sum())
-            if teacher is not None:
-                t_logits = adapter.forward(teacher, batch).logits.float()
-                if vocab_size is not None:
-                    t_logits = t_logits[..., :vocab_size]
-                agree += int((logits.argmax(-1) == t_logits.argmax(-1))[mask].sum())
-    finally:
-        model.train(was_training)
-    mean = total_nll / max(total_tokens, 1)
-    out = {"nll": mean, "perplexity": math.exp(min(mean, 50.0))}
-    if teacher is not None:
-        out["agreement"] = 100.0 * agree / max(total_tokens, 1)
-    return out
-
-
-@torch.no_grad()
-def task_accuracy(
-    model: nn.Module,
-    tokenizer,
-    pairs,
-    device,
-    max_new_tokens: int,
-    check: Callable[[str, str], bool],
-    batch_size: int = 64,
-) -> float:
-    """Exact-match accuracy (percent) of greedy completions of the task's test prompts, as judged by
-    ``check(prompt, completion_text)``."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            enc = collate_prompts([p.prompt for p in chunk], tokenizer)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            completions = tokenizer.batch_decode(
-                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False
-            )
-            correct += sum(check(p.prompt, c) for p, c in zip(chunk, completions))
-    finally:
-        model.train(was_training)
-    return 100.0 * correct / max(len(pairs), 1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Teacher
-# ----------------------------------------------------------------------------------------------------
-
-
-def obtain_teacher(cfg: LMRunConfig, data: dict, seed: int, acc, console: Console, progress: bool):
-    t = cfg.teacher
-    tokenizer = data["tokenizer"]
-    n_vocab = len(tokenizer)
-    if t.train is None:
-        return build_causal_lm(t.model, n_vocab, tokenizer), {
-            "source": t.model.pretrained,
-            "cached": False,
-            "seconds": 0.0,
-        }
-    key = config_hash(
-        {
-            "kind": "lm-teacher",
-            "model": t.model.model_dump(mode="json"),
-            "train": t.train.model_dump(mode="json"),
-            "data": cfg.data.model_dump(mode="json", exclude={"max_eval_blocks"}),
-            "seed": seed,
-        }
-    )
-    store = TeacherStore(t.cache_dir)
-    torch.manual_seed(1000 + seed)
-    model = build_causal_lm(t.model, n_vocab, tokenizer)
-    if t.cache and store.has(key):
-        store.load(key, model)
-        return model, {"source": str(store.path(key)), "cache_key": key, "cached": True, "seconds": 0.0}
-    t0 = time.perf_counter()
-    fit(
-        model,
-        data["train"],
-        build_objective({"ce": CrossEntropyConfig()}),
-        t.train,
-        adapter=HFCausalLMAdapter(),
-        seed=1000 + seed,
-        accelerator=acc,
-        progress=progress,
-        label=f"seed {seed} teacher",
-    )
-    seconds = time.perf_counter() - t0
-    info = {"cache_key": key, "cached": False, "seconds": seconds}
-    if t.cache and acc.is_main_process:
-        info["source"] = str(store.save(key, model, {"seed": seed, "seconds": seconds}))
-    acc.wait_for_everyone()
-    return model, info
-
-
-# ----------------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------------
-
-
 def method_data(cfg: LMRunConfig, data: dict, teacher: nn.Module, seed: int, console: Console):
     """``(training set, batch transform)`` of the distilled arm for ``cfg.method``."""
-    from distillery.generation import OnPolicyBatches, PacedBatches, SpeculativeBatches, sequence_level_pairs
-    from distillery.teachers.store import default_cache_root
-
     m, tokenizer = cfg.method, data["tokenizer"]
     pad_id, _, eos_id = special_ids(tokenizer)
     if m.name == "token":
@@ -332,254 +192,186 @@ def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module |
     )
 
 
-def run_lm(
-    cfg: LMRunConfig,
-    *,
-    resume: bool = False,
-    console: Console | None = None,
-    progress: bool = True,
-    accelerator=None,
-) -> dict[str, Any]:
-    """Execute an LM run config; returns the summary (also written to ``summary.json``)."""
-    import transformers
+# ----------------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------------
 
-    transformers.utils.logging.disable_progress_bar()  # our own progress display only
-    acc, console, progress, run_dir = start_run(cfg, resume, console, progress, accelerator)
-    main = acc.is_main_process
 
-    t_start = time.perf_counter()
-    data = prepare_data(cfg)
-    tokenizer = data["tokenizer"]
-    n_vocab = len(tokenizer)
-    special_ids(tokenizer)  # a clear error now if pad, bos or eos is missing
-    for note in check_model_tokenizers(cfg, tokenizer):
-        console.print(f"  note: {note}")
-    console.print(
-        f"[bold]{cfg.name}[/bold]: {cfg.data.name}, tokenizer {cfg.data.tokenizer.kind} ({n_vocab} tokens), "
-        f"{len(data['train'])} training / {len(data['test'])} test sequences of <= {cfg.data.seq_len} tokens "
-        f"({data['train'].num_targets():,} training targets) -> {run_dir}"
-    )
-    arms = ([BASELINE] if cfg.baseline is not None and cfg.baseline.enabled else []) + [DISTILLED]
-    results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
-    teachers: dict[int, dict] = {}
-    max_new = cfg.data.arithmetic.digits[1] + 2
+class LMTask(BaseTask):
+    config = LMRunConfig
+    metrics = (
+        Metric(
+            "perplexity", "perplexity", 2, higher_is_better=False,
+            doc="exp of the mean next-token NLL over the test tokens",
+        ),
+        Metric("nll", "NLL / token", 3, higher_is_better=False),
+        Metric(
+            "agreement", "agreement %", 1, paired=False, unit="%", doc="top-1 next-token agreement with the teacher"
+        ),
+        Metric(
+            "task_accuracy", "task accuracy %", 1, unit="%", doc="exact match of greedy answers to the test problems"
+        ),
+    )  # fmt: skip
 
-    def evaluate_with(teacher_model, vocab):
-        def evaluate(model: nn.Module) -> dict[str, float]:
-            out = lm_metrics(model, data["test"], cfg.eval.batch_size, acc.device, teacher_model, vocab)
-            if data["task"] is not None:
-                out["task_accuracy"] = task_accuracy(
-                    model, tokenizer, data["task"], acc.device, max_new, data["check"]
-                )
+    def __init__(self, cfg: LMRunConfig, context: RunContext) -> None:
+        import transformers
+
+        super().__init__(cfg, context)
+        transformers.utils.logging.disable_progress_bar()  # our own progress display only
+        self.data = prepare_data(cfg)
+        self.tokenizer = self.data["tokenizer"]
+        self.n_vocab = len(self.tokenizer)
+        special_ids(self.tokenizer)  # a clear error now if pad, bos or eos is missing
+        for note in check_model_tokenizers(cfg, self.tokenizer):
+            context.console.print(f"  note: {note}")
+        self.max_new = cfg.data.arithmetic.digits[1] + 2
+        self._chunk_plan: tuple[bool, str] | None = None
+
+    def prepare(self, seed: int) -> dict[str, Any]:
+        return {**self.data, "seed": seed}  # the same text for every seed
+
+    def describe(self, data: dict[str, Any]) -> str:
+        d = self.cfg.data
+        return (
+            f"data: {d.name}, tokenizer {d.tokenizer.kind} ({self.n_vocab} tokens), {len(data['train'])} training / "
+            f"{len(data['test'])} test sequences of <= {d.seq_len} tokens ({data['train'].num_targets():,} "
+            "training targets)"
+        )
+
+    def new_student(self, data: dict[str, Any]) -> nn.Module:
+        return build_causal_lm(self.cfg.student, self.n_vocab, self.tokenizer)
+
+    # ---- teacher ----------------------------------------------------------------------------------
+
+    def teacher(self, data: dict[str, Any]) -> TeacherSpec | None:
+        t = self.cfg.teacher
+        if t is None:
+            return None
+        if t.train is None:
+            return TeacherSpec(
+                load=lambda: (build_causal_lm(t.model, self.n_vocab, self.tokenizer), t.model.pretrained)
+            )
+        seed = data["seed"]
+
+        def build() -> nn.Module:
+            return build_causal_lm(t.model, self.n_vocab, self.tokenizer)
+
+        def train() -> nn.Module:
+            torch.manual_seed(1000 + seed)
+            model = build()
+            fit(
+                model,
+                data["train"],
+                build_objective({"ce": CrossEntropyConfig()}),
+                t.train,
+                adapter=HFCausalLMAdapter(),
+                seed=1000 + seed,
+                accelerator=self.context.accelerator,
+                progress=self.context.progress,
+                label=f"seed {seed} teacher",
+            )
+            return model
+
+        key = {
+            "kind": "lm-teacher",
+            "model": t.model.model_dump(mode="json"),
+            "train": t.train.model_dump(mode="json"),
+            "data": self.cfg.data.model_dump(mode="json", exclude={"max_eval_blocks"}),
+            "seed": seed,
+        }
+        return TeacherSpec(build=build, train=train, cache_key=key, cache=t.cache, cache_dir=t.cache_dir)
+
+    # ---- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(
+        self, model: nn.Module, data: dict[str, Any], split: str, teacher: nn.Module | None
+    ) -> dict[str, float]:
+        device = self.context.accelerator.device
+        out = lm_metrics(model, data[split], self.cfg.eval.batch_size, device, teacher, self.n_vocab)
+        if data["task"] is not None:
+            out["task_accuracy"] = task_accuracy(
+                model, self.tokenizer, data["task"], device, self.max_new, data["check"]
+            )
+        return out
+
+    # ---- arms -------------------------------------------------------------------------------------
+
+    def _chunked(self, student: nn.Module, teacher: nn.Module | None) -> bool:
+        """Whether the loss is computed chunk by chunk (decided once, from the first seed's models)."""
+        if self._chunk_plan is None:
+            self._chunk_plan = chunked_loss_plan(self.cfg, student, teacher)
+            self.context.console.print(f"  chunked loss: {self._chunk_plan[1]}")
+        return self._chunk_plan[0]
+
+    def arm(
+        self,
+        name: str,
+        data: dict[str, Any],
+        teacher: nn.Module | None,
+        init_state: dict[str, Any],
+        trained: dict[str, nn.Module],
+    ) -> ArmJob:
+        cfg = self.cfg
+        student = self.new_student(data)
+        student.load_state_dict(init_state)
+        chunked = self._chunked(student, teacher)
+        adapter = HFCausalLMAdapter(hidden_states=chunked)
+        train_set, transform = data["train"], None
+        if name == BASELINE:
+            objective = build_objective({"ce": CrossEntropyConfig()})
+            train_cfg, arm_teacher = cfg.baseline.train or cfg.train, None
+        else:
+            padded = teacher is not None and (
+                teacher.get_output_embeddings().weight.shape[0]
+                != student.get_output_embeddings().weight.shape[0]
+            )
+            objective = build_objective(_aligned_loss(cfg, self.n_vocab, padded))
+            train_cfg = cfg.train
+            arm_teacher = None if teacher is None else FrozenTeacher(teacher, adapter)
+            train_set, transform = method_data(cfg, data, teacher, data["seed"], self.context.console)
+        for term in objective.terms.values():
+            term.chunk_size = cfg.chunked_loss.chunk_size
+
+        def record(model: nn.Module, final: dict[str, float]) -> dict[str, Any]:
+            out: dict[str, Any] = {"chunked_loss": chunked}
+            if transform is not None:
+                out["sampling"] = transform.metrics()
             return out
 
-        return evaluate
-
-    for seed in cfg.seeds:
-        seed_dir = run_dir / f"seed-{seed}"
-        teacher = t_model = None
-        if cfg.teacher is not None:
-            t_model, t_info = obtain_teacher(cfg, data, seed, acc, console, progress)
-            t_model = t_model.to(acc.device)
-            t_info.update(metrics=evaluate_with(None, n_vocab)(t_model), params=count_parameters(t_model))
-            teachers[seed] = t_info
-            if main:
-                _write_atomic(seed_dir / "teacher.json", json.dumps(t_info, indent=2))
-            how = "cached" if t_info["cached"] else f"trained in {t_info['seconds']:.1f}s"
-            console.print(f"  seed {seed} teacher: perplexity {t_info['metrics']['perplexity']:.2f} ({how})")
-
-        torch.manual_seed(seed)
-        student0 = build_causal_lm(cfg.student, n_vocab, tokenizer)
-        chunked, why = chunked_loss_plan(cfg, student0, t_model)
-        if seed == cfg.seeds[0]:
-            console.print(f"  chunked loss: {why}")
-        adapter = HFCausalLMAdapter(hidden_states=chunked)
-        if t_model is not None:
-            teacher = FrozenTeacher(t_model, adapter)
-        init_state = {k: v.clone() for k, v in student0.state_dict().items()}
-        padded = (
-            t_model is not None
-            and t_model.get_output_embeddings().weight.shape[0]
-            != (student0.get_output_embeddings().weight.shape[0])
+        return ArmJob(
+            model=student,
+            train_set=train_set,
+            objective=objective,
+            train=train_cfg,
+            teacher=arm_teacher,
+            adapter=adapter,
+            evaluate=lambda model: self.evaluate(model, data, "test", teacher),
+            batch_transform=transform,
+            record=record,
         )
-        for arm in arms:
-            arm_dir = seed_dir / arm
-            done = arm_dir / "result.json"
-            if resume and done.is_file():
-                results[arm][seed] = json.loads(done.read_text())
-                console.print(f"  seed {seed} {arm}: already complete")
-                continue
-            train_set, transform = data["train"], None
-            if arm == BASELINE:
-                objective = build_objective({"ce": CrossEntropyConfig()})
-                train_cfg, arm_teacher = cfg.baseline.train or cfg.train, None
-            else:
-                objective = build_objective(_aligned_loss(cfg, n_vocab, padded))
-                train_cfg, arm_teacher = cfg.train, teacher
-                train_set, transform = method_data(cfg, data, t_model, seed, console)
-            for term in objective.terms.values():
-                term.chunk_size = cfg.chunked_loss.chunk_size
-            student = build_causal_lm(cfg.student, n_vocab, tokenizer)
-            student.load_state_dict(init_state)
-            fitted = fit(
-                student,
-                train_set,
-                objective,
-                train_cfg,
-                teacher=arm_teacher,
-                adapter=adapter,
-                seed=seed,
-                run_dir=arm_dir,
-                evaluate=evaluate_with(t_model, n_vocab),
-                resume=resume,
-                accelerator=acc,
-                progress=progress,
-                label=f"seed {seed} {arm}",
-                tensorboard=cfg.output.tensorboard,
-                batch_transform=transform,
-            )
-            final = fitted.history[-1] if fitted.history else {}
-            record = {
-                "seed": seed,
-                "arm": arm,
-                "metrics": {k: v for k, v in final.items() if k not in ("step", "epoch")},
-                "params": count_parameters(fitted.model),
-                "steps": fitted.steps,
-                "seconds": fitted.seconds,
-                "samples_per_second": fitted.samples_per_second,
-                "chunked_loss": chunked,
-                "history": fitted.history,
-            }
-            if transform is not None:
-                record["sampling"] = transform.metrics()
-            if main:
-                fitted.model.save_pretrained(arm_dir / "model")
-                tokenizer.save_pretrained(arm_dir / "model")
-                _write_atomic(done, json.dumps(record, indent=2))
-            results[arm][seed] = record
-            m = record["metrics"]
-            extra = f", task accuracy {m['task_accuracy']:.1f}%" if "task_accuracy" in m else ""
-            agree = f", agreement {m['agreement']:.1f}%" if "agreement" in m else ""
-            console.print(
-                f"  seed {seed} {arm}: perplexity {m['perplexity']:.2f}{agree}{extra} "
-                f"({fitted.seconds:.1f}s, {fitted.samples_per_second:,.1f} sequences/s)"
-            )
-    summary = summarize_lm(cfg, teachers, results, time.perf_counter() - t_start)
-    if main:
-        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-        _write_atomic(run_dir / "report.md", report_lm(cfg, summary))
-    print_lm(console, summary, run_dir)
-    summary["run_dir"] = str(run_dir)
-    return summary
 
+    # ---- saving -----------------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------------------------------
-# Summary
-# ----------------------------------------------------------------------------------------------------
+    def save(self, student: nn.Module, arm_dir: Path, data: dict[str, Any]) -> None:
+        """``save_pretrained`` of the student and the tokenizer in ``<arm>/model``."""
+        student.save_pretrained(arm_dir / "model")
+        self.tokenizer.save_pretrained(arm_dir / "model")
 
-LM_METRICS = ("perplexity", "nll", "agreement", "task_accuracy")
-LABELS = {"teacher": "teacher", BASELINE: "student SFT", DISTILLED: "student KD"}
+    def load(self, arm_dir: Path, data: dict[str, Any]) -> nn.Module:
+        from transformers import AutoModelForCausalLM
 
+        return AutoModelForCausalLM.from_pretrained(arm_dir / "model", dtype=torch.float32)
 
-def summarize_lm(cfg: LMRunConfig, teachers: dict, results: dict, seconds: float) -> dict[str, Any]:
-    models: dict[str, Any] = {}
-    groups = {"teacher": teachers, **results} if teachers else dict(results)
-    for key, by_seed in groups.items():
-        if not by_seed:
-            continue
-        records = list(by_seed.values())
-        models[key] = {
-            "label": LABELS[key],
-            **{
-                m: mean_std([r["metrics"][m] for r in records])
-                for m in LM_METRICS
-                if m in records[0]["metrics"]
-            },
-            "params": records[0]["params"],
-            "seconds": mean_std([r["seconds"] for r in records]),
-        }
-    paired = {}
-    if results.get(BASELINE) and results.get(DISTILLED):
-        for m in ("perplexity", "nll", "task_accuracy"):
-            if m in next(iter(results[DISTILLED].values()))["metrics"]:
-                paired[m] = paired_difference(
-                    {s: r["metrics"][m] for s, r in results[DISTILLED].items()},
-                    {s: r["metrics"][m] for s, r in results[BASELINE].items()},
-                )
-    return {"name": cfg.name, "seeds": cfg.seeds, "models": models, "paired_distilled_minus_baseline": paired,
-            "seconds": seconds}  # fmt: skip
+    def saved(self, arm_dir: Path) -> bool:
+        return (arm_dir / "model" / "config.json").is_file()
 
+    # ---- report -----------------------------------------------------------------------------------
 
-HEADERS = ["model", "perplexity", "NLL / token", "agreement %", "task accuracy %", "params", "time"]
+    def label(self, arm: str) -> str:
+        return {BASELINE: "student SFT", DISTILLED: "student KD"}.get(arm, arm)
 
-
-def _table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the summary table; the task-accuracy column only when the run has a task."""
-    with_task = any("task_accuracy" in m for m in summary["models"].values())
-    headers = [h for h in HEADERS if with_task or h != "task accuracy %"]
-    rows = []
-    for m in summary["models"].values():
-        row = [
-            m["label"],
-            fmt(m["perplexity"], 2),
-            fmt(m["nll"], 3),
-            fmt(m["agreement"], 1) if "agreement" in m else "-",
-            *([fmt(m["task_accuracy"], 1) if "task_accuracy" in m else "-"] if with_task else []),
-            f"{m['params']:,}",
-            fmt(m["seconds"], 1) + " s",
-        ]
-        rows.append(row)
-    return headers, rows
-
-
-def _paired_line(summary: dict) -> str | None:
-    p = summary["paired_distilled_minus_baseline"].get("perplexity")
-    if not p or p["n"] == 0:
-        return None
-    better = p["n"] - p["wins"]  # lower perplexity is better
-    return (
-        f"paired perplexity difference, KD - SFT student: {fmt(p, 2, signed=True)} over {p['n']} seed(s); "
-        f"KD better in {better}/{p['n']}"
-    )
-
-
-def print_lm(console: Console, summary: dict, run_dir: Path) -> None:
-    from rich.table import Table
-
-    table = Table(
-        title=f"{summary['name']}: mean ± std over {len(summary['seeds'])} seed(s)", title_justify="left"
-    )
-    headers, rows = _table(summary)
-    for h in headers:
-        table.add_column(h, justify="left" if h == "model" else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    line = _paired_line(summary)
-    if line:
-        console.print(f"[bold]{line}[/bold]")
-    console.print(f"total wall time {summary['seconds']:.1f}s; report: {run_dir / 'report.md'}")
-
-
-def report_lm(cfg: LMRunConfig, summary: dict) -> str:
-    terms = " + ".join(f"{k} (weight {v.weight:g})" for k, v in cfg.loss.items())
-    lines = [f"# {cfg.name}", ""]
-    if cfg.description:
-        lines += [cfg.description, ""]
-    lines += [
-        f"Mean ± standard deviation over seeds {cfg.seeds}, on the {cfg.data.name} test split.",
-        "",
-        "- **student SFT**: the student trained with cross-entropy on the training data.",
-        f"- **student KD**: the same student (same initial weights and steps) trained with {terms}.",
-        "- *perplexity*: exp of the mean next-token NLL over the test tokens; *agreement*: top-1 next-token "
-        "agreement with the teacher.",
-        "",
-    ]
-    headers, rows = _table(summary)
-    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    line = _paired_line(summary)
-    if line:
-        lines += ["", f"**{line[0].upper() + line[1:]}.**"]
-    lines += ["", f"Total wall time: {summary['seconds']:.1f} s. Resolved configuration: `config.yaml`.", ""]
-    return "\n".join(lines)
+    def description(self, arm: str) -> str:
+        if arm == BASELINE:
+            return "the student trained with cross-entropy on the training data"
+        terms = " + ".join(f"{k} (weight {v.weight:g})" for k, v in self.cfg.loss.items())
+        return f"the same student (same initial weights and steps) trained with {terms}"

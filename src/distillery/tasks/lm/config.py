@@ -4,38 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from distillery.config import BaselineConfig, OutputConfig, RunConfig
 from distillery.configbase import StrictModel
 from distillery.data.text.arithmetic import ArithmeticConfig
 from distillery.data.text.tokenizer import TokenizerConfig
-from distillery.losses import LOSSES, LossTermConfig
+from distillery.losses import LOSSES
+from distillery.models.causal_lm import CausalLMConfig
+from distillery.tasks.base import DistillationConfigBase, EvalConfig
 from distillery.train.config import TrainConfig
-
-
-class CausalLMConfig(StrictModel):
-    """A causal LM: a small Llama built from a config, or a pretrained model (hub id or directory)."""
-
-    name: Literal["causal_lm"] = "causal_lm"
-    pretrained: str | None = Field(
-        None,
-        description="AutoModelForCausalLM.from_pretrained source; the size fields below are then ignored",
-    )
-    hidden_size: int = Field(128, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    intermediate_size: int | None = Field(None, ge=1, description="MLP width (null: 3 x hidden_size)")
-    max_positions: int = Field(512, ge=8)
-    vocab_size: int | None = Field(
-        None, description="embedding rows (null: the tokenizer's size; larger: a padded vocabulary)"
-    )
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> CausalLMConfig:
-        if self.pretrained is None and self.hidden_size % self.heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of heads={self.heads}")
-        return self
 
 
 class LMDataConfig(StrictModel):
@@ -131,31 +108,22 @@ class ChunkedLossConfig(StrictModel):
     )
 
 
-class LMEvalConfig(StrictModel):
-    batch_size: int = Field(32, ge=1)
+class LMEvalConfig(EvalConfig):
+    batch_size: int = Field(32, ge=1, description="sequences per evaluation batch")
 
 
-class LMRunConfig(StrictModel):
+class LMRunConfig(DistillationConfigBase):
     """A language-model distillation run: token-level KD of a causal LM student from a teacher LM,
     against a paired SFT (cross-entropy) student."""
 
     task: Literal["lm"] = "lm"
     name: str = Field("lm-run", pattern=r"^[A-Za-z0-9_.-]+$")
-    description: str = ""
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     data: LMDataConfig = Field(default_factory=LMDataConfig)
     teacher: LMTeacherConfig | None = None
     student: CausalLMConfig = Field(default_factory=CausalLMConfig)
-    loss: dict[str, LossTermConfig] = Field(default_factory=lambda: {"ce": {"name": "ce"}}, min_length=1)
     method: LMMethodConfig = Field(default_factory=LMMethodConfig)
-    train: TrainConfig
-    baseline: BaselineConfig | None = None
     eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
     chunked_loss: ChunkedLossConfig = Field(default_factory=ChunkedLossConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
-
-    _name_from_key = field_validator("loss", mode="before")(RunConfig._name_from_key.__func__)
-    _merge_baseline_train = model_validator(mode="before")(RunConfig._merge_baseline_train.__func__)
 
     def _terms_without(self, capability: str) -> list[str]:
         """Labels of the loss terms whose module class lacks ``capability`` (a ClassVar flag)."""

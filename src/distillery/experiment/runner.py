@@ -1,0 +1,207 @@
+"""``distillery run``: one experiment runner for every task.
+
+For every seed: the task prepares the seed's data; the runner obtains the teacher once (trains it
+and caches it by config hash, or loads it), seeds torch with the run seed and builds the student's
+initial weights once, then trains every arm from those weights through :func:`distillery.train.fit`:
+the paired baseline first, then the distilled arm(s). Then it aggregates over seeds (mean +- std,
+paired differences) and writes the run directory::
+
+    <run_dir>/config.yaml            the resolved config, written first
+    <run_dir>/summary.json           every number of the report
+    <run_dir>/report.md              tables and the learning-curve plot
+    <run_dir>/learning_curves.png
+    <run_dir>/seed-<s>/teacher.json
+    <run_dir>/seed-<s>/<arm>/{metrics.jsonl, checkpoints/, result.json, the saved student}
+
+With ``resume``, finished arms (a ``result.json``) are kept and an interrupted arm continues from its
+last checkpoint. What differs between tasks (data, models, arms, metrics, how a student is saved) is
+asked of the task (:mod:`distillery.tasks.base`); the runner never branches on the task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from distillery.experiment.rundir import start_run, write_atomic
+from distillery.experiment.summary import print_summary, summarize, write_report
+from distillery.models import count_parameters
+from distillery.tasks import RunConfigBase, RunContext, Task, TeacherSpec, task_class
+from distillery.teachers import TeacherStore, config_hash
+from distillery.train import fit
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced: per-seed records and the aggregate written to ``summary.json``.
+
+    ``arms[arm][seed]`` and ``teachers[seed]`` are the records written to ``result.json`` and
+    ``teacher.json``; ``summary`` is ``summary.json``.
+    """
+
+    run_dir: Path
+    config: RunConfigBase
+    task: Any = None
+    teachers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    arms: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teacher
+# ----------------------------------------------------------------------------------------------------
+
+
+def obtain_teacher(spec: TeacherSpec, seed: int, context: RunContext) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher of ``spec``: loaded, reused from the cache, or trained now (and cached)."""
+    acc = context.accelerator
+    if spec.load is not None:
+        model, source = spec.load()
+        return model, {"source": source, "cached": False, "seconds": 0.0}
+    store = TeacherStore(spec.cache_dir)
+    key = config_hash(spec.cache_key)
+    if spec.cache and store.has(key):
+        model = spec.build()
+        store.load(key, model)
+        return model, {"source": str(store.path(key)), "cache_key": key, "cached": True, "seconds": 0.0}
+    t0 = time.perf_counter()
+    model = spec.train()
+    seconds = time.perf_counter() - t0
+    info = {"cache_key": key, "cached": False, "seconds": seconds}
+    if spec.cache and acc.is_main_process:
+        info["source"] = str(store.save(key, model, {"seed": seed, "seconds": seconds}))
+    acc.wait_for_everyone()
+    return model, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------
+
+
+def _metric_line(task: Task, metrics: dict[str, float]) -> str:
+    parts = [
+        f"{m.header.removesuffix(' %')} {metrics[m.key]:.{m.digits}f}{m.unit}"
+        for m in task.metrics
+        if m.key in metrics
+    ]
+    return ", ".join(parts)
+
+
+def run(
+    cfg: RunConfigBase,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+    progress: bool = True,
+    accelerator=None,
+) -> RunResult:
+    """Execute a run config of any task; see the module docstring for what it writes."""
+    context = start_run(cfg, resume, console, progress, accelerator)
+    acc, console, run_dir = context.accelerator, context.console, context.run_dir
+    main = acc.is_main_process
+    t_start = time.perf_counter()
+    task = task_class(cfg.task)(cfg, context)
+    arms = task.arms()
+    result = RunResult(run_dir=run_dir, config=cfg, task=task, arms={arm: {} for arm in arms})
+    console.print(f"[bold]{cfg.name}[/bold]: {len(cfg.seeds)} seed(s), arms: {', '.join(arms)} -> {run_dir}")
+
+    for i, seed in enumerate(cfg.seeds):
+        data = task.prepare(seed)
+        if i == 0:
+            console.print(f"  {task.describe(data)}")
+        seed_dir = run_dir / f"seed-{seed}"
+
+        # ---- teacher, once per seed --------------------------------------------------------------
+        teacher = None
+        spec = task.teacher(data)
+        if spec is not None:
+            teacher, info = obtain_teacher(spec, seed, context)
+            teacher = teacher.to(acc.device)
+            info.update(metrics=task.evaluate(teacher, data, "test", None), params=count_parameters(teacher))
+            result.teachers[seed] = info
+            if main:
+                write_atomic(seed_dir / "teacher.json", json.dumps(info, indent=2))
+            how = "cached" if info["cached"] else f"trained in {info['seconds']:.1f}s"
+            console.print(f"  seed {seed} teacher: {_metric_line(task, info['metrics'])} ({how})")
+
+        # ---- arms, all from the same initial weights ---------------------------------------------
+        torch.manual_seed(seed)
+        init_state = {k: v.clone() for k, v in task.new_student(data).state_dict().items()}
+        trained: dict[str, nn.Module] = {}  # arm -> exported student
+        records: dict[str, dict[str, Any]] = {}
+        for arm in arms:
+            arm_dir = seed_dir / arm
+            done = arm_dir / "result.json"
+            if resume and done.is_file():
+                records[arm] = json.loads(done.read_text())
+                trained[arm] = task.load(arm_dir, data)
+                console.print(f"  seed {seed} {arm}: already complete")
+                continue
+            job = task.arm(arm, data, teacher, init_state, trained)
+            fitted = fit(
+                job.model,
+                job.train_set,
+                job.objective,
+                job.train,
+                teacher=job.teacher,
+                adapter=job.adapter,
+                seed=seed,
+                run_dir=arm_dir,
+                evaluate=job.evaluate,
+                resume=resume,
+                accelerator=acc,
+                progress=context.progress,
+                label=f"seed {seed} {arm}",
+                tensorboard=cfg.output.tensorboard,
+                batch_transform=job.batch_transform,
+            )
+            student = job.export(fitted.model)
+            final = fitted.history[-1] if fitted.history else {}
+            record = {
+                "seed": seed,
+                "arm": arm,
+                "metrics": {k: v for k, v in final.items() if k not in ("step", "epoch") and "@" not in k},
+                "params": count_parameters(student),
+                "steps": fitted.steps,
+                "seconds": fitted.seconds,
+                "samples_per_second": fitted.samples_per_second,
+                "train_examples": len(job.train_set),
+                "history": fitted.history,
+            }
+            if job.record is not None:
+                record.update(job.record(fitted.model, final))
+            if main:
+                task.save(student, arm_dir, data)
+                if job.save_extra is not None:
+                    job.save_extra(fitted.model, arm_dir)
+                write_atomic(done, json.dumps(record, indent=2))
+            records[arm] = record
+            trained[arm] = student
+            console.print(
+                f"  seed {seed} {arm}: {_metric_line(task, record['metrics'])} "
+                f"({fitted.seconds:.1f}s, {fitted.samples_per_second:,.0f} examples/s)"
+            )
+            for line in task.arm_lines(record):
+                console.print(line)
+        for arm, record in task.combined_arms(data, trained, records).items():
+            records[arm] = {"seed": seed, "arm": arm, **record}
+            result.arms.setdefault(arm, {})
+            console.print(f"  seed {seed} {task.label(arm)}: {_metric_line(task, record['metrics'])}")
+        for arm, record in records.items():
+            result.arms[arm][seed] = record
+
+    result.seconds = time.perf_counter() - t_start
+    result.summary = summarize(result)
+    if main:
+        write_report(result)
+    print_summary(result, console)
+    return result

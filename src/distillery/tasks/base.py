@@ -1,0 +1,356 @@
+"""The task protocol: what one kind of work brings to the experiment runner.
+
+The runner (:mod:`distillery.experiment`) knows nothing about classifiers or language models. It
+owns the run folder, the loop over seeds and arms, the teacher cache, training through
+:func:`distillery.train.fit`, the records, the summary and the report. A *task* supplies the rest.
+It is a class with these members; the runner calls them in this order for each seed:
+
+=============================================  =====================================================
+member                                         what it gives the runner
+=============================================  =====================================================
+``config``, ``metrics`` (class attributes)     the pydantic model of its run config; the metric
+                                               columns of its summary (:class:`Metric`), headline
+                                               first; ``dataset``: the data's name for the report
+``__init__(cfg, context)``                     anything shared by every seed (a tokenizer, ...);
+                                               ``context`` is a :class:`RunContext`
+``arms()``                                     the trained arms in order, the paired baseline first
+``prepare(seed) -> data``                      the seed's data: splits drawn for that seed (any object)
+``describe(data) -> str``                      one line about the data, printed once
+``teacher(data) -> TeacherSpec | None``        how the seed's teacher is obtained (trained and
+                                               cached by the runner, or loaded); None: no teacher
+``new_student(data) -> nn.Module``             a freshly initialised student; the runner seeds torch
+                                               with the run seed first, and every arm starts from
+                                               these initial weights
+``arm(name, data, teacher, init, trained)``    an :class:`ArmJob`: what :func:`fit` trains for the arm
+``evaluate(model, data, split, teacher)``      metrics of a model (a student or the teacher) on the
+                                               ``"validation"`` or ``"test"`` split
+``save(student, arm_dir, data)`` /             the exported student on disk, and back; whether an
+``load(arm_dir, data)`` / ``saved(arm_dir)``     arm folder holds one
+``combined_arms(data, trained, records)``      records of arms built from trained ones (an ensemble
+                                               of generations); ``{}`` for most tasks
+``label(arm)``, ``description(arm)``           how the report names an arm and says how it trained
+``sections(summary)``, ``arm_lines(record)``   extra report tables (per-exit results, ...) and console
+                                               lines under an arm's result
+=============================================  =====================================================
+
+:class:`BaseTask` implements the optional members with defaults, so a new task writes its config,
+its metrics, ``prepare``, ``teacher``, ``new_student``, ``arm`` and ``evaluate``. Tasks are named
+in configs by ``task:`` from the table in :mod:`distillery.tasks`; adding one is one module and
+one row there.
+
+Every task's config extends :class:`RunConfigBase` (name, seeds, training, the paired baseline,
+evaluation, output), so the runner can read those fields whatever the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from pydantic import Field, field_validator, model_validator
+from rich.console import Console
+from torch import nn
+
+from distillery.configbase import StrictModel
+from distillery.losses import LossTermConfig, Objective
+from distillery.train.config import TrainConfig
+
+BASELINE = "baseline"
+DISTILLED = "distilled"
+
+# ----------------------------------------------------------------------------------------------------
+# Config fields every task shares
+# ----------------------------------------------------------------------------------------------------
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``: mappings merge key by key, other values replace."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class BaselineConfig(StrictModel):
+    """A paired control: the same student, same seeds, splits and initial weights, trained with
+    cross-entropy on the labelled data only."""
+
+    enabled: bool = True
+    train: TrainConfig | None = Field(
+        None, description="training settings, merged over the run's `train` section (e.g. another batch size)"
+    )
+
+
+class EvalConfig(StrictModel):
+    batch_size: int = Field(1024, ge=1, description="examples per evaluation batch")
+
+
+class OutputConfig(StrictModel):
+    root: str = Field("runs", description="run directories are created under root/<name>/<timestamp>")
+    dir: str | None = Field(None, description="exact run directory (overrides root)")
+    tensorboard: bool | None = Field(
+        None, description="TensorBoard logs (null: when tensorboard is installed)"
+    )
+
+
+class RunConfigBase(StrictModel):
+    """What every run has, whatever its task."""
+
+    task: str
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train: TrainConfig
+    baseline: BaselineConfig | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_baseline_train(cls, data: Any) -> Any:
+        """``baseline.train`` holds only what differs from ``train``: merge it over ``train``."""
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("baseline"), dict)
+            and isinstance(data.get("train"), dict)
+        ):
+            base = dict(data["baseline"])
+            base["train"] = deep_merge(data["train"], base.get("train") or {})
+            data = {**data, "baseline": base}
+        return data
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct; got {seeds}")
+        return seeds
+
+    def baseline_enabled(self) -> bool:
+        return self.baseline is not None and self.baseline.enabled
+
+
+class DistillationConfigBase(RunConfigBase):
+    """A run whose objective is a named set of loss terms (``loss:``)."""
+
+    loss: dict[str, LossTermConfig] = Field(default_factory=lambda: {"ce": {"name": "ce"}}, min_length=1)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _name_from_key(cls, value: Any) -> Any:
+        """``loss: {kd: {temperature: 4}}`` means a term of type kd; ``{hi: {name: forward_kl}}`` labels it."""
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, spec in value.items():
+            spec = {} if spec is None else spec
+            if isinstance(spec, dict) and "name" not in spec:
+                spec = {**spec, "name": key}
+            out[key] = spec
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a task hands the runner
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One column of a task's summary.
+
+    ``paired``: reported as a paired difference to the baseline; ``higher_is_better`` decides which
+    seeds count as wins; ``unit`` follows values in one-line summaries (``%``); ``doc`` explains the
+    column under the report's table.
+    """
+
+    key: str
+    header: str
+    digits: int = 2
+    higher_is_better: bool = True
+    paired: bool = True
+    unit: str = ""
+    doc: str = ""
+
+
+@dataclass
+class RunContext:
+    """What the runner shares with a task: the accelerator, the console (quiet on all but the main
+    process), whether to show progress bars, and the run folder."""
+
+    accelerator: Any
+    console: Console
+    progress: bool
+    run_dir: Path
+
+
+@dataclass
+class TeacherSpec:
+    """How the runner obtains one seed's teacher.
+
+    Give ``load`` (a checkpoint or a pretrained model: returns the module and where it came from), or
+    ``train`` (trains and returns the module) with ``build`` (the untrained architecture, to load
+    cached weights into) and ``cache_key`` (a JSON-serialisable description of everything that
+    determines the trained teacher; the runner hashes it with the training-code version).
+    """
+
+    build: Callable[[], nn.Module] | None = None
+    train: Callable[[], nn.Module] | None = None
+    load: Callable[[], tuple[nn.Module, str]] | None = None
+    cache_key: dict[str, Any] | None = None
+    cache: bool = True
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.load is None) == (self.train is None):
+            raise ValueError("a TeacherSpec needs exactly one of load or train")
+        if self.train is not None and (self.build is None or self.cache_key is None):
+            raise ValueError("a trained TeacherSpec needs build (for the cache) and cache_key")
+
+
+def _identity(model: nn.Module) -> nn.Module:
+    return model
+
+
+@dataclass
+class ArmJob:
+    """What the runner trains for one arm of one seed, through :func:`distillery.train.fit`.
+
+    ``evaluate(model) -> metrics`` runs on the evaluation schedule during training; ``export``
+    turns the trained module into the student that is saved (peer 0, exits removed); ``record``
+    adds task-specific fields to the arm's ``result.json`` (given the trained module and the final
+    metrics); ``save_extra`` writes files beside the student (given the trained module and the arm
+    folder).
+    """
+
+    model: nn.Module
+    train_set: Any
+    objective: Objective
+    train: TrainConfig
+    teacher: Any = None
+    adapter: Any = None
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    batch_transform: Callable | None = None
+    export: Callable[[nn.Module], nn.Module] = _identity
+    record: Callable[[nn.Module, dict[str, float]], dict[str, Any]] | None = None
+    save_extra: Callable[[nn.Module, Path], None] | None = None
+
+
+@dataclass
+class Section:
+    """An extra table of the report: a title, headers and rows of text cells."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+
+class Task(Protocol):
+    """See the module docstring for what each member gives the runner."""
+
+    config: ClassVar[type[RunConfigBase]]
+    metrics: ClassVar[tuple[Metric, ...]]
+    dataset: str
+
+    def __init__(self, cfg: Any, context: RunContext) -> None: ...
+
+    def arms(self) -> list[str]: ...
+
+    def prepare(self, seed: int) -> Any: ...
+
+    def describe(self, data: Any) -> str: ...
+
+    def teacher(self, data: Any) -> TeacherSpec | None: ...
+
+    def new_student(self, data: Any) -> nn.Module: ...
+
+    def arm(
+        self,
+        name: str,
+        data: Any,
+        teacher: nn.Module | None,
+        init_state: dict[str, Any],
+        trained: dict[str, nn.Module],
+    ) -> ArmJob: ...
+
+    def evaluate(
+        self, model: nn.Module, data: Any, split: str, teacher: nn.Module | None
+    ) -> dict[str, float]: ...
+
+    def save(self, student: nn.Module, arm_dir: Path, data: Any) -> None: ...
+
+    def load(self, arm_dir: Path, data: Any) -> nn.Module: ...
+
+    def saved(self, arm_dir: Path) -> bool: ...
+
+    def combined_arms(
+        self, data: Any, trained: dict[str, nn.Module], records: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]: ...
+
+    def label(self, arm: str) -> str: ...
+
+    def description(self, arm: str) -> str: ...
+
+    def sections(self, summary: dict[str, Any]) -> list[Section]: ...
+
+    def arm_lines(self, record: dict[str, Any]) -> list[str]: ...
+
+
+class BaseTask:
+    """Defaults for the optional members of the task protocol."""
+
+    STUDENT_FILE = "student.safetensors"
+
+    def __init__(self, cfg: Any, context: RunContext) -> None:
+        self.cfg = cfg
+        self.context = context
+        data = getattr(cfg, "data", None)
+        self.dataset = str(getattr(data, "name", ""))
+
+    def arms(self) -> list[str]:
+        return ([BASELINE] if self.cfg.baseline_enabled() else []) + [DISTILLED]
+
+    def describe(self, data: Any) -> str:
+        return str(data)
+
+    def teacher(self, data: Any) -> TeacherSpec | None:
+        return None
+
+    def save(self, student: nn.Module, arm_dir: Path, data: Any) -> None:
+        """The student's weights as ``student.safetensors`` (written to a temporary file, then renamed)."""
+        from safetensors.torch import save_model
+
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        tmp = arm_dir / f".{self.STUDENT_FILE}.tmp"
+        save_model(student, str(tmp))
+        tmp.replace(arm_dir / self.STUDENT_FILE)
+
+    def load(self, arm_dir: Path, data: Any) -> nn.Module:
+        from safetensors.torch import load_model
+
+        model = self.new_student(data)
+        load_model(model, str(arm_dir / self.STUDENT_FILE))
+        return model
+
+    def saved(self, arm_dir: Path) -> bool:
+        """Whether ``arm_dir`` holds a saved student."""
+        return (arm_dir / self.STUDENT_FILE).is_file()
+
+    def combined_arms(
+        self, data: Any, trained: dict[str, nn.Module], records: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def label(self, arm: str) -> str:
+        return {BASELINE: "student CE", DISTILLED: "student KD"}.get(arm, arm)
+
+    def description(self, arm: str) -> str:
+        return ""
+
+    def sections(self, summary: dict[str, Any]) -> list[Section]:
+        return []
+
+    def arm_lines(self, record: dict[str, Any]) -> list[str]:
+        return []

@@ -1,0 +1,370 @@
+"""Classification (``task: classification``, the default task): a student classifier distilled from a
+teacher, or from itself, on image datasets.
+
+Per seed: the labelled, transfer and test splits drawn for that seed; the teacher (a trained network,
+cached, or a checkpoint) for the ``frozen`` source; one student initialisation shared by every arm;
+the arms are the cross-entropy baseline and the distilled student, or the born-again generations
+(plus their ensemble) for the ``snapshot`` source. How each teacher source sets up an arm is in
+:mod:`distillery.tasks.classification.arms`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from distillery.data import ClassificationData, load_classification_data
+from distillery.eval import classification_metrics, predict_logits
+from distillery.losses import build_objective
+from distillery.losses.logit import CrossEntropyConfig
+from distillery.models import ClassifierAdapter, Ensemble, build_model, count_parameters
+from distillery.report import fmt
+from distillery.tasks.base import (
+    BASELINE,
+    DISTILLED,
+    ArmJob,
+    BaseTask,
+    Metric,
+    RunContext,
+    Section,
+    TeacherSpec,
+)
+from distillery.tasks.classification.arms import ArmSetup, build_arm
+from distillery.tasks.classification.config import ClassificationConfig
+from distillery.teachers import CachedTeacher, FrozenTeacher
+from distillery.train import fit
+
+ENSEMBLE = "ensemble"
+LATENCY_BATCH = 256
+
+SOURCE_LABELS = {
+    "frozen": "student KD",
+    "ema": "student, mean teacher",
+    "random": "student, random teacher",
+    "past_predictions": "student PS-KD",
+    "peers": "student DML (peer 1)",
+    "exits": "student multi-exit (final)",
+}
+SOURCE_HOW = {
+    None: "no teacher",
+    "frozen": "the trained teacher",
+    "ema": "an exponential moving average of its own weights as teacher",
+    "random": "a frozen random copy of itself as teacher",
+    "past_predictions": "its own previous-epoch predictions mixed with the labels as targets",
+    "peers": "peers trained together, each taught by the others' mean prediction",
+    "exits": "auxiliary exits taught by its deepest exit",
+}
+MEMBER_HEADERS = ["output", "accuracy %", "ECE %", "params", "latency ms (batch of 256)"]
+
+
+def teacher_cache_key(cfg: ClassificationConfig, seed: int) -> dict[str, Any]:
+    """Everything that determines a trained `frozen` teacher (the runner hashes it)."""
+    t = cfg.teacher
+    data = cfg.data.model_dump(mode="json", include={"name", "labelled", "test", "split_seed"})
+    if cfg.data.label_noise is not None and cfg.data.label_noise.rate > 0:  # absent: clean keys unchanged
+        data["label_noise"] = cfg.data.label_noise.model_dump(mode="json")
+    return {
+        "kind": "classifier-teacher",
+        "model": t.model.model_dump(mode="json"),
+        "ensemble": t.ensemble,
+        "train": t.train.model_dump(mode="json"),
+        "data": data,
+        "seed": seed,
+    }
+
+
+class SeedData:
+    """One seed's splits, and what the task derives from them once (the teacher's outputs)."""
+
+    def __init__(self, seed: int, splits: ClassificationData) -> None:
+        self.seed = seed
+        self.splits = splits
+        self.frozen_teacher: Any = None  # the Teacher of the `frozen` source, built once per seed
+        self.teacher_test_logits: torch.Tensor | None = None
+
+
+class ClassificationTask(BaseTask):
+    config = ClassificationConfig
+    metrics = (
+        Metric("accuracy", "accuracy %", 2, unit="%"),
+        Metric("ece", "ECE %", 2, higher_is_better=False, unit="%"),
+        Metric("nll", "NLL", 3, higher_is_better=False),
+        Metric("agreement", "agreement %", 1, paired=False, unit="%", doc="top-1 agreement with the teacher"),
+    )
+
+    def __init__(self, cfg: ClassificationConfig, context: RunContext) -> None:
+        super().__init__(cfg, context)
+        self.source = None if cfg.teacher is None else cfg.teacher.source
+        self.adapter = ClassifierAdapter()
+
+    # ---- data and models --------------------------------------------------------------------------
+
+    def arms(self) -> list[str]:
+        arms = [BASELINE] if self.cfg.baseline_enabled() else []
+        if self.source == "snapshot":
+            return arms + [f"gen-{k}" for k in range(1, self.cfg.teacher.generations + 1)]
+        return [*arms, DISTILLED]
+
+    def prepare(self, seed: int) -> SeedData:
+        return SeedData(seed, load_classification_data(self.cfg.data, seed))
+
+    def describe(self, data: SeedData) -> str:
+        return f"data: {data.splits.describe()}"
+
+    def _build(self, model_cfg, data: SeedData) -> nn.Module:
+        return build_model(model_cfg, data.splits.input_shape, data.splits.num_classes)
+
+    def new_student(self, data: SeedData) -> nn.Module:
+        return self._build(self.cfg.student, data)
+
+    # ---- teacher ----------------------------------------------------------------------------------
+
+    def teacher(self, data: SeedData) -> TeacherSpec | None:
+        if self.source != "frozen":
+            return None
+        t, seed = self.cfg.teacher, data.seed
+        if t.checkpoint is not None:
+
+            def load() -> tuple[nn.Module, str]:
+                from distillery.errors import ConfigError
+
+                path = Path(t.checkpoint)
+                if not path.is_file():
+                    raise ConfigError(f"teacher.checkpoint {path} does not exist")
+                model = self._build(t.model, data)
+                load_model(model, str(path))
+                return model, str(path)
+
+            return TeacherSpec(load=load)
+
+        def build() -> nn.Module:
+            return Ensemble([self._build(t.model, data) for _ in range(t.ensemble)])
+
+        def train() -> nn.Module:
+            objective = build_objective({"ce": CrossEntropyConfig()})
+            members = []
+            for k in range(t.ensemble):
+                member_seed = 1000 + 100 * seed + k
+                torch.manual_seed(member_seed)
+                member = self._build(t.model, data)
+                fit(
+                    member,
+                    data.splits.labelled,
+                    objective,
+                    t.train,
+                    seed=member_seed,
+                    accelerator=self.context.accelerator,
+                    progress=self.context.progress,
+                    label=f"seed {seed} teacher {k + 1}/{t.ensemble}",
+                )
+                members.append(member)
+            return Ensemble(members)
+
+        return TeacherSpec(
+            build=build,
+            train=train,
+            cache_key=teacher_cache_key(self.cfg, seed),
+            cache=t.cache,
+            cache_dir=t.cache_dir,
+        )
+
+    def _frozen_teacher(self, data: SeedData, module: nn.Module):
+        """The seed's teacher for the `frozen` source: built once (outputs precomputed when allowed)."""
+        if data.frozen_teacher is None:
+            teacher = FrozenTeacher(module, self.adapter)
+            if self.cfg.teacher_precomputed():
+                teacher = CachedTeacher.precompute(
+                    teacher, data.splits.distillation_set(), self.cfg.eval.batch_size
+                )
+            data.frozen_teacher = teacher
+        return data.frozen_teacher
+
+    # ---- evaluation -------------------------------------------------------------------------------
+
+    def _split(self, data: SeedData, split: str):
+        return {"test": data.splits.test}[split]
+
+    def _teacher_logits(self, data: SeedData, teacher: nn.Module | None) -> torch.Tensor | None:
+        if teacher is None:
+            return None
+        if data.teacher_test_logits is None:
+            data.teacher_test_logits = predict_logits(
+                teacher, data.splits.test, self.adapter, self.cfg.eval.batch_size, self._device()
+            )
+        return data.teacher_test_logits
+
+    def _device(self):
+        return self.context.accelerator.device
+
+    def evaluate(
+        self, model: nn.Module, data: SeedData, split: str, teacher: nn.Module | None
+    ) -> dict[str, float]:
+        logits = predict_logits(
+            model, self._split(data, split), self.adapter, self.cfg.eval.batch_size, self._device()
+        )
+        return classification_metrics(
+            logits, data.splits.test.y, self._teacher_logits(data, teacher), self.cfg.eval.ece_bins
+        )
+
+    def _evaluator(self, data: SeedData, setup: ArmSetup, teacher: nn.Module | None):
+        """``evaluate(model) -> metrics`` on the test split. Stacked models (exits, peers) report their
+        main output under the usual names and every output as ``accuracy@<name>``, ``ece@<name>``."""
+        cfg, test = self.cfg, data.splits.test
+
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            teacher_logits = self._teacher_logits(data, teacher)
+            logits = predict_logits(model, test, setup.adapter, cfg.eval.batch_size, self._device())
+            if not setup.members:
+                return classification_metrics(logits, test.y, teacher_logits, cfg.eval.ece_bins)
+            out = classification_metrics(logits[setup.main_member], test.y, teacher_logits, cfg.eval.ece_bins)
+            for name, member_logits in zip(setup.members, logits):
+                m = classification_metrics(member_logits, test.y, None, cfg.eval.ece_bins)
+                out.update(
+                    {f"accuracy@{name}": m["accuracy"], f"ece@{name}": m["ece"], f"nll@{name}": m["nll"]}
+                )
+            return out
+
+        return evaluate
+
+    def _member_records(self, setup: ArmSetup, data: SeedData):
+        """Per-output results of a stacked model: metrics, and for exits parameters and latency."""
+
+        def record(model: nn.Module, final: dict[str, float]) -> dict[str, Any]:
+            out = {name: {m: final[f"{m}@{name}"] for m in ("accuracy", "ece", "nll") if f"{m}@{name}" in final}
+                   for name in setup.members}  # fmt: skip
+            if hasattr(model, "parameter_counts"):
+                x = data.splits.test.x[:LATENCY_BATCH].to(self._device())
+                params, latency = model.parameter_counts(), model.latency(x, repeats=10)
+                for name in setup.members:
+                    out[name]["params"] = params[name]
+                    out[name]["latency_ms"] = 1000.0 * latency[name]
+            return {"members": out}
+
+        return record
+
+    # ---- arms -------------------------------------------------------------------------------------
+
+    def arm(
+        self,
+        name: str,
+        data: SeedData,
+        teacher: nn.Module | None,
+        init_state: dict[str, Any],
+        trained: dict[str, nn.Module],
+    ) -> ArmJob:
+        cfg, splits = self.cfg, data.splits
+        if name == BASELINE:
+            objective = build_objective({"ce": CrossEntropyConfig()})
+            train_set, train_cfg = splits.labelled, cfg.baseline.train or cfg.train
+            setup = build_arm(
+                cfg, splits, data.seed, init_state, train_cfg, len(train_set), None, baseline=True
+            )
+        else:
+            objective = build_objective(cfg.loss)
+            train_set = splits.distillation_set() if len(splits.transfer) else splits.labelled
+            train_cfg = cfg.train
+            arm_teacher = None
+            if self.source == "frozen":
+                arm_teacher = self._frozen_teacher(data, teacher)
+            elif self.source == "snapshot":  # generation k learns from generation k-1 (0: the CE student)
+                k = int(name.removeprefix("gen-"))
+                previous = trained[BASELINE if k == 1 else f"gen-{k - 1}"]
+                arm_teacher = FrozenTeacher(copy.deepcopy(previous), self.adapter)
+            setup = build_arm(cfg, splits, data.seed, init_state, train_cfg, len(train_set), arm_teacher)
+        job = ArmJob(
+            model=setup.model,
+            train_set=train_set,
+            objective=objective,
+            train=train_cfg,
+            teacher=setup.teacher,
+            adapter=setup.adapter,
+            evaluate=self._evaluator(data, setup, teacher),
+            export=setup.export,
+        )
+        if setup.members:
+            job.record = self._member_records(setup, data)
+            job.save_extra = _save_stacked
+        return job
+
+    def combined_arms(
+        self, data: SeedData, trained: dict[str, nn.Module], records: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        """Born-again: the ensemble of generations 1..N, when asked for."""
+        t = self.cfg.teacher
+        if self.source != "snapshot" or not t.ensemble_eval or t.generations < 2:
+            return {}
+        gens = [f"gen-{k}" for k in range(1, t.generations + 1)]
+        members = [trained[g] for g in gens]
+        logits = predict_logits(
+            Ensemble(members), data.splits.test, self.adapter, self.cfg.eval.batch_size, self._device()
+        )
+        return {
+            ENSEMBLE: {
+                "metrics": classification_metrics(logits, data.splits.test.y, None, self.cfg.eval.ece_bins),
+                "params": sum(count_parameters(m) for m in members),
+                "seconds": sum(records[g]["seconds"] for g in gens),
+                "train_examples": records[gens[-1]]["train_examples"],
+                "history": [],
+            }
+        }
+
+    # ---- report -----------------------------------------------------------------------------------
+
+    def label(self, arm: str) -> str:
+        if arm == BASELINE:
+            return "student CE"
+        if arm == ENSEMBLE:
+            return f"ensemble of generations 1-{self.cfg.teacher.generations}"
+        if arm.startswith("gen-"):
+            return f"born-again generation {arm.removeprefix('gen-')}"
+        if self.source is None:
+            return "student (" + " + ".join(self.cfg.loss) + ")"
+        return SOURCE_LABELS[self.source]
+
+    def description(self, arm: str) -> str:
+        cfg = self.cfg
+        terms = " + ".join(f"{k} (weight {v.weight:g})" for k, v in cfg.loss.items())
+        data = "on the labelled split" + (" plus the transfer set" if cfg.data.transfer else "")
+        if arm == BASELINE:
+            return "the student trained with cross-entropy on the labelled split only (same seeds, splits, initial weights)"
+        if arm == ENSEMBLE:
+            return "the mean probability of the born-again generations"
+        if arm.startswith("gen-"):
+            k = int(arm.removeprefix("gen-"))
+            return f"a fresh student trained with {terms} {data}, taught by generation {k - 1} (0 = the CE student)"
+        return f"the student trained with {terms} {data}; {SOURCE_HOW[self.source]}"
+
+    def sections(self, summary: dict[str, Any]) -> list[Section]:
+        """Per-exit / per-peer tables."""
+        out = []
+        for m in summary["models"].values():
+            if "members" not in m:
+                continue
+            rows = []
+            for name, r in m["members"].items():
+                row = [name, fmt(r["accuracy"]), fmt(r["ece"])]
+                if "params" in r:
+                    row += [f"{r['params']['mean']:,.0f}", fmt(r["latency_ms"], 3)]
+                rows.append(row)
+            out.append(Section(f"{m['label']}: every output", MEMBER_HEADERS[: len(rows[0])], rows))
+        return out
+
+    def arm_lines(self, record: dict[str, Any]) -> list[str]:
+        """Extra console lines under an arm's result: each output of a stacked student."""
+        lines = []
+        for name, r in record.get("members", {}).items():
+            extra = f", {r['params']:,} params, {r['latency_ms']:.2f} ms" if "params" in r else ""
+            lines.append(f"    {name}: accuracy {r['accuracy']:.2f}%, ECE {r['ece']:.2f}%{extra}")
+        return lines
+
+
+def _save_stacked(model: nn.Module, arm_dir: Path) -> None:
+    """The stacked model (exit heads or all peers) beside the exported student."""
+    tmp = arm_dir / ".stacked.safetensors.tmp"
+    save_model(model, str(tmp))
+    tmp.replace(arm_dir / "stacked.safetensors")

@@ -1,0 +1,197 @@
+"""The config of a classification run: data, teacher sources, student, loss terms, evaluation."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from distillery.configbase import StrictModel
+from distillery.data import ImageDataConfig
+from distillery.losses import LOSSES
+from distillery.models import ModelConfig
+from distillery.models.exits import ExitConfig
+from distillery.tasks.base import DistillationConfigBase, EvalConfig
+from distillery.train.config import TrainConfig
+
+
+class FrozenTeacherConfig(StrictModel):
+    """A fixed teacher: trained first by this run (and cached), or loaded from a checkpoint."""
+
+    source: Literal["frozen"] = "frozen"
+    model: ModelConfig | None = Field(
+        None, description="teacher architecture (to train, or for the checkpoint)"
+    )
+    ensemble: int = Field(1, ge=1, description="train this many members and average their probabilities")
+    train: TrainConfig | None = Field(
+        None,
+        description="train the teacher on the labelled split first (reused from the cache by config hash)",
+    )
+    checkpoint: str | None = Field(None, description="safetensors weights of `model`")
+    precompute: bool | None = Field(
+        None,
+        description="compute teacher outputs once per training example (null: whenever the student's "
+        "training has no augmentation)",
+    )
+    cache: bool = Field(True, description="reuse a teacher trained earlier with the same settings")
+    cache_dir: str | None = Field(None, description="teacher cache (default: ~/.cache/distillery/teachers)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FrozenTeacherConfig:
+        given = [k for k in ("train", "checkpoint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "conflicting fields: give exactly one of teacher.train (train it first) or teacher.checkpoint "
+                f"(load weights); got {', '.join(given) or 'neither'}"
+            )
+        if self.model is None:
+            raise ValueError(f"conflicting fields: teacher.{given[0]} needs teacher.model (the architecture)")
+        if self.ensemble > 1 and self.checkpoint is not None:
+            raise ValueError(
+                "conflicting fields: teacher.ensemble > 1 needs teacher.train (members are trained)"
+            )
+        return self
+
+
+class EMATeacherConfig(StrictModel):
+    """Mean teacher: an exponential moving average of the student's weights (and float buffers)."""
+
+    source: Literal["ema"] = "ema"
+    momentum: float = Field(
+        0.99, ge=0.0, le=1.0, description="EMA momentum (weight the teacher keeps per step)"
+    )
+    momentum_end: float | None = Field(
+        None, ge=0.0, le=1.0, description="cosine-ramp the momentum to this value over training (BYOL/DINO)"
+    )
+
+
+class RandomTeacherConfig(StrictModel):
+    """A frozen, randomly initialised copy of the student ("Random Teachers are Good Teachers")."""
+
+    source: Literal["random"] = "random"
+    init_seed_offset: int = Field(
+        10_000, description="the teacher is initialised with seed + offset (the student with seed)"
+    )
+
+
+class PastPredictionsTeacherConfig(StrictModel):
+    """PS-KD: targets mix the labels with the student's own predictions from the previous epoch."""
+
+    source: Literal["past_predictions"] = "past_predictions"
+    alpha_T: float = Field(0.8, ge=0.0, le=1.0, description="final weight of the past predictions")
+
+
+class SnapshotTeacherConfig(StrictModel):
+    """Born-again networks: generation k+1 (a fresh student) learns from generation k; generation 0 is
+    the cross-entropy baseline."""
+
+    source: Literal["snapshot"] = "snapshot"
+    generations: int = Field(3, ge=1, description="distilled generations after the CE generation 0")
+    ensemble_eval: bool = Field(True, description="also report the ensemble of generations 1..N")
+
+
+class PeersTeacherConfig(StrictModel):
+    """Deep mutual learning: K students trained together, each learning from the others' mean."""
+
+    source: Literal["peers"] = "peers"
+    peers: int = Field(2, ge=2, description="number of students trained together")
+
+
+class ExitsTeacherConfig(StrictModel):
+    """Multi-exit self-distillation: auxiliary exits learn from the deepest one."""
+
+    source: Literal["exits"] = "exits"
+    exits: ExitConfig
+
+
+SELF_SOURCES = ("ema", "random", "past_predictions", "snapshot", "peers", "exits")
+TeacherConfig = Annotated[
+    FrozenTeacherConfig
+    | EMATeacherConfig
+    | RandomTeacherConfig
+    | PastPredictionsTeacherConfig
+    | SnapshotTeacherConfig
+    | PeersTeacherConfig
+    | ExitsTeacherConfig,
+    Field(discriminator="source"),
+]
+
+
+class ClassificationEvalConfig(EvalConfig):
+    ece_bins: int = Field(15, ge=1, description="confidence bins of the expected calibration error")
+
+
+class ClassificationConfig(DistillationConfigBase):
+    """A classification run (``task: classification``, the default): a student distilled from a teacher
+    over several seeds, and (optionally) a paired cross-entropy baseline."""
+
+    task: Literal["classification"] = "classification"
+    data: ImageDataConfig = Field(default_factory=ImageDataConfig)
+    teacher: TeacherConfig | None = None
+    student: ModelConfig
+    eval: ClassificationEvalConfig = Field(default_factory=ClassificationEvalConfig)
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _frozen_by_default(cls, value: Any) -> Any:
+        """A teacher section without ``source`` is a frozen (trained or loaded) teacher."""
+        if isinstance(value, dict) and "source" not in value:
+            return {"source": "frozen", **value}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClassificationConfig:
+        users = [label for label, term in self.loss.items() if LOSSES[term.name][1].needs_teacher]
+        if users and self.teacher is None:
+            raise ValueError(
+                f"conflicting fields: loss.{users[0]} needs a teacher, but `teacher` is not set; "
+                "add a teacher section or train with `ce` only"
+            )
+        if self.teacher is not None and not users:
+            raise ValueError(
+                f"conflicting fields: `teacher` is set but no loss term uses it (loss: {', '.join(self.loss)}); "
+                "add a distillation term such as kd or forward_kl"
+            )
+        if self.data.transfer and not users:
+            raise ValueError(
+                f"conflicting fields: data.transfer={self.data.transfer} unlabelled examples, but no loss term "
+                "uses a teacher, so they would contribute nothing; set data.transfer=0 or add a distillation term"
+            )
+        source = None if self.teacher is None else self.teacher.source
+        if source == "past_predictions" and self.data.transfer:
+            raise ValueError(
+                f"conflicting fields: teacher.source=past_predictions (PS-KD) mixes each example's label with "
+                f"its past prediction, but data.transfer={self.data.transfer} examples have no label; set "
+                "data.transfer=0"
+            )
+        if source == "snapshot" and (self.baseline is None or not self.baseline.enabled):
+            raise ValueError(
+                "conflicting fields: teacher.source=snapshot starts from generation 0, the cross-entropy "
+                "student of the baseline arm; set baseline.enabled=true"
+            )
+        hint_terms = [label for label, term in self.loss.items() if term.name == "hint"]
+        hint_at = self.teacher.exits.hint_at if source == "exits" else None
+        if hint_terms and hint_at is None:
+            raise ValueError(
+                f"conflicting fields: loss.{hint_terms[0]} (feature hints) needs a multi-exit student with hints; "
+                "set teacher.source=exits and teacher.exits.hint_at to the deep module the exits should learn "
+                "(e.g. the input of the final classifier)"
+            )
+        if hint_at is not None and not hint_terms:
+            raise ValueError(
+                f"conflicting fields: teacher.exits.hint_at={hint_at!r} adds hint projections, but no loss term "
+                "trains them; add a `hint` term (e.g. loss.hint={weight: 1.0}) or drop hint_at"
+            )
+        if source == "frozen" and self.teacher.precompute and not self.train.augment.is_identity():
+            raise ValueError(
+                "conflicting fields: teacher.precompute=true stores one output per example, but train.augment "
+                "changes the inputs every step; set teacher.precompute=false (or null) or turn augmentation off"
+            )
+        return self
+
+    def teacher_precomputed(self) -> bool:
+        if self.teacher is None or self.teacher.source != "frozen":
+            return False
+        if self.teacher.precompute is None:
+            return self.train.augment.is_identity()
+        return self.teacher.precompute
