@@ -23,6 +23,7 @@ demo: setup
 # One BLAS/OpenMP thread per process: the tests use tiny tensors, and the data-parallel tests run
 # two processes on two cores, where extra threads only oversubscribe the CPU.
 test: setup
+	$(VENV)/bin/lint-imports --no-logo
 	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
@@ -34,6 +35,7 @@ bench-setup: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports --no-logo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

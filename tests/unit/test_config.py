@@ -175,3 +175,30 @@ def test_overriding_the_teacher_source_starts_a_fresh_teacher_section():
     assert cfg.teacher.source == "random" and cfg.teacher.init_seed_offset == 3
     same = load_config("digits-self", ["teacher.source=ema", "teacher.momentum=0.5"])
     assert same.teacher.momentum == 0.5
+
+
+def test_unknown_task_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"task: unknown task 'vision'; valid: classification, lm"):
+        load_config("digits-kd", ["task=vision"])
+    with pytest.raises(ConfigError, match=r"task: expected a task name, got \[1\]"):
+        load_config("digits-kd", ["task=[1]"])
+
+
+def test_a_key_of_another_task_names_that_task():
+    with pytest.raises(ConfigError) as info:
+        load_config("digits-kd", ["method.name=on_policy"])
+    assert "unknown key 'method' for task: classification; `method` belongs to task: lm" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config("lm-kd", ["data.labelled=5"])  # a nested key of another task's section: the valid keys
+    assert "unknown key 'data.labelled'; valid keys in 'data':" in str(info.value)
+
+
+def test_every_task_config_shares_the_base_fields():
+    from distillery.tasks import TASKS, RunConfigBase
+
+    for name, task in TASKS.items():
+        assert issubclass(task.config, RunConfigBase)
+        assert task.config.model_fields["task"].default == name
+        assert {"name", "seeds", "train", "baseline", "eval", "output"} <= set(task.config.model_fields)
+    cfg = load_config("digits-kd")
+    assert cfg.task == "classification" and "task: classification" in dump_config(cfg)
