@@ -145,6 +145,8 @@ def test_the_toy_config_is_validated_like_any_other(toy_task):
 
     with pytest.raises(ConfigError, match="unknown key 'featurez'; valid keys at the top level"):
         validate_config({**TOY, "featurez": 3})
-    with pytest.raises(ConfigError, match="unknown key 'loss' for task: toy; `loss` belongs to task: classification"):
+    with pytest.raises(
+        ConfigError, match="unknown key 'loss' for task: toy; `loss` belongs to task: classification"
+    ):
         validate_config({**TOY, "loss": {"ce": {}}})
     assert load_config("digits-kd").task == "classification"  # the shipped tasks are untouched

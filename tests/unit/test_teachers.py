@@ -104,3 +104,60 @@ def test_store_round_trip_and_hash_stability(tmp_path):
 def test_base_teacher_refuses_foreign_state():
     with pytest.raises(ValueError, match="no state"):
         BaseTeacher().load_state_dict({"x": 1})
+
+
+def _package_copy(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import distillery
+
+    root = tmp_path / "distillery"
+    shutil.copytree(Path(distillery.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_the_training_code_version_follows_code_not_comments_or_docstrings(tmp_path):
+    from distillery.teachers import training_code_version
+
+    root = _package_copy(tmp_path)
+    base = training_code_version(root)
+    assert base == training_code_version(_package_copy(tmp_path / "again"))  # deterministic
+    loop = root / "train" / "loop.py"
+    _edit(loop, '"""The training loop:', '"""The one training loop:')  # a docstring
+    _edit(
+        loop,
+        "    acc = accelerator or make_accelerator()",
+        "    # a comment\n    acc = accelerator or make_accelerator()",
+    )
+    _edit(root / "report" / "plots.py", "dpi=120", "dpi=100")  # output only
+    assert training_code_version(root) == base
+    _edit(
+        loop,
+        "    acc = accelerator or make_accelerator()",
+        "    acc = accelerator or make_accelerator()\n    _ = 1",
+    )
+    assert training_code_version(root) != base  # the loop changed: cached teachers are stale
+    edited = _package_copy(tmp_path / "models")
+    _edit(edited / "models" / "mlp.py", "nn.ReLU()", "nn.GELU()")
+    assert training_code_version(edited) != base
+
+
+def test_teacher_keys_include_the_code_version_and_torch(monkeypatch):
+    import torch
+
+    import distillery.teachers.store as store
+
+    payload = {"kind": "classifier-teacher", "seed": 0}
+    key = store.teacher_key(payload)
+    assert key == store.config_hash(
+        {**payload, "torch": torch.__version__, "code": store.training_code_version()}
+    )
+    monkeypatch.setattr(store, "training_code_version", lambda: "another-version")
+    assert store.teacher_key(payload) != key

@@ -34,7 +34,7 @@ from distillery.experiment.rundir import start_run, write_atomic
 from distillery.experiment.summary import print_summary, summarize, write_report
 from distillery.models import count_parameters
 from distillery.tasks import RunConfigBase, RunContext, Task, TeacherSpec, task_class
-from distillery.teachers import TeacherStore, config_hash
+from distillery.teachers import TeacherStore, teacher_key, training_code_version
 from distillery.train import fit
 
 
@@ -67,7 +67,7 @@ def obtain_teacher(spec: TeacherSpec, seed: int, context: RunContext) -> tuple[n
         model, source = spec.load()
         return model, {"source": source, "cached": False, "seconds": 0.0}
     store = TeacherStore(spec.cache_dir)
-    key = config_hash(spec.cache_key)
+    key = teacher_key(spec.cache_key)
     if spec.cache and store.has(key):
         model = spec.build()
         store.load(key, model)
@@ -77,7 +77,8 @@ def obtain_teacher(spec: TeacherSpec, seed: int, context: RunContext) -> tuple[n
     seconds = time.perf_counter() - t0
     info = {"cache_key": key, "cached": False, "seconds": seconds}
     if spec.cache and acc.is_main_process:
-        info["source"] = str(store.save(key, model, {"seed": seed, "seconds": seconds}))
+        meta = {"seed": seed, "seconds": seconds, "code": training_code_version(), "payload": spec.cache_key}
+        info["source"] = str(store.save(key, model, meta))
     acc.wait_for_everyone()
     return model, info
 

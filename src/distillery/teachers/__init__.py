@@ -3,7 +3,7 @@
 from distillery.teachers.base import BaseTeacher, Teacher, TeacherOutput
 from distillery.teachers.cached import CachedTeacher
 from distillery.teachers.frozen import FrozenTeacher
-from distillery.teachers.store import TeacherStore, config_hash
+from distillery.teachers.store import TeacherStore, config_hash, teacher_key, training_code_version
 
 __all__ = [
     "BaseTeacher",
@@ -13,4 +13,6 @@ __all__ = [
     "TeacherOutput",
     "TeacherStore",
     "config_hash",
+    "teacher_key",
+    "training_code_version",
 ]

@@ -272,8 +272,11 @@ class LMTask(BaseTask):
             )
             return model
 
+        import transformers
+
         key = {
             "kind": "lm-teacher",
+            "transformers": transformers.__version__,
             "model": t.model.model_dump(mode="json"),
             "train": t.train.model_dump(mode="json"),
             "data": self.cfg.data.model_dump(mode="json", exclude={"max_eval_blocks"}),
