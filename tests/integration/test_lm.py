@@ -122,7 +122,7 @@ def test_reversed_arithmetic_trains_and_checks_reversed_answers():
                                 "data.arithmetic.reverse=true"])  # fmt: skip
     data = prepare_data(cfg)
     tok = data["tokenizer"]
-    for pair in data["task"]:
+    for pair in data["problems"]["test"]:
         plain = str(eval(pair.prompt[:-1]))  # the prompts are "a+b="
         assert pair.response == plain[::-1]
         assert data["check"](pair.prompt, pair.response + tok.eos_token)

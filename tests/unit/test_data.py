@@ -11,26 +11,41 @@ from distillery.errors import ConfigError, DataNotFoundError
 
 
 def test_digits_splits_are_disjoint_balanced_and_paired_by_seed():
-    cfg = ImageDataConfig(name="digits", labelled=200, transfer=1100, test=497)
+    cfg = ImageDataConfig(name="digits", labelled=200, transfer=970, test=497)  # validation: 10% of 1,300
     a = load_classification_data(cfg, 0)
-    assert (len(a.labelled), len(a.transfer), len(a.test)) == (200, 1100, 497)
+    assert (len(a.labelled), len(a.transfer), len(a.validation), len(a.test)) == (200, 970, 130, 497)
     assert torch.equal(a.labelled.y.bincount(), torch.full((10,), 20))
-    assert set(a.labelled.index.tolist()).isdisjoint(a.transfer.index.tolist())
-    assert (a.transfer.y == -100).all()
+    assert torch.equal(a.validation.y.bincount(), torch.full((10,), 13))
+    ids = [set(part.index.tolist()) for part in (a.labelled, a.transfer, a.validation)]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == 1300  # disjoint, and together the whole pool
+    assert (a.transfer.y == -100).all() and (a.validation.y >= 0).all()
     again = load_classification_data(cfg, 0)
     assert torch.equal(a.labelled.index, again.labelled.index) and torch.equal(a.labelled.x, again.labelled.x)
     other = load_classification_data(cfg, 1)
     assert not torch.equal(a.labelled.index, other.labelled.index)
     assert torch.equal(a.test.x, other.test.x)  # the test split is fixed across seeds
+    assert not torch.equal(a.validation.index, other.validation.index)  # drawn per seed
     assert a.input_shape == (1, 8, 8) and a.num_classes == 10
-    assert len(a.distillation_set()) == 1300
+    assert len(a.distillation_set()) == 1170
+    counted = load_classification_data(ImageDataConfig(name="digits", validation=50, transfer=None), 0)
+    assert (len(counted.validation), len(counted.labelled), len(counted.transfer)) == (50, 1250, 0)
 
 
 def test_split_sizes_are_checked():
-    with pytest.raises(ConfigError, match="data.labelled=200 and data.transfer=1200 together exceed"):
-        load_classification_data(ImageDataConfig(name="digits", labelled=200, transfer=1200), 0)
+    with pytest.raises(
+        ConfigError, match=r"data.labelled=200, data.transfer=1100 and the 130 validation examples"
+    ):
+        load_classification_data(ImageDataConfig(name="digits", labelled=200, transfer=1100), 0)
+    with pytest.raises(
+        ConfigError, match=r"data.labelled=1200 exceeds the 1170 examples .* left after the 130"
+    ):
+        load_classification_data(ImageDataConfig(name="digits", labelled=1200), 0)
+    with pytest.raises(ConfigError, match="data.validation=1300 leaves no training examples"):
+        load_classification_data(ImageDataConfig(name="digits", validation=1300), 0)
+    with pytest.raises(ValueError, match="fraction of the training pool must be < 1"):
+        ImageDataConfig(name="digits", validation=1.0)
     rest = load_classification_data(ImageDataConfig(name="digits", labelled=100, transfer=None), 0)
-    assert len(rest.transfer) == 1300 - 100
+    assert len(rest.transfer) == 1300 - 130 - 100
 
 
 def test_stratified_sample_handles_uneven_classes():
@@ -74,7 +89,7 @@ def test_fashion_mnist_reads_idx_files_from_distillery_data(tmp_path, monkeypatc
     data = load_classification_data(
         ImageDataConfig(name="fashion_mnist", labelled=20, transfer=None, download=False), 0
     )
-    assert (len(data.labelled), len(data.transfer), len(data.test)) == (20, 20, 20)
+    assert (len(data.labelled), len(data.transfer), len(data.validation), len(data.test)) == (20, 16, 4, 20)
     assert data.input_shape == (1, 28, 28) and 0.0 <= data.labelled.x.min() and data.labelled.x.max() <= 1.0
     assert data.class_names[0] == "t-shirt/top"
 

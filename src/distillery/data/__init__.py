@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from distillery.configbase import StrictModel
 from distillery.data.augment import AugmentConfig, augment_batch
@@ -27,8 +27,17 @@ class ImageDataConfig(StrictModel):
     """
 
     name: Literal["digits", "fashion_mnist"] = "digits"
+    validation: int | float = Field(
+        0.1,
+        ge=0,
+        description="labelled validation examples carved from the training pool for each run seed "
+        "(class-balanced, clean labels), for evaluation during training: a fraction (< 1) of the pool or "
+        "a count; 0 = none. The test split is evaluated once, at the end",
+    )
     labelled: int | None = Field(
-        None, ge=1, description="labelled training examples per run (class-balanced); null = the whole pool"
+        None,
+        ge=1,
+        description="labelled training examples per run (class-balanced); null = the pool minus the validation split",
     )
     transfer: int | None = Field(
         0,
@@ -47,6 +56,19 @@ class ImageDataConfig(StrictModel):
     )
     root: str | None = Field(None, description="directory holding the dataset files (Fashion-MNIST)")
     download: bool = Field(True, description="download a missing dataset from its official source")
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction_below_one(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and not value < 1.0:
+            raise ValueError(f"a fraction of the training pool must be < 1 (or give a count); got {value}")
+        return value
+
+    def validation_count(self, pool: int) -> int:
+        """How many of the ``pool`` training examples the validation split takes."""
+        if isinstance(self.validation, float):
+            return round(self.validation * pool)
+        return self.validation
 
 
 def _pool_and_test(cfg: ImageDataConfig):
@@ -75,27 +97,45 @@ def _pool_and_test(cfg: ImageDataConfig):
 
 
 def load_classification_data(cfg: ImageDataConfig, seed: int) -> ClassificationData:
-    """Load the dataset and draw the labelled and transfer splits for run ``seed``."""
+    """Load the dataset and draw the validation, labelled and transfer splits for run ``seed``.
+
+    The validation split is drawn first (class-balanced), then the labelled split (class-balanced) and
+    the transfer split from the rest of the training pool: the four splits are disjoint, and the test
+    split is the same for every seed.
+    """
     x_pool, y_pool, x_test, y_test, names = _pool_and_test(cfg)
     n_pool = len(y_pool)
-    n_lab = n_pool if cfg.labelled is None else cfg.labelled
-    if n_lab > n_pool:
+    n_val = cfg.validation_count(n_pool)
+    if n_val >= n_pool:
         raise ConfigError(
-            f"data.labelled={n_lab} exceeds the {n_pool} examples of the {cfg.name} training pool"
+            f"data.validation={cfg.validation} leaves no training examples ({n_pool} in the pool)"
         )
-    rest_count = n_pool - n_lab
+    n_train = n_pool - n_val
+    n_lab = n_train if cfg.labelled is None else cfg.labelled
+    if n_lab > n_train:
+        raise ConfigError(
+            f"data.labelled={n_lab} exceeds the {n_train} examples of the {cfg.name} training pool left after "
+            f"the {n_val} validation examples (data.validation={cfg.validation}); lower one of them"
+        )
+    rest_count = n_train - n_lab
     n_transfer = rest_count if cfg.transfer is None else cfg.transfer
     if n_transfer > rest_count:
         raise ConfigError(
-            f"data.labelled={n_lab} and data.transfer={n_transfer} together exceed the {n_pool} examples of "
-            f"the {cfg.name} training pool; lower one of them (transfer: null takes all the rest)"
+            f"data.labelled={n_lab}, data.transfer={n_transfer} and the {n_val} validation examples "
+            f"(data.validation={cfg.validation}) together exceed the {n_pool} examples of the {cfg.name} "
+            "training pool; lower one of them (transfer: null takes all the rest)"
         )
     g = torch.Generator().manual_seed(10_007 * seed + 1)
     index = torch.arange(n_pool)
-    lab_pos = index if n_lab == n_pool else stratified_sample(y_pool, n_lab, g)
-    is_rest = torch.ones(n_pool, dtype=torch.bool)
-    is_rest[lab_pos] = False
-    rest = index[is_rest]
+    free = torch.ones(n_pool, dtype=torch.bool)
+    val_pos = stratified_sample(y_pool, n_val, g) if n_val else index[:0]
+    free[val_pos] = False
+    remaining = index[free]
+    lab_pos = (
+        remaining if n_lab == len(remaining) else remaining[stratified_sample(y_pool[remaining], n_lab, g)]
+    )
+    free[lab_pos] = False
+    rest = index[free]
     transfer_pos = rest[torch.randperm(len(rest), generator=g)[:n_transfer]].sort().values
     pool = ArrayDataset(x_pool, y_pool, index)
     test = ArrayDataset(x_test, y_test, torch.arange(len(y_test)))
@@ -112,6 +152,7 @@ def load_classification_data(cfg: ImageDataConfig, seed: int) -> ClassificationD
         labelled=labelled,
         clean_labels=clean,
         transfer=pool.subset(transfer_pos).without_labels(),
+        validation=pool.subset(val_pos),
         test=test,
         input_shape=tuple(x_pool.shape[1:]),
         num_classes=len(names),

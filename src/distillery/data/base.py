@@ -49,7 +49,8 @@ class ArrayDataset:
 
 @dataclass
 class ClassificationData:
-    """The splits of one run: a labelled training split, an unlabelled transfer split and a test split."""
+    """The splits of one run: a labelled training split, an unlabelled transfer split, a validation split
+    (for evaluation during training) and a test split (evaluated once, at the end)."""
 
     name: str
     labelled: ArrayDataset
@@ -59,6 +60,7 @@ class ClassificationData:
     num_classes: int
     class_names: tuple[str, ...]
     clean_labels: Tensor | None = None  # the labelled split's true labels when label noise was added
+    validation: ArrayDataset | None = None  # carved from the training pool, disjoint from the others
 
     def distillation_set(self) -> ArrayDataset:
         """Labelled and transfer examples together: what a distilled student trains on."""
@@ -69,9 +71,10 @@ class ClassificationData:
         if self.clean_labels is not None:
             wrong = (self.clean_labels != self.labelled.y).float().mean().item()
             noise = f" ({wrong:.0%} of them with wrong labels)"
+        val = 0 if self.validation is None else len(self.validation)
         return (
             f"{self.name}: {len(self.labelled)} labelled{noise}, {len(self.transfer)} transfer (unlabelled), "
-            f"{len(self.test)} test examples; input {self.input_shape}, {self.num_classes} classes"
+            f"{val} validation, {len(self.test)} test examples; input {self.input_shape}, {self.num_classes} classes"
         )
 
 

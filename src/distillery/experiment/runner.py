@@ -3,7 +3,9 @@
 For every seed: the task prepares the seed's data; the runner obtains the teacher once (trains it
 and caches it by config hash, or loads it), seeds torch with the run seed and builds the student's
 initial weights once, then trains every arm from those weights through :func:`distillery.train.fit`:
-the paired baseline first, then the distilled arm(s). Then it aggregates over seeds (mean +- std,
+the paired baseline first, then the distilled arm(s). Evaluation during training (learning curves)
+uses the validation split the task carves from its training data; the test split is evaluated
+once, after training, and gives the reported numbers. Then it aggregates over seeds (mean +- std,
 paired differences) and writes the run directory::
 
     <run_dir>/config.yaml            the resolved config, written first
@@ -166,11 +168,16 @@ def run(
                 batch_transform=job.batch_transform,
             )
             student = job.export(fitted.model)
-            final = fitted.history[-1] if fitted.history else {}
+            # the test split, once, after training (evaluation during training saw the validation split)
+            final = (
+                job.test(fitted.model)
+                if job.test is not None
+                else task.evaluate(student, data, "test", teacher)
+            )
             record = {
                 "seed": seed,
                 "arm": arm,
-                "metrics": {k: v for k, v in final.items() if k not in ("step", "epoch") and "@" not in k},
+                "metrics": {k: v for k, v in final.items() if "@" not in k},
                 "params": count_parameters(student),
                 "steps": fitted.steps,
                 "seconds": fitted.seconds,

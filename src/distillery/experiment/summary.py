@@ -190,13 +190,15 @@ def write_report(result) -> None:
     }
     has_curves = any(headline.key in rec for runs in curves.values() for run in runs for rec in run)
     if has_curves:
-        ref = {TEACHER: s["models"][TEACHER][headline.key]["mean"]} if TEACHER in s["models"] else None
+        ref = (
+            {"teacher (test)": s["models"][TEACHER][headline.key]["mean"]} if TEACHER in s["models"] else None
+        )
         learning_curves(
             curves,
             run_dir / "learning_curves.png",
             metric=headline.key,
             reference=ref,
-            title=f"{cfg.name}: test {headline.key}",
+            title=f"{cfg.name}: validation {headline.key} during training",
         )
     lines = [f"# {cfg.name}", ""]
     if cfg.description:
@@ -226,7 +228,10 @@ def write_report(result) -> None:
             "",
             "## Learning curves",
             "",
-            f"![test {headline.key} during training](learning_curves.png)",
+            f"![validation {headline.key} during training](learning_curves.png)",
+            "",
+            "Evaluated on the validation split carved from the training data; the tables above are the test "
+            "split, evaluated once after training.",
         ]
     lines += ["", f"Total wall time: {s['seconds']:.1f} s. Resolved configuration: `config.yaml`.", ""]
     write_atomic(run_dir / "report.md", "\n".join(lines))

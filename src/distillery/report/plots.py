@@ -14,11 +14,13 @@ def learning_curves(
     metric: str = "accuracy",
     reference: dict[str, float] | None = None,
     title: str = "",
+    split: str = "validation",
 ) -> Path:
     """Plot ``metric`` against steps, mean and min-max band over seeds, one line per arm.
 
     ``curves[label]`` is a list (one per seed) of evaluation records ``{"step": ..., metric: ...}``;
-    ``reference`` draws horizontal lines (e.g. the teacher's accuracy).
+    ``reference`` draws horizontal lines (e.g. the teacher's accuracy); ``split`` names the data the
+    records were evaluated on (the axis label).
     """
     import matplotlib
 
@@ -44,7 +46,7 @@ def learning_curves(
             label, (0.01, value), xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="grey"
         )
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"test {metric}" + (" (%)" if metric in ("accuracy", "ece") else ""))
+    ax.set_ylabel(f"{split} {metric}" + (" (%)" if metric in ("accuracy", "ece") else ""))
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

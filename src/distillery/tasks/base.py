@@ -23,7 +23,8 @@ member                                         what it gives the runner
                                                these initial weights
 ``arm(name, data, teacher, init, trained)``    an :class:`ArmJob`: what :func:`fit` trains for the arm
 ``evaluate(model, data, split, teacher)``      metrics of a model (a student or the teacher) on the
-                                               ``"validation"`` or ``"test"`` split
+                                               ``"validation"`` split (during training) or the
+                                               ``"test"`` split (once, at the end)
 ``save(student, arm_dir, data)`` /             the exported student on disk, and back; whether an
 ``load(arm_dir, data)`` / ``saved(arm_dir)``     arm folder holds one
 ``combined_arms(data, trained, records)``      records of arms built from trained ones (an ensemble
@@ -218,8 +219,11 @@ def _identity(model: nn.Module) -> nn.Module:
 class ArmJob:
     """What the runner trains for one arm of one seed, through :func:`distillery.train.fit`.
 
-    ``evaluate(model) -> metrics`` runs on the evaluation schedule during training; ``export``
-    turns the trained module into the student that is saved (peer 0, exits removed); ``record``
+    ``evaluate(model) -> metrics`` runs on the validation split on the evaluation schedule during
+    training (None: no evaluation during training); ``test(model) -> metrics`` gives the arm's final
+    numbers on the test split, once, after training (None: the task's ``evaluate`` of the exported
+    student on ``"test"``). ``export`` turns the trained module into the student that is saved (peer
+    0, exits removed); ``record``
     adds task-specific fields to the arm's ``result.json`` (given the trained module and the final
     metrics); ``save_extra`` writes files beside the student (given the trained module and the arm
     folder).
@@ -232,6 +236,7 @@ class ArmJob:
     teacher: Any = None
     adapter: Any = None
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    test: Callable[[nn.Module], dict[str, float]] | None = None
     batch_transform: Callable | None = None
     export: Callable[[nn.Module], nn.Module] = _identity
     record: Callable[[nn.Module, dict[str, float]], dict[str, Any]] | None = None

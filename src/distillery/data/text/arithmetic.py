@@ -195,6 +195,12 @@ class ArithmeticConfig(StrictModel):
     ops: tuple[str, ...] = Field(("+",), description="operators, from + - *")
     seed: int = Field(0, description="seed of the problem sequence (independent of run seeds)")
     train: int = Field(10_000, ge=0, description="training problems")
+    validation: int | float = Field(
+        0.01,
+        ge=0,
+        description="problems carved from the training problems for evaluation during training (the "
+        "rest are trained on): a fraction (< 1) of `train` or a count",
+    )
     test: int = Field(1_000, ge=1, description="held-out problems (disjoint from training)")
     reverse: bool = Field(
         False,
@@ -215,6 +221,15 @@ class ArithmeticConfig(StrictModel):
         lo, hi = self.digits
         if not 1 <= lo <= hi:
             raise ValueError(f"digits={self.digits} must satisfy 1 <= min <= max")
+        if isinstance(self.validation, float) and not self.validation < 1.0:
+            raise ValueError(
+                f"validation={self.validation}: a fraction of `train` must be < 1 (or give a count)"
+            )
+        if self.train and self.validation_count() >= self.train:
+            raise ValueError(
+                f"validation={self.validation} problems must be fewer than the train={self.train} problems "
+                "they are carved from"
+            )
         space = self.build().num_problems
         if self.train + self.test > space:
             raise ValueError(
@@ -222,6 +237,12 @@ class ArithmeticConfig(StrictModel):
                 f"digits={self.digits}, ops={self.ops}"
             )
         return self
+
+    def validation_count(self) -> int:
+        """How many of the training problems the validation split takes."""
+        if isinstance(self.validation, float):
+            return round(self.validation * self.train)
+        return self.validation
 
     def build(self) -> ArithmeticTask:
         return ArithmeticTask(self.digits, self.ops, self.seed, self.reverse)

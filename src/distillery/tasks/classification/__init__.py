@@ -85,7 +85,7 @@ class SeedData:
         self.seed = seed
         self.splits = splits
         self.frozen_teacher: Any = None  # the Teacher of the `frozen` source, built once per seed
-        self.teacher_test_logits: torch.Tensor | None = None
+        self.teacher_logits: dict[str, torch.Tensor] = {}  # split -> the teacher's logits on it
 
 
 class ClassificationTask(BaseTask):
@@ -187,16 +187,16 @@ class ClassificationTask(BaseTask):
     # ---- evaluation -------------------------------------------------------------------------------
 
     def _split(self, data: SeedData, split: str):
-        return {"test": data.splits.test}[split]
+        return {"validation": data.splits.validation, "test": data.splits.test}[split]
 
-    def _teacher_logits(self, data: SeedData, teacher: nn.Module | None) -> torch.Tensor | None:
+    def _teacher_logits(self, data: SeedData, teacher: nn.Module | None, split: str) -> torch.Tensor | None:
         if teacher is None:
             return None
-        if data.teacher_test_logits is None:
-            data.teacher_test_logits = predict_logits(
-                teacher, data.splits.test, self.adapter, self.cfg.eval.batch_size, self._device()
+        if split not in data.teacher_logits:
+            data.teacher_logits[split] = predict_logits(
+                teacher, self._split(data, split), self.adapter, self.cfg.eval.batch_size, self._device()
             )
-        return data.teacher_test_logits
+        return data.teacher_logits[split]
 
     def _device(self):
         return self.context.accelerator.device
@@ -204,26 +204,25 @@ class ClassificationTask(BaseTask):
     def evaluate(
         self, model: nn.Module, data: SeedData, split: str, teacher: nn.Module | None
     ) -> dict[str, float]:
-        logits = predict_logits(
-            model, self._split(data, split), self.adapter, self.cfg.eval.batch_size, self._device()
-        )
+        rows = self._split(data, split)
+        logits = predict_logits(model, rows, self.adapter, self.cfg.eval.batch_size, self._device())
         return classification_metrics(
-            logits, data.splits.test.y, self._teacher_logits(data, teacher), self.cfg.eval.ece_bins
+            logits, rows.y, self._teacher_logits(data, teacher, split), self.cfg.eval.ece_bins
         )
 
-    def _evaluator(self, data: SeedData, setup: ArmSetup, teacher: nn.Module | None):
-        """``evaluate(model) -> metrics`` on the test split. Stacked models (exits, peers) report their
-        main output under the usual names and every output as ``accuracy@<name>``, ``ece@<name>``."""
-        cfg, test = self.cfg, data.splits.test
+    def _evaluator(self, data: SeedData, setup: ArmSetup, teacher: nn.Module | None, split: str):
+        """``evaluate(model) -> metrics`` on ``split``. Stacked models (exits, peers) report their main
+        output under the usual names and every output as ``accuracy@<name>``, ``ece@<name>``."""
+        cfg, rows = self.cfg, self._split(data, split)
 
         def evaluate(model: nn.Module) -> dict[str, float]:
-            teacher_logits = self._teacher_logits(data, teacher)
-            logits = predict_logits(model, test, setup.adapter, cfg.eval.batch_size, self._device())
+            teacher_logits = self._teacher_logits(data, teacher, split)
+            logits = predict_logits(model, rows, setup.adapter, cfg.eval.batch_size, self._device())
             if not setup.members:
-                return classification_metrics(logits, test.y, teacher_logits, cfg.eval.ece_bins)
-            out = classification_metrics(logits[setup.main_member], test.y, teacher_logits, cfg.eval.ece_bins)
+                return classification_metrics(logits, rows.y, teacher_logits, cfg.eval.ece_bins)
+            out = classification_metrics(logits[setup.main_member], rows.y, teacher_logits, cfg.eval.ece_bins)
             for name, member_logits in zip(setup.members, logits):
-                m = classification_metrics(member_logits, test.y, None, cfg.eval.ece_bins)
+                m = classification_metrics(member_logits, rows.y, None, cfg.eval.ece_bins)
                 out.update(
                     {f"accuracy@{name}": m["accuracy"], f"ece@{name}": m["ece"], f"nll@{name}": m["nll"]}
                 )
@@ -283,7 +282,8 @@ class ClassificationTask(BaseTask):
             train=train_cfg,
             teacher=setup.teacher,
             adapter=setup.adapter,
-            evaluate=self._evaluator(data, setup, teacher),
+            evaluate=self._evaluator(data, setup, teacher, "validation") if len(splits.validation) else None,
+            test=self._evaluator(data, setup, teacher, "test"),
             export=setup.export,
         )
         if setup.members:

@@ -43,28 +43,38 @@ from distillery.train import fit
 
 
 def prepare_data(cfg: LMRunConfig) -> dict[str, Any]:
-    """Tokenizer, training set, test set (and the test prompts of a task)."""
+    """Tokenizer, training, validation and test sets (and the validation and test problems of a task).
+
+    Austen: the corpus' fixed split (5% of each novel for validation, 5% for test). Arithmetic: the
+    validation problems are carved from the training problems (``data.arithmetic.validation``), the
+    test problems are disjoint from both. ``data.max_eval_blocks`` caps validation and test alike.
+    """
     d = cfg.data
     if d.name == "austen":
         splits = split_austen()
         tokenizer = d.tokenizer.build(list(splits.train))
-        sets = lm_datasets(splits, tokenizer, d.seq_len, names=("train", "test"))
-        train, test = sets["train"], sets["test"]
-        task = None
-    else:
-        task = d.arithmetic.build()
-        train_pairs, test_pairs = task.split(d.arithmetic.train, d.arithmetic.test)
-        text = [p.prompt + p.response for p in train_pairs]
-        tokenizer = d.tokenizer.build(text)
-        train = TokenDataset.from_pairs(train_pairs, tokenizer, d.seq_len)
-        test = TokenDataset.from_pairs(test_pairs, tokenizer, d.seq_len)
-        check = functools.partial(verify, eos=tokenizer.eos_token, reverse=task.reverse)
-        return {"tokenizer": tokenizer, "train": train, "test": _cap(test, d.max_eval_blocks),
-                "task": test_pairs, "train_pairs": train_pairs, "check": check}  # fmt: skip
-    g = torch.Generator().manual_seed(0)
-    if d.max_train_blocks is not None and len(train) > d.max_train_blocks:
-        train = train.subset(torch.randperm(len(train), generator=g)[: d.max_train_blocks].sort().values)
-    return {"tokenizer": tokenizer, "train": train, "test": _cap(test, d.max_eval_blocks), "task": task}
+        sets = lm_datasets(splits, tokenizer, d.seq_len, names=("train", "validation", "test"))
+        train = sets["train"]
+        g = torch.Generator().manual_seed(0)
+        if d.max_train_blocks is not None and len(train) > d.max_train_blocks:
+            train = train.subset(torch.randperm(len(train), generator=g)[: d.max_train_blocks].sort().values)
+        return {"tokenizer": tokenizer, "train": train, "validation": _cap(sets["validation"], d.max_eval_blocks),
+                "test": _cap(sets["test"], d.max_eval_blocks), "problems": None}  # fmt: skip
+    a = d.arithmetic
+    task = a.build()
+    pairs, test_pairs = task.split(a.train, a.test)
+    n_val = a.validation_count()
+    val_pairs, train_pairs = pairs[:n_val], pairs[n_val:]
+    text = [p.prompt + p.response for p in train_pairs]
+    tokenizer = d.tokenizer.build(text)
+    sets = {
+        name: TokenDataset.from_pairs(rows, tokenizer, d.seq_len)
+        for name, rows in (("train", train_pairs), ("validation", val_pairs), ("test", test_pairs))
+    }
+    check = functools.partial(verify, eos=tokenizer.eos_token, reverse=task.reverse)
+    return {"tokenizer": tokenizer, "train": sets["train"], "validation": _cap(sets["validation"], d.max_eval_blocks),
+            "test": _cap(sets["test"], d.max_eval_blocks), "problems": {"validation": val_pairs, "test": test_pairs},
+            "train_pairs": train_pairs, "check": check}  # fmt: skip
 
 
 def _cap(dataset: TokenDataset, limit: int | None) -> TokenDataset:
@@ -234,8 +244,8 @@ class LMTask(BaseTask):
         d = self.cfg.data
         return (
             f"data: {d.name}, tokenizer {d.tokenizer.kind} ({self.n_vocab} tokens), {len(data['train'])} training / "
-            f"{len(data['test'])} test sequences of <= {d.seq_len} tokens ({data['train'].num_targets():,} "
-            "training targets)"
+            f"{len(data['validation'])} validation / {len(data['test'])} test sequences of <= {d.seq_len} tokens "
+            f"({data['train'].num_targets():,} training targets)"
         )
 
     def new_student(self, data: dict[str, Any]) -> nn.Module:
@@ -291,9 +301,9 @@ class LMTask(BaseTask):
     ) -> dict[str, float]:
         device = self.context.accelerator.device
         out = lm_metrics(model, data[split], self.cfg.eval.batch_size, device, teacher, self.n_vocab)
-        if data["task"] is not None:
+        if data["problems"] is not None:
             out["task_accuracy"] = task_accuracy(
-                model, self.tokenizer, data["task"], device, self.max_new, data["check"]
+                model, self.tokenizer, data["problems"][split], device, self.max_new, data["check"]
             )
         return out
 
@@ -348,7 +358,8 @@ class LMTask(BaseTask):
             train=train_cfg,
             teacher=arm_teacher,
             adapter=adapter,
-            evaluate=lambda model: self.evaluate(model, data, "test", teacher),
+            evaluate=lambda model: self.evaluate(model, data, "validation", teacher),
+            test=lambda model: self.evaluate(model, data, "test", teacher),
             batch_transform=transform,
             record=record,
         )
