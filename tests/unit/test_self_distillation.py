@@ -81,7 +81,7 @@ def test_past_predictions_come_from_the_previous_epoch_and_follow_sample_ids():
         for half in (perm[:3], perm[3:]):  # two shuffled batches per epoch
             batch = {"index": half, "y": y[half]}
             target = teacher(batch).logits.exp()
-            alpha = 0.8 * epoch / 4
+            alpha = 0.8 * (epoch + 1) / 4  # official PS-KD: alpha_T * (epoch + 1) / E, 0-based epochs
             onehot = torch.nn.functional.one_hot(y[half], c).float()
             if epoch == 0:
                 want = onehot  # nothing seen yet
@@ -98,6 +98,30 @@ def test_past_predictions_come_from_the_previous_epoch_and_follow_sample_ids():
     fresh.load_state_dict(state)
     batch = {"index": torch.tensor([4, 1]), "y": y[[4, 1]]}
     assert torch.equal(fresh(batch).logits, teacher(batch).logits)
+
+
+def test_past_predictions_schedule_reaches_alpha_T_in_the_last_epoch_and_stops_there():
+    """The official schedule (lgcnsai/PS-KD-Pytorch, main.py): alpha_t = alpha_T * (epoch + 1) / E."""
+    teacher = PastPredictionsTeacher(1, 2, 0.8, 1, 4)  # one step per epoch, E = 4
+    alphas = []
+    for step in range(6):
+        teacher.update(None, step)
+        alphas.append(teacher.alpha)
+    assert alphas == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8, 0.8], abs=1e-12)
+    teacher.update(None, 3)  # the bug report's example: epoch 3 of 4 is the last one
+    assert teacher.epoch == 3 and teacher.alpha == pytest.approx(0.8, abs=1e-12)
+    halves = PastPredictionsTeacher(1, 2, 0.5, 2.5, 3)  # fractional steps per epoch
+    halves.update(None, 4)  # 4 / 2.5 = 1.6: epoch 1
+    assert halves.epoch == 1 and halves.alpha == pytest.approx(0.5 * 2 / 3, abs=1e-12)
+
+
+def test_past_predictions_in_epoch_0_are_the_one_hot_labels_although_alpha_is_positive():
+    """Official PS-KD writes the one-hot labels into its table in epoch 0; unseen samples get them here."""
+    teacher = PastPredictionsTeacher(3, 3, 0.8, 10, 4)
+    assert teacher.alpha == pytest.approx(0.2)
+    y = torch.tensor([2, 0, 1])
+    target = teacher({"index": torch.arange(3), "y": y}).logits.exp()
+    assert torch.equal(target, torch.nn.functional.one_hot(y, 3).float())
 
 
 def test_past_predictions_refuse_unlabelled_rows():

@@ -23,12 +23,20 @@ class PastPredictionsTeacher(BaseTeacher):
     .. math::
 
         q_i^{(t)} = (1 - \alpha_t)\, \mathrm{onehot}(y_i) + \alpha_t\, p_i^{(t-1)},
-        \qquad \alpha_t = \alpha_T \, t / T
+        \qquad \alpha_t = \alpha_T \min\!\Big(\frac{t + 1}{T}, 1\Big)
 
     where :math:`p_i^{(t-1)}` is the student's softmax on sample :math:`i` the last time it was seen,
     which with epoch-wise shuffling is the previous epoch. The teacher returns :math:`\log q` as
     logits, so ``forward_kl`` at T=1 on them is PS-KD's soft-target cross-entropy up to a constant.
-    In the first epoch (and for samples never seen) the target is the one-hot label.
+    Samples never seen (so every sample in the first epoch) get the one-hot label.
+
+    The schedule follows the official code (github.com/lgcnsai/PS-KD-Pytorch, ``main.py``,
+    ``main_worker``: ``alpha_t = alpha_T * ((epoch + 1) / end_epoch)`` with 0-based epochs), so
+    :math:`\alpha_T` is reached in the last epoch; it is capped at :math:`\alpha_T` should a run go on
+    past :math:`T` epochs. In epoch 0 the official ``train`` first overwrites the stored predictions
+    of each batch with its one-hot labels, so its target is the one-hot label although
+    :math:`\alpha_0 = \alpha_T / T > 0`; the rule here for samples never seen gives the same targets
+    (the official loader keeps every sample in epoch 0, so none is unseen afterwards there).
 
     Predictions are stored per sample id (``batch["index"]``, which the data pipeline provides and
     which follows each example through shuffling) in a ``[num_ids, C]`` float16 table on the CPU:
@@ -61,7 +69,8 @@ class PastPredictionsTeacher(BaseTeacher):
 
     @property
     def alpha(self) -> float:
-        return self.alpha_T * min(self.epoch / self.total_epochs, 1.0)
+        """alpha_t of the current (0-based) epoch t: alpha_T * (t + 1) / T, at most alpha_T."""
+        return self.alpha_T * min((self.epoch + 1) / self.total_epochs, 1.0)
 
     def __call__(self, batch: Mapping[str, Tensor], student_output=None) -> TeacherOutput:
         ids, y = batch["index"].cpu(), batch["y"]
