@@ -6,6 +6,7 @@ import torch
 from distillery import functional as DF
 from distillery.config import ConfigError, validate_config
 from distillery.losses import LOSSES, LossInputs, Objective, build_loss, build_objective
+from tests.unit.functional import reference as ref
 
 # short name -> (functional reference, hyperparameters to set, uses labels)
 CASES = {
@@ -80,6 +81,70 @@ def test_objective_normalises_by_the_global_row_count(name):
         )
         halves = halves + objective(sub, total)[name]
     assert torch.allclose(halves, full, atol=1e-6)
+
+
+# ---- kd: its KL part averages over the valid rows, its CE part over the labelled rows --------------
+
+
+def _naive_kd(inputs, temperature, alpha, num_valid=None, num_labelled=None):
+    rows = inputs.student_logits.double().tolist()
+    return ref.kd_mean(
+        rows,
+        inputs.teacher_logits.double().tolist(),
+        inputs.target.tolist(),
+        inputs.mask.tolist(),
+        temperature,
+        alpha,
+        num_valid=num_valid,
+        num_labelled=num_labelled,
+    )
+
+
+def test_kd_term_counts_valid_and_labelled_rows_and_equals_the_naive_mean():
+    term = build_loss(config({"kd": {"temperature": 2.0, "alpha": 0.6}}).loss["kd"])
+    inputs = batch(seed=4)
+    inputs.mask[1] = False  # a labelled row that is masked counts in neither part
+    assert inputs.target[1] != -100
+    counts = term.counts(inputs.target, inputs.mask)
+    valid, labelled = int(inputs.mask.sum()), int((inputs.mask & (inputs.target != -100)).sum())
+    assert counts.dtype == torch.float64 and counts.tolist() == [valid, labelled] and labelled < valid
+    assert term(inputs).item() == pytest.approx(_naive_kd(inputs, 2.0, 0.6), rel=1e-5)
+    assert term(inputs, counts).item() == pytest.approx(_naive_kd(inputs, 2.0, 0.6), rel=1e-5)
+    larger = counts + torch.tensor([3.0, 5.0], dtype=torch.float64)  # a global step with more rows
+    want = _naive_kd(inputs, 2.0, 0.6, num_valid=valid + 3, num_labelled=labelled + 5)
+    assert term(inputs, larger).item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match=r"two counts, num_valid=\[valid rows, labelled rows\]"):
+        term(inputs, counts[0])
+
+
+def test_objective_gives_kd_its_two_global_counts_between_other_terms():
+    """Halves with very different labelled shares, with the step's counts, sum to the whole batch."""
+    cfg = config({"ce": {}, "kd": {"temperature": 3.0, "alpha": 0.3}, "forward_kl": {}}).loss
+    objective = build_objective(cfg)
+    whole = batch(seed=6, rows=16)
+    whole.target[:6] = -100  # the first part is mostly unlabelled
+    whole.student_logits.requires_grad_(True)
+    total = objective.counts(whole.target, whole.mask)
+    valid, labelled = float(whole.mask.sum()), float((whole.mask & (whole.target != -100)).sum())
+    assert total.tolist() == [labelled, valid, labelled, valid]  # ce | kd (valid, labelled) | forward_kl
+    full = objective(whole, total)
+    assert full["kd"].item() == pytest.approx(_naive_kd(whole, 3.0, 0.3), rel=1e-5)
+    (g_full,) = torch.autograd.grad(objective.total(full, 1.0), whole.student_logits)
+    halves = {name: 0.0 for name in full}
+    grads = []
+    for part in (slice(0, 7), slice(7, 16)):
+        sub = LossInputs(
+            student_logits=whole.student_logits[part].detach().requires_grad_(),
+            target=whole.target[part],
+            mask=whole.mask[part],
+            teacher_logits=whole.teacher_logits[part],
+        )
+        parts = objective(sub, total)
+        grads.append(torch.autograd.grad(objective.total(parts, 1.0), sub.student_logits)[0])
+        halves = {name: halves[name] + parts[name].detach() for name in parts}
+    for name in full:
+        assert torch.allclose(halves[name], full[name].detach(), atol=1e-6), name
+    assert torch.allclose(torch.cat(grads), g_full, atol=1e-7)
 
 
 def test_unknown_loss_name_lists_the_valid_ones_sorted():

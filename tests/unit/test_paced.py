@@ -195,7 +195,7 @@ def test_every_registered_term_supports_row_weights():
 def test_weights_of_ones_equal_the_unweighted_path_exactly(name, dtype):
     term = _every_term()[name]
     plain = _token_inputs(seed=1, dtype=dtype, weight=False)
-    num_valid = term.rows(plain.target, plain.mask).sum()
+    num_valid = term.counts(plain.target, plain.mask)  # its rows' count; kd: [valid, labelled]
     ones = LossInputs(**{**plain.__dict__, "row_weight": torch.ones(3, dtype=dtype)})
     for n in (num_valid, None):
         a, b = term(plain, n), term(ones, n)

@@ -84,6 +84,29 @@ def test_gradient_accumulation_equals_one_big_batch(accum):
     assert one.last_losses == pytest.approx(many.last_losses, rel=1e-6)
 
 
+@pytest.mark.parametrize("accum", [2, 4, 8])
+def test_gradient_accumulation_equals_one_big_batch_for_kd_with_sparse_labels(accum):
+    """kd alone, one labelled row in five: micro-batches hold 0, 1 or more labelled rows, yet the CE
+    part is divided by the step's labelled rows and the KL part by its valid rows, as in one batch."""
+    base = _data(n=40)
+    y = torch.full((40,), -100)
+    y[2::5] = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(5))
+    data = ArrayDataset(base.x, y, base.index)
+    obj = Objective({"kd": KDLoss(2.0, 0.3)})
+    sgd = {"name": "sgd", "lr": 0.5, "momentum": 0.0}
+    one = fit(_model(), data, obj, _cfg(steps=6, optimizer=sgd), teacher=_teacher(), progress=False)
+    many = fit(
+        _model(),
+        data,
+        obj,
+        _cfg(steps=6, optimizer=sgd, grad_accum=accum),
+        teacher=_teacher(),
+        progress=False,
+    )
+    _same(one.model, many.model, exact=False, atol=2e-6)
+    assert one.last_losses == pytest.approx(many.last_losses, rel=1e-6)
+
+
 def test_requires_a_teacher_for_distillation_terms():
     with pytest.raises(ConfigError, match="need a teacher"):
         fit(_model(), _data(), _objective(), _cfg(), progress=False)

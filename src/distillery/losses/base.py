@@ -46,7 +46,9 @@ class LossTerm(nn.Module):
 
     A term declares which rows it averages over (:meth:`rows`), so the training loop can count them
     across gradient-accumulation steps and data-parallel ranks before any forward pass, and then
-    computes the sum over its rows divided by that global count (:meth:`forward`). The maths lives in
+    computes the sum over its rows divided by that global count (:meth:`forward`). A term whose parts
+    average over different rows (kd: KL over the valid rows, cross-entropy over the labelled ones)
+    declares several counts (:attr:`num_counts`, :meth:`counts`) and gets them all. The maths lives in
     :mod:`distillery.functional`; a term only picks the inputs and holds hyperparameters.
 
     Terms with ``supports_row_weight`` honour :attr:`LossInputs.row_weight`; the objective refuses
@@ -55,6 +57,9 @@ class LossTerm(nn.Module):
 
     needs_teacher: ClassVar[bool] = True
     supports_row_weight: ClassVar[bool] = False
+    # How many row counts normalise the term (see :meth:`counts`): one for most terms; kd has two,
+    # its valid rows (KL part) and its labelled rows (cross-entropy part).
+    num_counts: ClassVar[int] = 1
     # Terms that can also be computed from hidden states and LM heads, chunk by chunk over the
     # tokens, when the outputs carry no logits (see ``LM_HIDDEN``); ``chunk_size`` tokens per chunk.
     supports_hidden: ClassVar[bool] = False
@@ -63,6 +68,13 @@ class LossTerm(nn.Module):
     def rows(self, target: Tensor, mask: Tensor) -> Tensor:
         """Boolean ``[...]``: the rows this term averages over (default: every valid row)."""
         return mask
+
+    def counts(self, target: Tensor, mask: Tensor) -> Tensor:
+        """float64 counts of this micro-batch's rows that normalise the term, in the form
+        :meth:`forward` takes as ``num_valid``: a 0-d tensor (the number of :meth:`rows`) when
+        ``num_counts == 1``, else a ``[num_counts]`` vector. The objective sums them over the
+        micro-batches of a step and over the processes, and passes the sums to :meth:`forward`."""
+        return self.rows(target, mask).sum().to(torch.float64)
 
     def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
         raise NotImplementedError

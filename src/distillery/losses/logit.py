@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import Tensor
 
 from distillery import functional as DF
+from distillery.functional.kd import kd_loss_parts
 from distillery.losses.base import IGNORE_INDEX, LossInputs, LossTerm, TermConfig, labelled_rows
 
 
@@ -111,7 +112,8 @@ class ForwardKLLoss(LossTerm):
 
 
 class KDConfig(TermConfig):
-    """Hinton's KD: alpha * T^2 * KL + (1 - alpha) * CE per row (CE only on labelled rows)."""
+    """Hinton's KD: alpha * T^2 * KL averaged over the valid rows plus (1 - alpha) * CE averaged over
+    the labelled rows only (PyTorch's ``ignore_index`` convention)."""
 
     name: Literal["kd"] = "kd"
     temperature: float = Field(4.0, gt=0.0, description="student temperature (and teacher's by default)")
@@ -123,7 +125,13 @@ class KDConfig(TermConfig):
 
 
 class KDLoss(LossTerm):
+    """:func:`distillery.functional.kd_loss`: its KL part is divided by the step's valid rows and its
+    cross-entropy part by the step's labelled rows, so the term has two counts (``num_valid`` is the
+    pair ``[valid rows, labelled rows]``, as :meth:`counts` gives it); a masked row counts in neither.
+    """
+
     supports_row_weight: ClassVar[bool] = True
+    num_counts: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -138,22 +146,43 @@ class KDLoss(LossTerm):
         self.teacher_temperature = teacher_temperature
         self.vocab_size = vocab_size
 
-    def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
-        weighted = inputs.row_weight is not None
-        value = DF.kd_loss(
+    def counts(self, target: Tensor, mask: Tensor) -> Tensor:
+        """``[2]`` float64: the valid rows (KL part) and the labelled valid rows (cross-entropy part)."""
+        return torch.stack([mask.sum(), labelled_rows(target, mask).sum()]).to(torch.float64)
+
+    @staticmethod
+    def _split(num_valid: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        if num_valid is None:
+            return None, None
+        if not isinstance(num_valid, Tensor) or num_valid.shape != (2,):
+            raise ValueError(
+                "the kd term is normalised by two counts, num_valid=[valid rows, labelled rows] (see "
+                f"KDLoss.counts); got {num_valid!r}"
+            )
+        return num_valid[0], num_valid[1]
+
+    def forward(self, inputs: LossInputs, num_valid: Tensor | None = None) -> Tensor:
+        n_valid, n_labelled = self._split(num_valid)
+        args = (
             inputs.student_logits,
             self._teacher_logits(inputs),
             inputs.target,
             self.temperature,
             self.alpha,
-            teacher_temperature=self.teacher_temperature,
-            mask=inputs.mask,
-            reduction="none" if weighted else "mean",
-            num_valid=num_valid,
-            ignore_index=IGNORE_INDEX,
-            vocab_size=self.vocab_size,
         )
-        return self._weighted(value, inputs, inputs.mask, num_valid) if weighted else value
+        kw = {
+            "teacher_temperature": self.teacher_temperature,
+            "mask": inputs.mask,
+            "ignore_index": IGNORE_INDEX,
+            "vocab_size": self.vocab_size,
+        }
+        if inputs.row_weight is None:
+            return DF.kd_loss(*args, **kw, num_valid=n_valid, num_labelled=n_labelled)
+        distill, label = kd_loss_parts(*args, **kw)
+        labelled = labelled_rows(inputs.target, inputs.mask)
+        return self._weighted(distill, inputs, inputs.mask, n_valid) + self._weighted(
+            label, inputs, labelled, n_labelled
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ class Objective(nn.Module):
     The loop calls :meth:`counts` on every micro-batch of an optimizer step (and sums them over
     data-parallel ranks) before calling :meth:`forward`, so each term is divided by its *global*
     number of rows: gradient accumulation and data parallelism then give the gradient of one big
-    batch.
+    batch. The counts are one flat vector: one entry per term, or ``num_counts`` consecutive entries
+    for a term with several normalisers (kd: valid rows, labelled rows).
 
     Per-row weights (``inputs.row_weight``, e.g. PACED's pass-rate weights) apply to every term; each
     term is still divided by its global row count. A term that cannot weight its rows is an error.
@@ -37,6 +38,11 @@ class Objective(nn.Module):
         self.warmup_epochs = {k: float((warmup_epochs or {}).get(k, 0.0)) for k in terms}
         # (from_epoch, until_epoch): the term counts only inside this window of training
         self.windows = {k: tuple((windows or {}).get(k, (0.0, None))) for k in terms}
+        # where each term's counts sit in the flat vector of :meth:`counts`: (start, length)
+        starts = [0]
+        for term in self.terms.values():
+            starts.append(starts[-1] + term.num_counts)
+        self.spans = {k: (starts[i], starts[i + 1] - starts[i]) for i, k in enumerate(self.terms)}
 
     @property
     def names(self) -> list[str]:
@@ -47,8 +53,17 @@ class Objective(nn.Module):
         return any(term.needs_teacher for term in self.terms.values())
 
     def counts(self, target: Tensor, mask: Tensor) -> Tensor:
-        """``[n_terms]`` float64 counts of the rows each term averages over in this micro-batch."""
-        return torch.stack([term.rows(target, mask).sum().to(torch.float64) for term in self.terms.values()])
+        """Flat float64 vector of every term's row counts in this micro-batch (:meth:`LossTerm.counts`),
+        in term order: one entry per term, ``num_counts`` entries for a term with several."""
+        parts = []
+        for name, term in self.terms.items():
+            value = term.counts(target, mask).to(torch.float64).reshape(-1)
+            if value.numel() != term.num_counts:
+                raise ValueError(
+                    f"loss term {name!r} returned {value.numel()} counts but declares num_counts={term.num_counts}"
+                )
+            parts.append(value)
+        return torch.cat(parts)
 
     def weight_at(self, name: str, epoch: float) -> float:
         """The weight of term ``name`` at (fractional) ``epoch``: 0 outside its window, then a linear
@@ -61,8 +76,8 @@ class Objective(nn.Module):
         return self.weights[name] * factor
 
     def forward(self, inputs: LossInputs, num_valid: Tensor | None = None) -> dict[str, Tensor]:
-        """Unweighted value of every term; term k is its row sum divided by ``num_valid[k]`` (each row
-        scaled by ``inputs.row_weight`` when given)."""
+        """Unweighted value of every term: its row sum divided by its entries of ``num_valid`` (the
+        step's summed :meth:`counts`; each row scaled by ``inputs.row_weight`` when given)."""
         if inputs.row_weight is not None:
             unsupported = [name for name, term in self.terms.items() if not term.supports_row_weight]
             if unsupported:
@@ -71,8 +86,13 @@ class Objective(nn.Module):
                     "weight their rows; use terms over logits (ce, forward_kl, kd, jsd, ...) with them"
                 )
         parts = {}
-        for k, (name, term) in enumerate(self.terms.items()):
-            parts[name] = term(inputs, None if num_valid is None else num_valid[k])
+        for name, term in self.terms.items():
+            start, length = self.spans[name]
+            if num_valid is None:
+                counts = None
+            else:  # a 0-d count for a one-count term, as LossTerm.counts gives it
+                counts = num_valid[start] if length == 1 else num_valid[start : start + length]
+            parts[name] = term(inputs, counts)
         return parts
 
     def total(self, parts: Mapping[str, Tensor], epoch: float) -> Tensor:

@@ -32,11 +32,31 @@ def ce_row(s, y):
 
 
 def kd_row(s, t, y, T, alpha, T_teacher=None):
+    """kd_loss's per-row value (its "none" and "sum" reductions)."""
     Tt = T if T_teacher is None else T_teacher
     value = alpha * T * T * kl(softmax(t, Tt), softmax(s, T))
     if y is not None and y != -100:
         value += (1 - alpha) * ce_row(s, y)
     return value
+
+
+def kd_mean(students, teachers, targets, valid, T, alpha, T_teacher=None, num_valid=None, num_labelled=None):
+    """kd_loss's "mean" (PyTorch's ignore_index convention): alpha T^2 KL summed over the valid rows
+    and divided by their number, plus (1 - alpha) CE summed over the labelled valid rows and divided
+    by theirs."""
+    Tt = T if T_teacher is None else T_teacher
+    kl_sum, ce_sum, n_valid, n_labelled = 0.0, 0.0, 0, 0
+    for s, t, y, ok in zip(students, teachers, targets, valid):
+        if not ok:
+            continue
+        n_valid += 1
+        kl_sum += alpha * T * T * kl(softmax(t, Tt), softmax(s, T))
+        if y is not None and y != -100:
+            n_labelled += 1
+            ce_sum += (1 - alpha) * ce_row(s, y)
+    n_valid = n_valid if num_valid is None else num_valid
+    n_labelled = n_labelled if num_labelled is None else num_labelled
+    return kl_sum / max(n_valid, 1) + ce_sum / max(n_labelled, 1)
 
 
 def reduce(values, valid, reduction, num_valid=None):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from distillery.functional import forward_kl, kd_loss
+from distillery.functional.kd import kd_loss_parts
 from tests.unit.functional import reference as ref
 
 
@@ -34,7 +35,12 @@ def test_matches_naive_reference(shape, temperature, alpha, teacher_t, masked, r
         ref.kd_row(a, b, y, temperature, alpha, teacher_t)
         for a, b, y in zip(_rows(s), _rows(t), target.reshape(-1).tolist())
     ]
-    want = ref.reduce(values, valid, reduction)
+    if reduction == "mean":  # KL part over the valid rows, CE part over the labelled valid rows
+        want = ref.kd_mean(
+            _rows(s), _rows(t), target.reshape(-1).tolist(), valid, temperature, alpha, teacher_t
+        )
+    else:
+        want = ref.reduce(values, valid, reduction)
     if reduction == "none":
         assert torch.allclose(
             got.double().reshape(-1), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-4
@@ -73,8 +79,8 @@ def test_all_masked_returns_zero_with_zero_gradient():
     assert out.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
 
 
-def test_global_normaliser_makes_micro_batches_sum_to_the_full_batch_gradient():
-    """Four micro-batches of 2 rows with a global normaliser give the gradient of one batch of 8."""
+def test_global_normalisers_make_micro_batches_sum_to_the_full_batch_gradient():
+    """Four micro-batches of 2 rows with both global normalisers give the gradient of one batch of 8."""
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
     y = torch.tensor([1, -100, -100, 2, 0, -100, 5, 3])
@@ -82,9 +88,72 @@ def test_global_normaliser_makes_micro_batches_sum_to_the_full_batch_gradient():
     full = s.clone().requires_grad_()
     kd_loss(full, t, y, 2.0, 0.5, mask=mask).backward()
     parts = s.clone().requires_grad_()
-    n = mask.sum()
+    n, n_labelled = mask.sum(), (mask & (y != -100)).sum()
     for i in range(0, 8, 2):
         kd_loss(
-            parts[i : i + 2], t[i : i + 2], y[i : i + 2], 2.0, 0.5, mask=mask[i : i + 2], num_valid=n
+            parts[i : i + 2],
+            t[i : i + 2],
+            y[i : i + 2],
+            2.0,
+            0.5,
+            mask=mask[i : i + 2],
+            num_valid=n,
+            num_labelled=n_labelled,
         ).backward()
     assert torch.allclose(full.grad, parts.grad, atol=1e-7)
+
+
+def test_unlabelled_rows_split_unevenly_over_micro_batches_sum_to_the_full_batch():
+    """Micro-batches with 0, 1 and 3 labelled rows (and masked rows) sum to the whole batch's value."""
+    g = torch.Generator().manual_seed(11)
+    s, t = (
+        torch.randn(9, 5, generator=g, dtype=torch.float64),
+        torch.randn(9, 5, generator=g, dtype=torch.float64),
+    )
+    y = torch.tensor([-100, -100, -100, 4, -100, 0, 2, 1, -100])
+    mask = torch.tensor([True, True, False, True, True, True, True, True, False])
+    full = kd_loss(s, t, y, 3.0, 0.4, mask=mask)
+    n, n_labelled = mask.sum(), (mask & (y != -100)).sum()
+    total = sum(
+        kd_loss(s[p], t[p], y[p], 3.0, 0.4, mask=mask[p], num_valid=n, num_labelled=n_labelled)
+        for p in (slice(0, 3), slice(3, 5), slice(5, 9))
+    )
+    assert total.item() == pytest.approx(full.item(), rel=1e-12)
+
+
+def test_mean_follows_pytorch_ignore_index_convention():
+    """The CE part is F.cross_entropy(..., ignore_index=-100): the mean over the labelled rows only."""
+    g = torch.Generator().manual_seed(5)
+    s, t = (
+        torch.randn(7, 4, generator=g, dtype=torch.float64),
+        torch.randn(7, 4, generator=g, dtype=torch.float64),
+    )
+    y = torch.tensor([2, -100, -100, 0, -100, 3, -100])
+    mask = torch.tensor([True, True, True, True, False, False, True])  # row 5 is labelled but masked
+    keep = mask.nonzero().squeeze(-1)
+    ce = torch.nn.functional.cross_entropy(s[keep], y[keep], ignore_index=-100)
+    want = 0.3 * forward_kl(s[keep], t[keep], 2.0) + 0.7 * ce
+    assert kd_loss(s, t, y, 2.0, 0.3, mask=mask).item() == pytest.approx(want.item(), rel=1e-12)
+    # the previous convention (CE summed over labelled rows / all valid rows) is still one argument away
+    old = 0.3 * forward_kl(s[keep], t[keep], 2.0) + 0.7 * ce * 2 / 5
+    got = kd_loss(s, t, y, 2.0, 0.3, mask=mask, num_labelled=mask.sum())
+    assert got.item() == pytest.approx(old.item(), rel=1e-12)
+
+
+def test_parts_reproduce_mean_and_none():
+    g = torch.Generator().manual_seed(8)
+    s, t = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    y = torch.tensor([[1, -100, 3], [-100, -100, 0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    distill, label = kd_loss_parts(s, t, y, 2.0, 0.6, mask=mask)
+    labelled = mask & (y != -100)
+    assert torch.equal(label[~labelled], torch.zeros(int((~labelled).sum()))) and torch.all(
+        distill[~mask] == 0
+    )
+    mean = distill.sum() / mask.sum() + label.sum() / labelled.sum()
+    assert torch.allclose(kd_loss(s, t, y, 2.0, 0.6, mask=mask), mean, atol=1e-6)
+    assert torch.allclose(kd_loss(s, t, y, 2.0, 0.6, mask=mask, reduction="none"), distill + label)
+    distill, label = kd_loss_parts(s, t, None, 2.0, 0.6)
+    assert torch.equal(label, torch.zeros(2, 3)) and torch.allclose(
+        distill, kd_loss(s, t, None, 2.0, 0.6, reduction="none")
+    )
