@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,24 +18,21 @@ from tests.integration.ddp_setup import config, data, model, objective, teacher
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(
     args: list[str], tmp_path: Path, timeout: int = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with two CPU processes. ``--main_process_port 0`` lets the launcher bind a free
+    rendezvous port itself (standalone mode): no port is picked here and handed over, so no other process
+    can take it in between."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), *args,
+        "--main_process_port", "0", *args,
     ]  # fmt: skip
     env = {
         **os.environ,
         **(env or {}),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),  # the code under test, and tests/
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",
     }
@@ -48,7 +46,7 @@ def run_one_process(args: list[str], tmp_path: Path, env: dict | None = None) ->
     proc = subprocess.run(
         [sys.executable, "-m", "distillery", *args],
         cwd=tmp_path,
-        env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
+        env={**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
         capture_output=True,
         text=True,
         timeout=300,
@@ -132,3 +130,22 @@ def test_lm_run_under_two_processes_matches_one_process(tmp_path, chunked):
     one_w = load_file(str(tmp_path / "one" / "seed-0" / "distilled" / "model" / "model.safetensors"))
     for name, value in one_w.items():
         assert torch.allclose(ddp_w[name], value, atol=1e-4), name
+
+
+@pytest.mark.integration
+def test_launches_do_not_need_a_port_picked_in_advance(tmp_path):
+    """Two launches at once, each binding its own rendezvous port (port 0), while the launcher's
+    default port is taken: both run."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            taken.bind(("127.0.0.1", 29500))
+            taken.listen()
+        except OSError:
+            pass  # someone else holds it already, which is the point
+        outs = [tmp_path / f"ddp-{k}.safetensors" for k in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda out: launch([str(ROOT / "tests" / "integration" / "ddp_worker.py"), str(out)],
+                                             tmp_path), outs))  # fmt: skip
+    first, second = (load_file(str(out)) for out in outs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
