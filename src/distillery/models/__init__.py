@@ -14,17 +14,26 @@ from distillery.models.adapters import ClassifierAdapter, ModelOutput
 from distillery.models.cnn import CNNConfig, SmallCNN, build_cnn
 from distillery.models.ensemble import Ensemble
 from distillery.models.mlp import MLP, MLPConfig, build_mlp
+from distillery.models.pretrained import PretrainedClassifierConfig, build_pretrained_classifier
 
 # name -> (config model, builder(config, input_shape, num_classes))
 MODELS = {
     "mlp": (MLPConfig, build_mlp),
     "cnn": (CNNConfig, build_cnn),
+    "pretrained": (PretrainedClassifierConfig, build_pretrained_classifier),
 }
 
-ModelConfig = Annotated[MLPConfig | CNNConfig, Field(discriminator="name")]
+ModelConfig = Annotated[MLPConfig | CNNConfig | PretrainedClassifierConfig, Field(discriminator="name")]
 
 
-def build_model(cfg: MLPConfig | CNNConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def named_model(value):
+    """``{pretrained: <dir>}`` without a ``name`` is the pretrained architecture (YAML shorthand)."""
+    if isinstance(value, dict) and "name" not in value and "pretrained" in value:
+        return {"name": "pretrained", **value}
+    return value
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the architecture described by ``cfg`` for inputs of ``input_shape`` and ``num_classes``."""
     _, builder = MODELS[cfg.name]
     return builder(cfg, input_shape, num_classes)
@@ -43,7 +52,9 @@ __all__ = [
     "MLPConfig",
     "ModelConfig",
     "ModelOutput",
+    "PretrainedClassifierConfig",
     "SmallCNN",
     "build_model",
     "count_parameters",
+    "named_model",
 ]

@@ -23,6 +23,7 @@ from distillery.eval import classification_metrics, predict_logits
 from distillery.losses import build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models import ClassifierAdapter, Ensemble, build_model, count_parameters
+from distillery.models.pretrained import save_pretrained_student
 from distillery.report import fmt
 from distillery.tasks.base import (
     BASELINE,
@@ -62,13 +63,22 @@ SOURCE_HOW = {
 MEMBER_HEADERS = ["output", "accuracy %", "ECE %", "params", "latency ms (batch of 256)"]
 
 
+def _directory_state(path: str) -> list[tuple[str, int, int]] | None:
+    """Names, sizes and modification times of a local model directory's files (None: a hub id)."""
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    return [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()]  # fmt: skip
+
+
 def teacher_cache_key(cfg: ClassificationConfig, seed: int) -> dict[str, Any]:
     """Everything that determines a trained `frozen` teacher (the runner hashes it)."""
     t = cfg.teacher
-    data = cfg.data.model_dump(mode="json", include={"name", "labelled", "test", "split_seed"})
+    data = cfg.data.model_dump(mode="json", include={"name", "validation", "labelled", "test", "split_seed"})
     if cfg.data.label_noise is not None and cfg.data.label_noise.rate > 0:  # absent: clean keys unchanged
         data["label_noise"] = cfg.data.label_noise.model_dump(mode="json")
-    return {
+    key = {
         "kind": "classifier-teacher",
         "model": t.model.model_dump(mode="json"),
         "ensemble": t.ensemble,
@@ -76,6 +86,9 @@ def teacher_cache_key(cfg: ClassificationConfig, seed: int) -> dict[str, Any]:
         "data": data,
         "seed": seed,
     }
+    if t.model.name == "pretrained":  # a pretrained starting point: its files are part of the key
+        key["pretrained_files"] = _directory_state(t.model.pretrained)
+    return key
 
 
 class SeedData:
@@ -128,6 +141,8 @@ class ClassificationTask(BaseTask):
         if self.source != "frozen":
             return None
         t, seed = self.cfg.teacher, data.seed
+        if t.train is None and t.checkpoint is None:  # a pretrained classifier, as it is
+            return TeacherSpec(load=lambda: (self._build(t.model, data), t.model.pretrained))
         if t.checkpoint is not None:
 
             def load() -> tuple[nn.Module, str]:
@@ -312,6 +327,11 @@ class ClassificationTask(BaseTask):
                 "history": [],
             }
         }
+
+    def save(self, student: nn.Module, arm_dir: Path, data: SeedData) -> None:
+        """``student.safetensors``; a Hugging Face student also with ``save_pretrained`` in ``model/``."""
+        super().save(student, arm_dir, data)
+        save_pretrained_student(student, arm_dir / "model")
 
     # ---- report -----------------------------------------------------------------------------------
 

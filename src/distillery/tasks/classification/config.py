@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from distillery.configbase import StrictModel
 from distillery.data import ImageDataConfig
 from distillery.losses import LOSSES
-from distillery.models import ModelConfig
+from distillery.models import ModelConfig, named_model
 from distillery.models.exits import ExitConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig
 from distillery.train.config import TrainConfig
@@ -36,16 +36,26 @@ class FrozenTeacherConfig(StrictModel):
     cache: bool = Field(True, description="reuse a teacher trained earlier with the same settings")
     cache_dir: str | None = Field(None, description="teacher cache (default: ~/.cache/distillery/teachers)")
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _pretrained_shorthand(cls, value: Any) -> Any:
+        return named_model(value)
+
     @model_validator(mode="after")
     def _one_source(self) -> FrozenTeacherConfig:
         given = [k for k in ("train", "checkpoint") if getattr(self, k) is not None]
-        if len(given) != 1:
+        pretrained = self.model is not None and self.model.name == "pretrained"
+        if len(given) != 1 and not (pretrained and not given):
             raise ValueError(
                 "conflicting fields: give exactly one of teacher.train (train it first) or teacher.checkpoint "
-                f"(load weights); got {', '.join(given) or 'neither'}"
+                f"(load weights), or a pretrained teacher.model; got {', '.join(given) or 'neither'}"
             )
         if self.model is None:
             raise ValueError(f"conflicting fields: teacher.{given[0]} needs teacher.model (the architecture)")
+        if self.ensemble > 1 and pretrained and not given:
+            raise ValueError(
+                "conflicting fields: teacher.ensemble > 1 needs teacher.train (a pretrained teacher is loaded once)"
+            )
         if self.ensemble > 1 and self.checkpoint is not None:
             raise ValueError(
                 "conflicting fields: teacher.ensemble > 1 needs teacher.train (members are trained)"
@@ -130,6 +140,11 @@ class ClassificationConfig(DistillationConfigBase):
     teacher: TeacherConfig | None = None
     student: ModelConfig
     eval: ClassificationEvalConfig = Field(default_factory=ClassificationEvalConfig)
+
+    @field_validator("student", mode="before")
+    @classmethod
+    def _pretrained_student(cls, value: Any) -> Any:
+        return named_model(value)
 
     @field_validator("teacher", mode="before")
     @classmethod
