@@ -396,6 +396,16 @@ def test_paced_batches_reuse_pass_rates_for_every_steps():
     assert student.calls == 3
 
 
+def test_paced_batches_pass_batches_unchanged_before_from_step():
+    batch = _arith_batch([("1+1=", "2"), ("5+5=", "10")])
+    student = ScriptedStudent(SCRIPT)
+    transform = _paced(samples=4, from_step=3)
+    assert transform(batch, student, step=2) is batch and student.calls == 0  # no sampling, no weights
+    assert transform.metrics()["mean_weight"] == 0.0 and transform.rows_seen == 0
+    assert transform(batch, student, step=3)["row_weight"].tolist() == [0.75, 1.0]
+    assert student.calls == 1
+
+
 def _tiny_lm():
     import transformers
 
@@ -452,6 +462,7 @@ def test_paced_batches_validate_arguments():
         ({"a": -1.0}, "exponents must be >= 0"),
         ({"every": 0}, "every must be >= 1"),
         ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"from_step": -1}, "from_step must be >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             _paced(**kw)

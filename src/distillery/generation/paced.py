@@ -72,6 +72,10 @@ class PacedBatches:
         seed: seeds the samples, with the step and the batch contents.
         every: re-estimate a prompt's pass rate when it is at least this many steps old (1: every
             time the prompt is seen; larger values reuse the cached rate and sample only stale prompts).
+        from_step: steps before the weights apply; until then batches pass unchanged (no sampling,
+            every problem weight 1). A student that solves nothing has weight 0 on every problem and
+            would never learn, so a run from scratch trains plainly first (an option of ours: the paper
+            starts from a capable student).
         pad_id, eos_id: special ids (default: read from the student's config).
 
     Example:
@@ -104,6 +108,7 @@ class PacedBatches:
         top_p: float = 1.0,
         seed: int = 0,
         every: int = 1,
+        from_step: int = 0,
         pad_id: int | None = None,
         eos_id: int | None = None,
     ) -> None:
@@ -119,6 +124,8 @@ class PacedBatches:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if from_step < 0:
+            raise ValueError(f"from_step must be >= 0, got {from_step}")
         self.verify = verify
         self.tokenizer = tokenizer
         self.samples = int(samples)
@@ -128,6 +135,7 @@ class PacedBatches:
         self.top_p = float(top_p)
         self.seed = int(seed)
         self.every = int(every)
+        self.from_step = int(from_step)
         self.pad_id, self.eos_id = pad_id, eos_id
         self._cache: dict[tuple[int, ...], tuple[int, float]] = {}  # prompt ids -> (step, pass rate)
         self.rows_seen = 0
@@ -172,8 +180,11 @@ class PacedBatches:
             step: the optimizer step (0-based); with the batch contents it seeds the samples.
 
         Returns:
-            The same entries (the same tensors) plus ``row_weight [B]`` (float32, on the batch's device).
+            The same entries (the same tensors) plus ``row_weight [B]`` (float32, on the batch's device);
+            before ``from_step``, the batch itself.
         """
+        if step < self.from_step:
+            return batch
         module = as_module(student)
         pad_id, eos_id = special_token_ids(module, self.pad_id, self.eos_id)
         prompts = split_prompts(batch)

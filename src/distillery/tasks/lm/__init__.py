@@ -111,6 +111,7 @@ def method_data(cfg: LMRunConfig, data: dict, teacher: nn.Module, seed: int, con
             b=p.b,
             normalize=p.normalize,
             every=p.every,
+            from_step=p.from_step,
             pad_id=pad_id,
             eos_id=eos_id,
             **common,

@@ -66,6 +66,12 @@ class PacedConfig(StrictModel):
     every: int = Field(
         1, ge=1, description="re-estimate a prompt's pass rate once it is this many steps old (1: always)"
     )
+    from_step: int = Field(
+        0,
+        ge=0,
+        description="train without weights for this many steps first (a student that solves nothing has "
+        "weight 0 everywhere and would never learn)",
+    )
 
 
 class LMMethodConfig(StrictModel):
