@@ -60,3 +60,29 @@ def test_metrics_bundle_and_agreement():
     assert m["accuracy"] == pytest.approx(200 / 3)
     assert m["agreement"] == pytest.approx(200 / 3) and agreement(logits, logits) == 100.0
     assert m["nll"] > 0 and 0 <= m["ece"] <= 100
+
+
+def test_paired_wins_follow_the_metric_direction_and_ties_are_not_wins():
+    from types import SimpleNamespace
+
+    from distillery.experiment.summary import summarize
+    from distillery.tasks import Metric
+
+    def record(value):
+        return {"metrics": {"ppl": value}, "params": 1, "seconds": 0.0}
+
+    task = SimpleNamespace(
+        metrics=(Metric("ppl", "perplexity", higher_is_better=False),),
+        arms=lambda: ["baseline", "distilled"],
+        label=lambda arm: arm,
+    )
+    result = SimpleNamespace(
+        config=SimpleNamespace(name="t", task="toy", seeds=[0, 1, 2]),
+        task=task,
+        teachers={},
+        arms={"baseline": {0: record(10.0), 1: record(10.0), 2: record(10.0)},
+              "distilled": {0: record(9.0), 1: record(10.0), 2: record(11.0)}},  # better, tie, worse
+        seconds=0.0,
+    )  # fmt: skip
+    paired = summarize(result)["paired_distilled_minus_baseline"]["ppl"]
+    assert paired["better"] == 1 and paired["wins"] == 1 and paired["mean"] == 0.0  # wins: raw a > b count

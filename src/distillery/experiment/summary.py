@@ -81,7 +81,9 @@ def summarize(result) -> dict[str, Any]:
                     {s: r["metrics"][m.key] for s, r in by_seed.items()},
                     {s: r["metrics"][m.key] for s, r in base.items()},
                 )
-                stats["better"] = stats["wins"] if m.higher_is_better else stats["n"] - stats["wins"]
+                # seeds where the arm is strictly better than the baseline (a tie is not a win)
+                sign = 1.0 if m.higher_is_better else -1.0
+                stats["better"] = sum(sign * d > 0 for d in stats["per_seed"].values())
                 paired_by_arm[arm][m.key] = stats
     trained = [a for a in task.arms() if a != BASELINE and a in paired_by_arm]
     main_arm = trained[-1] if trained else None
