@@ -1,0 +1,65 @@
+"""Every shipped language-model recipe runs end to end through the CLI in a reduced setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distillery.cli import main
+from distillery.config import load_config
+from distillery.recipes import list_recipes
+
+ARITHMETIC = ["teacher.train.steps=6", "train.steps=6", "train.eval_every=3", "data.arithmetic.train=120",
+              "data.arithmetic.validation=10", "data.arithmetic.test=10", "--no-progress"]  # fmt: skip
+AUSTEN = ["teacher.train.steps=4", "train.steps=4", "train.eval_every=2", "data.max_train_blocks=48",
+          "data.max_eval_blocks=8", "data.seq_len=32", "data.tokenizer.vocab_size=300", "--no-progress"]  # fmt: skip
+RECIPES = {
+    "lm-arithmetic": ARITHMETIC,
+    "lm-seqkd": ARITHMETIC,
+    "lm-gkd": [*ARITHMETIC, "method.student_lambda=1.0"],  # every batch sampled by the student
+    "lm-speculative": ARITHMETIC,
+    "lm-paced": [*ARITHMETIC, "method.paced.from_step=3", "method.paced.every=1"],
+    "lm-fkl-then-rkl": [*AUSTEN, "train.log_every=1"],
+}
+
+
+def test_every_lm_recipe_is_listed_with_its_time():
+    listed = {r.name: r for r in list_recipes()}
+    for name in RECIPES:
+        assert name in listed, name
+        assert "minute" in listed[name].duration and "TIME" not in listed[name].duration, name
+        assert load_config(name).task == "lm"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_lm_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["run", recipe, *RECIPES[recipe], f"output.dir={out}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["models"]) == {"teacher", "baseline", "distilled"}
+    assert summary["paired_distilled_minus_baseline"]["perplexity"]["n"] == 1
+    assert "student KD" in capsys.readouterr().out
+    arm = out / "seed-0" / "distilled"
+    record = json.loads((arm / "result.json").read_text())
+    train = [json.loads(line) for line in (arm / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["split"] == "train"]
+    cfg = load_config(recipe)
+    if recipe != "lm-fkl-then-rkl":
+        assert 0.0 <= record["metrics"]["task_accuracy"] <= 100.0
+    if recipe == "lm-seqkd":
+        assert list((tmp_path / "cache" / "sequences").glob("seqkd-*.jsonl"))  # the teacher's answers, cached
+    if recipe in ("lm-gkd", "lm-speculative"):
+        assert record["sampling"]["on_policy_fraction"] == 1.0  # lambda 1: every batch sampled
+        assert cfg.method.name == {"lm-gkd": "on_policy", "lm-speculative": "speculative"}[recipe]
+    if recipe == "lm-speculative":
+        assert 0.0 <= record["sampling"]["acceptance_rate"] <= 1.0
+    if recipe == "lm-paced":
+        assert 0.0 <= record["sampling"]["mean_pass_rate"] <= 1.0  # weights from step 3 on
+    if recipe == "lm-fkl-then-rkl":  # forward KL before epoch 2, reverse KL from epoch 2 on
+        assert any(r["epoch"] < 2 for r in train) and any(r["epoch"] >= 2 for r in train)
+        for r in train:
+            divergence = r["forward_kl"] if r["epoch"] < 2 else r["reverse_kl"]
+            assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * divergence, rel=1e-6)
