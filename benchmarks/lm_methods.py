@@ -121,7 +121,11 @@ def run_task(task: str, args, console: Console) -> None:
             "data.max_eval_blocks=20",
         ]
         if task == "arithmetic":
-            common += ["data.arithmetic.train=300", "data.arithmetic.validation=20", "data.arithmetic.test=20"]
+            common += [
+                "data.arithmetic.train=300",
+                "data.arithmetic.validation=20",
+                "data.arithmetic.test=20",
+            ]
     t0 = time.perf_counter()
     per_arm: dict[str, dict[int, dict]] = {}
     for i, (arm, (loss, method)) in enumerate(arms_for(task).items()):
