@@ -19,6 +19,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from distillery.data import ClassificationData, load_classification_data
+from distillery.errors import ConfigError
 from distillery.eval import classification_metrics, predict_logits
 from distillery.losses import build_objective
 from distillery.losses.logit import CrossEntropyConfig
@@ -146,8 +147,6 @@ class ClassificationTask(BaseTask):
         if t.checkpoint is not None:
 
             def load() -> tuple[nn.Module, str]:
-                from distillery.errors import ConfigError
-
                 path = Path(t.checkpoint)
                 if not path.is_file():
                     raise ConfigError(f"teacher.checkpoint {path} does not exist")
