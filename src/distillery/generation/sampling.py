@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from distillery.data.base import UNLABELLED
-from distillery.data.text.collate import pad_left, pad_right
+from distillery.data.text.collate import collate_prompts, pad_left, pad_right, special_ids
+from distillery.data.text.jsonl import DataFormatError, PromptResponse
 
 # Bump when a change here makes previously stored teacher generations stale.
 GENERATIONS_FORMAT = 1
@@ -386,9 +387,6 @@ def sequence_level_pairs(
     Returns:
         :class:`~distillery.data.text.PromptResponse` pairs for :meth:`TokenDataset.from_pairs`.
     """
-    from distillery.data.text.collate import collate_prompts, special_ids
-    from distillery.data.text.jsonl import DataFormatError, PromptResponse
-
     module = as_module(teacher)
     texts = [p if isinstance(p, str) else p[0] if isinstance(p, tuple) else p.prompt for p in prompts]
     _, _, eos_id = special_ids(tokenizer)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from distillery.models.adapters import ClassifierAdapter
+from distillery.models.hf import hf_task
 from distillery.teachers.base import BaseTeacher, TeacherOutput
 
 
@@ -67,8 +68,6 @@ class FrozenTeacher(BaseTeacher):
         (``AutoModelForSequenceClassification``) or ``"causal-lm"`` (``AutoModelForCausalLM``).
         Keyword arguments go to ``from_pretrained``.
         """
-        from distillery.models.hf import hf_task
-
         auto_cls, adapter_cls = hf_task(task)
         model = auto_cls.from_pretrained(name_or_path, **kwargs)
         return cls(model, adapter_cls())
