@@ -24,3 +24,13 @@ def _torch_defaults():
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests run only when selected (``-m slow``); the default suite skips them, saying so."""
+    if config.option.markexpr:
+        return
+    skip = pytest.mark.skip(reason="slow: longer run outside the default suite (select with -m slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,13 +1,18 @@
 """Command line: ``distillery run | recipes | eval``.
 
 User errors (bad config, missing files, data not found) print a short message and exit with code 2;
-``--debug`` shows the traceback. Ctrl-C during training writes a checkpoint and exits with 130.
+``--debug`` shows the traceback. Ctrl-C (SIGINT) during training writes a checkpoint and exits with
+130, SIGTERM the same with 143; a full disk says which file could not be written (exit 2), and the run
+resumes with ``--resume`` once there is space.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
+import threading
 import traceback
 
 from rich.console import Console
@@ -120,6 +125,18 @@ def _flags_first(argv: list[str]) -> list[str]:
     return head + [a for a in tail if a.startswith("-")] + [a for a in tail if not a.startswith("-")]
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside training (training handles it itself: it checkpoints, then stops)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+# Errors of the machine rather than of the code: the user fixes them by freeing space or quota.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     ns = parser.parse_args(_flags_first(list(sys.argv[1:] if argv is None else argv)))
@@ -130,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if ns.command == "run":
             return _cmd_run(ns, console)
@@ -140,9 +159,24 @@ def main(argv: list[str] | None = None) -> int:
         if ns.debug:
             traceback.print_exc()
         err.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
-        if exc.exit_code == 130:
+        if exc.exit_code in (130, 143):
             err.print("resume with the same command and --resume")
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        if ns.debug:
+            traceback.print_exc()
+        err.print(
+            f"[bold red]error:[/bold red] {exc.strerror} while writing {exc.filename or 'a file'}; free some space, "
+            "then continue with the same command and --resume (completed arms and checkpoints are kept)",
+            markup=True,
+            highlight=False,
+        )
+        return 2
+    except _Terminated:
+        err.print("terminated (SIGTERM)")
+        return 143
     except KeyboardInterrupt:
         if ns.debug:
             traceback.print_exc()

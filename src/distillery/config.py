@@ -48,6 +48,30 @@ RunConfig = Annotated[
 # ----------------------------------------------------------------------------------------------------
 
 
+# A run config is a few hundred values. YAML aliases can make a file of a few hundred bytes expand
+# to billions of values ("billion laughs") when the config is copied or merged: such files are refused.
+MAX_CONFIG_NODES = 100_000
+
+
+def expanded_size(data: Any) -> int:
+    """How many values ``data`` holds once every YAML alias is written out (counted without expanding)."""
+    memo: dict[int, int] = {}
+
+    def size(x: Any) -> int:
+        if isinstance(x, dict):
+            items = [*x.keys(), *x.values()]
+        elif isinstance(x, (list, tuple)):
+            items = list(x)
+        else:
+            return 1
+        if id(x) not in memo:
+            memo[id(x)] = 0  # a self-referencing alias counts once (and is refused by validation)
+            memo[id(x)] = 1 + sum(size(v) for v in items)
+        return memo[id(x)]
+
+    return size(data)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -58,6 +82,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if data is None:
         return {}
+    if (size := expanded_size(data)) > MAX_CONFIG_NODES:
+        raise ConfigError(
+            f"{path} expands to {size:,} values through its YAML aliases (*name), more than the "
+            f"{MAX_CONFIG_NODES:,} a run config may hold; write the values out instead of nesting aliases"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path} must hold a mapping of sections (data, teacher, student, ...); got {type(data).__name__}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from distillery.experiment.rundir import start_run, write_atomic
 from distillery.experiment.summary import print_summary, summarize, write_report
 from distillery.models import count_parameters
 from distillery.tasks import RunConfigBase, RunContext, Task, TeacherSpec, task_class
-from distillery.teachers import TeacherStore, teacher_key, training_code_version
+from distillery.teachers import DamagedTeacherError, TeacherStore, teacher_key, training_code_version
 from distillery.train import fit
 
 
@@ -63,26 +64,83 @@ class RunResult:
 
 
 def obtain_teacher(spec: TeacherSpec, seed: int, context: RunContext) -> tuple[nn.Module, dict[str, Any]]:
-    """The teacher of ``spec``: loaded, reused from the cache, or trained now (and cached)."""
-    acc = context.accelerator
+    """The teacher of ``spec``: loaded, reused from the cache, or trained now (and cached).
+
+    The main process does the cache's IO. It trains a teacher only while holding the key's lock
+    (:meth:`TeacherStore.lock`), and looks in the cache again once it has the lock, so that two runs
+    needing the same teacher train it once; a damaged entry is moved aside and the teacher trained
+    again. The other processes of a data-parallel run follow its decision: they load the entry it
+    found, or train alongside it.
+    """
+    acc, console = context.accelerator, context.console
     if spec.load is not None:
         model, source = spec.load()
         return model, {"source": source, "cached": False, "seconds": 0.0}
     store = TeacherStore(spec.cache_dir)
     key = teacher_key(spec.cache_key)
-    if spec.cache and store.has(key):
-        model = spec.build()
-        store.load(key, model)
-        return model, {"source": str(store.path(key)), "cache_key": key, "cached": True, "seconds": 0.0}
-    t0 = time.perf_counter()
-    model = spec.train()
-    seconds = time.perf_counter() - t0
-    info = {"cache_key": key, "cached": False, "seconds": seconds}
-    if spec.cache and acc.is_main_process:
-        meta = {"seed": seed, "seconds": seconds, "code": training_code_version(), "payload": spec.cache_key}
-        info["source"] = str(store.save(key, model, meta))
-    acc.wait_for_everyone()
+    with ExitStack() as held:
+        model = None
+        if spec.cache and acc.is_main_process:
+            model = _cached_teacher(spec, store, key, seed, console)
+            if model is None:
+
+                def waiting(owner: str) -> None:
+                    console.print(
+                        f"  seed {seed} teacher: waiting for another process ({owner}) training this teacher",
+                        soft_wrap=True,
+                    )
+
+                held.enter_context(store.lock(key, on_wait=waiting))
+                model = _cached_teacher(spec, store, key, seed, console)  # finished meanwhile?
+                if model is not None:
+                    console.print(f"  seed {seed} teacher: trained by another process", soft_wrap=True)
+        cached = model is not None
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            holder = [cached]
+            broadcast_object_list(holder)
+            cached = holder[0]
+        if cached:
+            if model is None:  # not the main process: load what it found
+                model = spec.build()
+                store.load(key, model)
+            return model, {"source": str(store.path(key)), "cache_key": key, "cached": True, "seconds": 0.0}
+        t0 = time.perf_counter()
+        model = spec.train()
+        seconds = time.perf_counter() - t0
+        info = {"cache_key": key, "cached": False, "seconds": seconds}
+        if spec.cache and acc.is_main_process:
+            meta = {
+                "seed": seed,
+                "seconds": seconds,
+                "code": training_code_version(),
+                "payload": spec.cache_key,
+            }
+            info["source"] = str(store.save(key, model, meta))
+        acc.wait_for_everyone()
     return model, info
+
+
+def _cached_teacher(
+    spec: TeacherSpec, store: TeacherStore, key: str, seed: int, console: Console
+) -> nn.Module | None:
+    """The cached teacher of ``key``, or None if there is none (a damaged one is moved aside)."""
+    if not store.has(key):
+        return None
+    model = spec.build()
+    try:
+        store.load(key, model)
+    except DamagedTeacherError as exc:
+        moved = store.quarantine(key)
+        console.print(
+            f"  seed {seed} teacher: the cached teacher is damaged ({exc.path}: {exc.problem}); "
+            f"moved it aside to {moved} and training it again",
+            soft_wrap=True,
+            markup=False,
+        )
+        return None
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,7 +166,18 @@ def run(
     accelerator=None,
 ) -> RunResult:
     """Execute a run config of any task; see the module docstring for what it writes."""
-    context = start_run(cfg, resume, console, progress, accelerator)
+    context, folder = start_run(cfg, resume, console, progress, accelerator)
+    failed = True
+    try:
+        result = _run(cfg, context, resume)
+        failed = False
+        return result
+    finally:
+        # a run that fails before writing anything resumable leaves no folder behind
+        folder.close(failed=failed)
+
+
+def _run(cfg: RunConfigBase, context: RunContext, resume: bool) -> RunResult:
     acc, console, run_dir = context.accelerator, context.console, context.run_dir
     main = acc.is_main_process
     t_start = time.perf_counter()

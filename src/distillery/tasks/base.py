@@ -122,6 +122,15 @@ class RunConfigBase(StrictModel):
             data = {**data, "baseline": base}
         return data
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str) -> str:
+        if set(name) == {"."}:
+            raise ValueError(
+                f"name {name!r} would put the run outside output.root; use letters, digits, '_', '-' and '.'"
+            )
+        return name
+
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, seeds: list[int]) -> list[int]:

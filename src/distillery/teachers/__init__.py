@@ -3,11 +3,18 @@
 from distillery.teachers.base import BaseTeacher, Teacher, TeacherOutput
 from distillery.teachers.cached import CachedTeacher
 from distillery.teachers.frozen import FrozenTeacher
-from distillery.teachers.store import TeacherStore, config_hash, teacher_key, training_code_version
+from distillery.teachers.store import (
+    DamagedTeacherError,
+    TeacherStore,
+    config_hash,
+    teacher_key,
+    training_code_version,
+)
 
 __all__ = [
     "BaseTeacher",
     "CachedTeacher",
+    "DamagedTeacherError",
     "FrozenTeacher",
     "Teacher",
     "TeacherOutput",

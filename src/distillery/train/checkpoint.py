@@ -1,10 +1,17 @@
-"""Checkpoints: safetensors weights plus optimizer/scheduler/RNG state, written atomically.
+"""Checkpoints: safetensors weights plus optimizer/scheduler/RNG state, checksummed and written
+atomically.
 
 Layout: ``<run_dir>/checkpoints/step-00000123/`` holding ``model.safetensors``, ``optimizer.pt``,
-``trainer.pt`` (step, scheduler, teacher and objective state) and ``rng-rank<r>.pt``. A checkpoint is
-assembled in a temporary directory and renamed into place, so a crash or Ctrl-C never leaves a
-half-written one; everything is loaded with ``torch.load(weights_only=True)``, which cannot execute
-code.
+``trainer.pt`` (step, scheduler, teacher and objective state), ``rng-rank<r>.pt`` (one per process)
+and ``MANIFEST.json`` (the sha256 and size of every other file, written last). A checkpoint is
+assembled in a temporary folder ``.step-00000123.tmp``, flushed to disk and renamed into place, so a
+crash, a power loss or Ctrl-C never leaves a half-written one under a ``step-`` name.
+
+On resume, :func:`find_resumable` checks the checkpoints newest first against their manifests and
+takes the newest intact one, saying which damaged ones it skipped. A ``step-`` folder without a
+manifest was written by a distillery older than the manifests: it is taken as it is, with a note that
+it is unverified. Everything is loaded with ``torch.load(weights_only=True)``, which cannot execute
+code; a file that does not decode is a :class:`DamagedCheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -12,15 +19,32 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from distillery.errors import ConfigError, DistilleryError
+from distillery.fileio import (
+    MANIFEST,
+    DamagedFileError,
+    fsync_tree,
+    replace_durable,
+    verify_manifest,
+    write_manifest,
+)
+
 PREFIX = "step-"
+
+T = TypeVar("T")
+
+
+class DamagedCheckpointError(DistilleryError):
+    """No checkpoint of a run can be resumed from, or one of its files does not decode."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -53,6 +77,7 @@ def _as_tuple(x):
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The finished checkpoint folders of a run, oldest first (temporary ``.step-*`` folders excluded)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -65,12 +90,52 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint folder, unverified (see :func:`find_resumable` for the checked one)."""
     dirs = checkpoint_dirs(run_dir)
     return dirs[-1] if dirs else None
 
 
 def step_of(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
+
+
+def find_resumable(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of ``run_dir`` whose files match its manifest, and a message for each
+    damaged one skipped on the way (or for an unverified one written before manifests existed).
+
+    Returns ``(None, [])`` when the run has no checkpoint. Raises :class:`DamagedCheckpointError`,
+    naming every damaged file, when there are checkpoints but none is intact.
+    """
+    damaged: list[tuple[Path, DamagedFileError]] = []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        if not (ckpt / MANIFEST).is_file():  # written by a distillery older than the manifests
+            notes = _skipped(damaged, ckpt)
+            notes.append(
+                f"checkpoint {ckpt.name} has no {MANIFEST} (written by an older distillery): "
+                "resuming from it unverified"
+            )
+            return ckpt, notes
+        try:
+            verify_manifest(ckpt)
+        except DamagedFileError as exc:
+            damaged.append((ckpt, exc))
+            continue
+        return ckpt, _skipped(damaged, ckpt)
+    if damaged:
+        root = Path(run_dir) / "checkpoints"
+        found = "; ".join(f"{ckpt.name}: {exc}" for ckpt, exc in damaged)
+        raise DamagedCheckpointError(
+            f"every checkpoint in {root} is damaged ({found}). Delete {root} to train this arm again "
+            "from the start, or delete the run folder and run again without --resume"
+        )
+    return None, []
+
+
+def _skipped(damaged: list[tuple[Path, DamagedFileError]], used: Path) -> list[str]:
+    return [
+        f"checkpoint {ckpt.name} is damaged: {exc}; resuming from {used.name} instead"
+        for ckpt, exc in damaged
+    ]
 
 
 class CheckpointWriter:
@@ -91,39 +156,71 @@ class CheckpointWriter:
     ) -> Path:
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f".{PREFIX}{step:08d}.tmp"
-        if self.acc.is_main_process:
+        main = self.acc.is_main_process
+        if main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         self.acc.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-rank{self.acc.process_index}.pt")
-        if self.acc.is_main_process:
+        if main:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save({"step": step, "scheduler": scheduler.state_dict(), **extra}, tmp / "trainer.pt")
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
+        self.acc.wait_for_everyone()  # every process's RNG file is in tmp before the manifest lists them
+        if main:
+            write_manifest(tmp)
+            fsync_tree(tmp)
+            # The same step again (Ctrl-C just after a scheduled checkpoint, or a damaged one being
+            # rewritten after a resume skipped it): move the old folder aside rather than delete it first.
+            old = self.root / f".{PREFIX}{step:08d}.old"
             if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in checkpoint_dirs(self.root.parent)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            replace_durable(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            # Keep the newest `keep` up to this step; newer ones are damaged ones a resume skipped, left
+            # for the user to inspect until this run writes over them.
+            done = [d for d in checkpoint_dirs(self.root.parent) if step_of(d) <= step]
+            for stale in done[: -self.keep]:
+                shutil.rmtree(stale, ignore_errors=True)
         self.acc.wait_for_everyone()
         return final
+
+
+def _read(path: Path, read: Callable[[Path], T]) -> T:
+    """``read(path)``, with a file that is missing or does not decode turned into a user error."""
+    try:
+        return read(path)
+    except Exception as exc:  # garbage makes the decoders raise almost anything
+        problem = (
+            "missing"
+            if isinstance(exc, FileNotFoundError)
+            else f"cannot be read ({type(exc).__name__}: {exc})"
+        )
+        raise DamagedCheckpointError(
+            f"checkpoint file {path} is {problem}; delete {path.parent} to resume from the checkpoint "
+            f"before it, or {path.parent.parent} to train this arm again from the start"
+        ) from exc
 
 
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, process_index: int = 0
 ) -> dict[str, Any]:
     """Restore model/optimizer/scheduler/RNG from ``path``; return the trainer state (step, extras)."""
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    trainer = torch.load(path / "trainer.pt", weights_only=True)
-    scheduler.load_state_dict(trainer["scheduler"])
+    path = Path(path)
     rng_file = path / f"rng-rank{process_index}.pt"
     if not rng_file.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"{rng_file} is missing: the checkpoint was written by fewer processes than are resuming it"
         )
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    _read(path / "model.safetensors", lambda p: load_model(model, str(p)))
+    optimizer.load_state_dict(_read(path / "optimizer.pt", _load_plain))
+    trainer = _read(path / "trainer.pt", _load_plain)
+    scheduler.load_state_dict(trainer["scheduler"])
+    set_rng_state(_read(rng_file, _load_plain))
     return trainer
+
+
+def _load_plain(path: Path) -> Any:
+    return torch.load(path, weights_only=True)

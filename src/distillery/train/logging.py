@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from distillery.fileio import write_atomic
 
 
 class MetricLog:
@@ -26,15 +27,16 @@ class MetricLog:
                     Path(run_dir) / "tensorboard", required=tensorboard is True
                 )
 
-    def truncate(self, step: int) -> None:
+    def truncate(self, step: int) -> int:
+        """Keep the records of steps ``<= step`` (``0``: start the log afresh). A line that is not a
+        complete JSON record -- the torn end of a write cut short by a crash or a full disk -- is
+        dropped; returns how many lines were dropped that way."""
         if self.path is None or not self.path.is_file():
-            return
-        keep = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+            return 0
+        records, torn = _parse(self.path.read_text())
+        keep = [line for line, rec in records if rec["step"] <= step]
+        write_atomic(self.path, "".join(line + "\n" for line in keep))
+        return torn
 
     def log(self, step: int, split: str, values: dict[str, Any]) -> None:
         if self.path is None:
@@ -53,11 +55,29 @@ class MetricLog:
             self._writer = None
 
 
+def _parse(text: str) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """The complete records of a metrics log as (line, record), and the number of torn lines."""
+    records, torn = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            records.append((line, rec))
+        else:
+            torn += 1
+    return records, torn
+
+
 def read_metrics(run_dir: Path, split: str | None = None) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    records = [rec for _, rec in _parse(path.read_text())[0]]
     return [r for r in records if split is None or r["split"] == split]
 
 

@@ -7,9 +7,10 @@ Per optimizer step:
 2. count, for each loss term, its rows over the whole step (all micro-batches, all processes);
 3. for each micro-batch: student forward, teacher (only if a term needs it), ``teacher.observe``, loss terms
    divided by the global counts, backward (gradient sync only on the last micro-batch);
-4. stop with a message if any loss part is not finite (before the weights change);
+4. stop with a message if any loss part or gradient is not finite (before the weights change);
 5. clip, optimizer and scheduler step; ``teacher.update(student, step)``;
-6. log, evaluate and checkpoint on their schedules; on Ctrl-C, checkpoint and stop.
+6. log, evaluate and checkpoint on their schedules (a checkpoint is written only of finite weights);
+   on Ctrl-C or SIGTERM (agreed by all processes), checkpoint and stop.
 """
 
 from __future__ import annotations
@@ -29,11 +30,18 @@ from torch import Tensor, nn
 
 from distillery.data.augment import augment_batch
 from distillery.errors import ConfigError, NonFiniteLossError, RunInterrupted
+from distillery.fileio import is_finite_tree
 from distillery.functional.paced import expand_row_weight
 from distillery.losses import LossInputs, Objective
 from distillery.models.adapters import ROW_WEIGHT_KEY, ClassifierAdapter
 from distillery.train.batches import BatchPlan
-from distillery.train.checkpoint import CheckpointWriter, latest_checkpoint, load_checkpoint, step_of
+from distillery.train.checkpoint import (
+    CheckpointWriter,
+    find_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    step_of,
+)
 from distillery.train.config import TrainConfig
 from distillery.train.logging import MetricLog
 from distillery.train.progress import TrainProgress
@@ -61,25 +69,51 @@ def make_accelerator():
 
 
 class _StopFlag:
-    """Turns the first Ctrl-C into a request to stop after the current step (a second one aborts)."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current step (a
+    second Ctrl-C aborts at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+def _finite_grads(params: list[nn.Parameter]) -> bool:
+    """Whether every gradient is finite (one device sync for all of them)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def _finite_checkpoint_note(run_dir: Path | None) -> str:
+    """Where the newest checkpoint is: every checkpoint holds finite weights (they are checked before
+    they are written)."""
+    if run_dir is None:
+        return ""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return "; no checkpoint was written before it (the arm restarts from its first step)"
+    return f"; the last good checkpoint (finite weights) is {ckpt} (step {step_of(ckpt)}): --resume continues from it"
 
 
 def _to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
@@ -138,7 +172,8 @@ def fit(
             with sampled ones here); it must be deterministic given ``step`` for exact resumption. A
             ``"row_weight"`` key ``[B]`` in the batch (PACED) scales each example's loss rows; models
             never see it (adapters read only their own keys).
-        resume: continue from the last checkpoint in ``run_dir`` if there is one.
+        resume: continue from the newest intact checkpoint in ``run_dir`` if there is one (damaged
+            ones are skipped with a printed note; all damaged is a ``DamagedCheckpointError``).
         accelerator: an ``accelerate.Accelerator`` (default: one for this process).
         progress: show a progress bar (main process only).
         label: name shown on the progress bar.
@@ -178,16 +213,29 @@ def fit(
     start = 0
     resumed_from = None
     history: list[dict[str, Any]] = []
-    if resume and run_dir is not None and (ckpt := latest_checkpoint(run_dir)) is not None:
-        state = load_checkpoint(ckpt, raw_model, optimizer, scheduler, rank)
-        start = resumed_from = int(state["step"])
-        if start > total_steps:
-            raise ConfigError(f"checkpoint {ckpt} is at step {start}, beyond this run's {total_steps} steps")
-        if teacher is not None:
-            teacher.load_state_dict(state.get("teacher", {}))
-        objective.load_state_dict(state.get("objective", {}))
-        history = list(state.get("history", []))
-        log.truncate(start)
+    if resume and run_dir is not None:
+        # the newest checkpoint that matches its checksums; say which damaged ones were skipped
+        ckpt, notes = find_resumable(run_dir)
+        for note in notes:
+            acc.print(f"  {label}: {note}")
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, raw_model, optimizer, scheduler, rank)
+            start = resumed_from = int(state["step"])
+            if start > total_steps:
+                raise ConfigError(
+                    f"checkpoint {ckpt} is at step {start}, beyond this run's {total_steps} steps"
+                )
+            if teacher is not None:
+                teacher.load_state_dict(state.get("teacher", {}))
+            objective.load_state_dict(state.get("objective", {}))
+            history = list(state.get("history", []))
+
+    if resume and run_dir is not None:
+        # Resumed from a checkpoint: the records after it go. No checkpoint: the arm restarts from
+        # its first step, and so does its log (never a second history appended to the first).
+        torn = log.truncate(start)
+        if torn:
+            acc.print(f"  {label}: dropped {torn} incomplete line(s) of {log.path} (a write cut short)")
 
     def extra_state() -> dict[str, Any]:
         return {
@@ -195,6 +243,18 @@ def fit(
             "objective": objective.state_dict(),
             "history": history,
         }
+
+    def save_finite(step: int) -> Path:
+        """Checkpoint, unless the weights are not finite: a checkpoint always holds good weights."""
+        if not is_finite_tree(raw_model.state_dict().values()):
+            raise NonFiniteLossError(
+                f"step {step} made the model's weights non-finite (NaN or infinite) although its loss "
+                f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}) and gradients were finite; "
+                "they were not checkpointed"
+                + _finite_checkpoint_note(run_dir)
+                + ". Try a lower learning rate or gradient clipping (train.clip_grad_norm)."
+            )
+        return writer.save(step, raw_model, optimizer, scheduler, extra_state())
 
     def run_eval(step: int) -> None:
         if evaluate is None or not acc.is_main_process:
@@ -265,13 +325,17 @@ def fit(
                 if bad:
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step + 1} in part(s) {', '.join(bad)} "
-                        f"({', '.join(f'{k}={values[k]}' for k in bad)}); the weights were not updated"
-                        + (
-                            f"; the last good checkpoint is kept in {run_dir / 'checkpoints'}"
-                            if run_dir is not None
-                            else ""
-                        )
+                        f"({', '.join(f'{k}={values[k]}' for k in bad)}); this step changed no weight"
+                        + _finite_checkpoint_note(run_dir)
                         + ". Try a lower learning rate or gradient clipping (train.clip_grad_norm)."
+                    )
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                if not _finite_grads(params):
+                    raise NonFiniteLossError(
+                        f"non-finite gradients at step {step + 1} (the loss parts were finite: "
+                        f"{', '.join(f'{k}={v:.4g}' for k, v in values.items())}); this step changed no weight"
+                        + _finite_checkpoint_note(run_dir)
+                        + ". Try a lower learning rate, gradient clipping (train.clip_grad_norm) or fp32."
                     )
                 if config.clip_grad_norm is not None:
                     acc.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
@@ -296,15 +360,23 @@ def fit(
                 if writer is not None and (
                     step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
                 ):
-                    writer.save(step, raw_model, optimizer, scheduler, extra_state())
+                    save_finite(step)
                 if on_step is not None:
                     on_step(step)
-                if stop.requested and step < total_steps:
+                requested = stop.requested
+                if world > 1:  # every process stops after the same step, whichever got the signal
+                    flag = torch.tensor([float(requested)], device=acc.device)
+                    requested = bool(acc.reduce(flag, "sum").item() > 0)
+                if requested and step < total_steps:
                     where = ""
                     if writer is not None:
-                        path = writer.save(step, raw_model, optimizer, scheduler, extra_state())
+                        path = save_finite(step)
                         where = f"; checkpoint written to {path}"
-                    raise RunInterrupted(f"interrupted after step {step} of {total_steps}{where}")
+                    what = "stopped by SIGTERM" if stop.signum == signal.SIGTERM else "interrupted"
+                    error = RunInterrupted(f"{what} after step {step} of {total_steps}{where}")
+                    if stop.signum == signal.SIGTERM:
+                        error.exit_code = 143
+                    raise error
     finally:
         bar.close()
         log.close()

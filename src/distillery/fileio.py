@@ -1,0 +1,157 @@
+"""Durable file writes and checksummed folders: the bottom layer every writer of the run folder,
+the checkpoints and the teacher cache uses.
+
+* :func:`write_atomic` / :func:`replace_durable`: write beside the target, ``fsync`` the file, rename
+  it into place, ``fsync`` the directory -- after a crash or power loss a reader sees the old file
+  or the new one, never a mixture.
+* :func:`write_manifest` / :func:`verify_manifest`: a ``MANIFEST.json`` holding the sha256 and size
+  of every other file of a folder, written last; a folder whose manifest is missing or disagrees with
+  its files is damaged, and the error names the file.
+* :data:`HOOKS`: test hooks called between writing a temporary file or folder and renaming it into
+  place (the fault suite stops a process exactly there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+MANIFEST = "MANIFEST.json"
+
+# name -> callables run with the temporary path just before it is renamed into place. Empty in
+# normal use; the fault-injection tests add one to kill the process inside a write.
+HOOKS: dict[str, list[Callable[[Path], None]]] = {"before_rename": []}
+
+
+class DamagedFileError(Exception):
+    """A file of a checksummed folder is missing, truncated or altered (``path`` names it)."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (a rename or a new file in it) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_tree(path: Path) -> None:
+    """``fsync`` every file of a folder and the folder itself (before renaming it into place)."""
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            fsync_file(p)
+    fsync_dir(path)
+
+
+def replace_durable(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary file or folder onto ``final`` and make the rename durable."""
+    for hook in HOOKS["before_rename"]:
+        hook(tmp)
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    mode = "wb" if isinstance(text, bytes) else "w"
+    with open(tmp, mode) as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    replace_durable(tmp, path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict[str, dict[str, int | str]]:
+    """Checksum every file under ``folder`` (the manifest itself aside) into ``folder/MANIFEST.json``.
+
+    Call it last, once every other file is complete: a folder without a manifest was never finished.
+    """
+    folder = Path(folder)
+    files = {
+        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    path = folder / MANIFEST
+    with open(path, "w") as fh:
+        json.dump({"format": 1, "files": files}, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return files
+
+
+def verify_manifest(folder: Path) -> None:
+    """Raise :class:`DamagedFileError` naming the first file of ``folder`` that is missing or differs
+    from its manifest entry (or the manifest, when it is missing or unreadable)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise DamagedFileError(path, "the checksum manifest is missing (the folder was never completed)")
+    try:
+        files = json.loads(path.read_text())["files"]
+        entries = {str(k): (str(v["sha256"]), int(v["bytes"])) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DamagedFileError(path, "the checksum manifest is not readable") from None
+    for rel, (sha, size) in sorted(entries.items()):
+        p = folder / rel
+        if not p.is_file():
+            raise DamagedFileError(p, "missing")
+        if p.stat().st_size != size:
+            raise DamagedFileError(p, f"{p.stat().st_size} bytes where {size} were written (truncated?)")
+        if sha256_file(p) != sha:
+            raise DamagedFileError(p, "its sha256 checksum does not match the one written with it")
+
+
+def is_finite_tree(tensors) -> bool:
+    """Whether every floating tensor of an iterable of tensors is finite (no NaN, no infinity)."""
+    for t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+__all__ = [
+    "HOOKS",
+    "MANIFEST",
+    "DamagedFileError",
+    "fsync_dir",
+    "fsync_tree",
+    "is_finite_tree",
+    "replace_durable",
+    "sha256_file",
+    "verify_manifest",
+    "write_atomic",
+    "write_manifest",
+]
