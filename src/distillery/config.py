@@ -72,12 +72,36 @@ def expanded_size(data: Any) -> int:
     return size(data)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that appears twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"the key {key!r} appears twice (first {seen[key]}); keep one of them", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = f"on line {key_node.start_mark.line + 1}"
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (safe loading: no tags that build objects; a key given twice in one
+    mapping is an error, not silently the last one)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): is it a YAML config?") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if data is None:

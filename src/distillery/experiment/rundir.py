@@ -14,11 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
 
-from distillery.config import dump_config, validate_config
+from distillery.config import dump_config, read_yaml, validate_config
 from distillery.errors import ConfigError
 from distillery.fileio import write_atomic
 from distillery.tasks import RunConfigBase, RunContext
@@ -125,7 +124,7 @@ def find_resume_dir(cfg: RunConfigBase, console: Console | None = None) -> Path:
 def read_run_config(run_dir: Path) -> RunConfigBase:
     """The resolved config saved in ``run_dir/config.yaml``."""
     path = run_dir / "config.yaml"
-    return validate_config(yaml.safe_load(path.read_text()), source=str(path))
+    return validate_config(read_yaml(path), source=str(path))
 
 
 def check_resume_config(run_dir: Path, cfg: RunConfigBase) -> None:
@@ -171,10 +170,14 @@ class RunLock:
                 f"the run folder {self.path.parent} is in use by {owner}; wait for that run to finish (or stop "
                 "it), or start a new run without --resume"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+            fh.flush()
+        except BaseException:  # e.g. a full disk: do not keep a half-held lock
+            fh.close()
+            raise
         self._fh = fh
 
     def release(self) -> None:
@@ -251,6 +254,10 @@ def start_run(
             if folder is not None:
                 folder.close(failed=True)
             error = exc
+        except BaseException:  # e.g. a full disk: leave no folder behind either
+            if folder is not None:
+                folder.close(failed=True)
+            raise
     holder = [
         None if error is not None else str(folder.path) if main else None,
         str(error) if error else None,

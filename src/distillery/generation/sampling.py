@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from distillery.data.base import UNLABELLED
 from distillery.data.text.collate import collate_prompts, pad_left, pad_right, special_ids
-from distillery.data.text.jsonl import DataFormatError, PromptResponse
+from distillery.data.text.jsonl import DataFormatError, PromptResponse, read_records
 
 # Bump when a change here makes previously stored teacher generations stale.
 GENERATIONS_FORMAT = 1
@@ -407,7 +407,12 @@ def sequence_level_pairs(
     path = Path(cache_dir) / f"seqkd-{key}.jsonl"
 
     if path.is_file():
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            records = read_records(path, {"prompt": str, "response": str, "finished": bool})
+        except DataFormatError as exc:
+            raise DataFormatError(
+                f"{exc}; the cached teacher responses are damaged: delete the file to generate them again"
+            ) from None
         if [r.get("prompt") for r in records] != texts:
             raise DataFormatError(
                 f"{path}: the stored prompts do not match this call's prompts (the file is damaged or was "

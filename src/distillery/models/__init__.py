@@ -16,7 +16,7 @@ from distillery.models.ensemble import Ensemble
 from distillery.models.mlp import MLP, MLPConfig, build_mlp
 from distillery.models.pretrained import PretrainedClassifierConfig, build_pretrained_classifier
 
-# name -> (config model, builder(config, input_shape, num_classes))
+# name -> (config model, builder(config, input_shape, num_classes, field))
 MODELS = {
     "mlp": (MLPConfig, build_mlp),
     "cnn": (CNNConfig, build_cnn),
@@ -33,10 +33,16 @@ def named_model(value):
     return value
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build the architecture described by ``cfg`` for inputs of ``input_shape`` and ``num_classes``."""
+def build_model(
+    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, field: str = "model"
+) -> nn.Module:
+    """Build the architecture described by ``cfg`` for inputs of ``input_shape`` and ``num_classes``.
+
+    ``field`` is the config section that holds ``cfg`` (``student``, ``teacher.model``): errors about
+    the model (a pretrained directory that does not load, a model that does not fit the data) name it.
+    """
     _, builder = MODELS[cfg.name]
-    return builder(cfg, input_shape, num_classes)
+    return builder(cfg, input_shape, num_classes, field)
 
 
 def count_parameters(model: nn.Module) -> int:

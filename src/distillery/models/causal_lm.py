@@ -9,6 +9,7 @@ from torch import nn
 
 from distillery.configbase import StrictModel
 from distillery.errors import ConfigError
+from distillery.models.hub import from_pretrained
 
 
 class CausalLMConfig(StrictModel):
@@ -25,41 +26,57 @@ class CausalLMConfig(StrictModel):
     intermediate_size: int | None = Field(None, ge=1, description="MLP width (null: 3 x hidden_size)")
     max_positions: int = Field(512, ge=8)
     vocab_size: int | None = Field(
-        None, description="embedding rows (null: the tokenizer's size; larger: a padded vocabulary)"
+        None,
+        ge=1,
+        description="embedding rows (null: the tokenizer's size; larger: a padded vocabulary; never smaller)",
     )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> CausalLMConfig:
         if self.pretrained is None and self.hidden_size % self.heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of heads={self.heads}")
+        if self.pretrained is None and (self.hidden_size // self.heads) % 2:
+            raise ValueError(
+                f"hidden_size / heads = {self.hidden_size // self.heads} must be even (rotary position embeddings "
+                f"rotate pairs of dimensions); change hidden_size={self.hidden_size} or heads={self.heads}"
+            )
         return self
 
 
-def build_causal_lm(cfg: CausalLMConfig, vocab_size: int, tokenizer: Any | None = None) -> nn.Module:
+def build_causal_lm(
+    cfg: CausalLMConfig, vocab_size: int, tokenizer: Any | None = None, field: str = "model"
+) -> nn.Module:
     """An ``AutoModelForCausalLM``: ``from_pretrained(cfg.pretrained)``, or a Llama of the given size.
 
     Args:
         cfg: the model section of a run config.
         vocab_size: the tokenizer's size; ``cfg.vocab_size`` may pad it (more embedding rows).
         tokenizer: sets the pad/bos/eos ids of the model's generation config.
+        field: the config section of ``cfg`` (``student``, ``teacher.model``), for messages.
+
+    Raises:
+        ConfigError: the pretrained directory or hub id does not load (see :mod:`distillery.models.hub`),
+            or the model has fewer vocabulary rows than the tokenizer has ids.
     """
     import transformers
 
     if cfg.pretrained is not None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.pretrained)
+        model = from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained, cfg.pretrained, f"{field}.pretrained"
+        )
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < vocab_size:
             raise ConfigError(
-                f"the model {cfg.pretrained!r} has {rows} output rows, fewer than the tokenizer's {vocab_size} "
-                "ids: it was trained with another tokenizer; set data.tokenizer={kind: pretrained, "
+                f"{field}.pretrained: the model {cfg.pretrained!r} has {rows} output rows, fewer than the tokenizer's "
+                f"{vocab_size} ids: it was trained with another tokenizer; set data.tokenizer={{kind: pretrained, "
                 f"pretrained: {cfg.pretrained}}}"
             )
     else:
         rows = cfg.vocab_size or vocab_size
         if rows < vocab_size:
-            raise ValueError(
-                f"model vocab_size={rows} is smaller than the tokenizer's {vocab_size} tokens; use null or a "
-                "larger (padded) size"
+            raise ConfigError(
+                f"{field}.vocab_size={rows} is smaller than the tokenizer's {vocab_size} ids; use null (the "
+                "tokenizer's size) or a larger (padded) size"
             )
         config = transformers.LlamaConfig(
             vocab_size=rows,

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from distillery.configbase import StrictModel
+from distillery.errors import ConfigError
 
 
 class CNNConfig(StrictModel):
@@ -16,7 +17,9 @@ class CNNConfig(StrictModel):
     average pooling, dropout and a linear head."""
 
     name: Literal["cnn"] = "cnn"
-    channels: list[int] = Field(default_factory=lambda: [24, 48, 48], min_length=1)
+    channels: list[PositiveInt] = Field(
+        default_factory=lambda: [24, 48, 48], min_length=1, description="output channels of each convolution"
+    )
     pool_every: int = Field(2, ge=1, description="max-pool (2x2) after every this many convolutions")
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout before the head")
     pool_to: int = Field(
@@ -59,7 +62,11 @@ class SmallCNN(nn.Module):
         return self.head(self.body(x))  # (B, C)
 
 
-def build_cnn(cfg: CNNConfig, input_shape: tuple[int, ...], num_classes: int) -> SmallCNN:
+def build_cnn(
+    cfg: CNNConfig, input_shape: tuple[int, ...], num_classes: int, field: str = "model"
+) -> SmallCNN:
     if len(input_shape) != 3:
-        raise ValueError(f"the cnn model needs image inputs (C, H, W); this data has shape {input_shape}")
+        raise ConfigError(
+            f"{field}: the cnn model needs image inputs (C, H, W); this data has shape {input_shape}; use mlp"
+        )
     return SmallCNN(input_shape[0], num_classes, cfg.channels, cfg.pool_every, cfg.dropout, cfg.pool_to)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from distillery.configbase import StrictModel
@@ -15,7 +15,10 @@ class MLPConfig(StrictModel):
     """A fully connected network: ``Linear -> ReLU -> Dropout`` per hidden layer, then a linear head."""
 
     name: Literal["mlp"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [128], description="widths of the hidden layers")
+    hidden: list[PositiveInt] = Field(
+        default_factory=lambda: [128],
+        description="widths of the hidden layers (each >= 1; [] = a linear model)",
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer")
     input_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the inputs")
 
@@ -48,6 +51,6 @@ class MLP(nn.Module):
         return self.head(self.body(x))  # (B, C)
 
 
-def build_mlp(cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int) -> MLP:
+def build_mlp(cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int, field: str = "model") -> MLP:
     in_features = int(torch.tensor(input_shape).prod())
     return MLP(in_features, num_classes, cfg.hidden, cfg.dropout, cfg.input_dropout)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from distillery.configbase import StrictModel
 from distillery.errors import ConfigError
+from distillery.models.hub import from_pretrained
 
 AUTO_CLASSES = {"image": "AutoModelForImageClassification", "sequence": "AutoModelForSequenceClassification"}
 
@@ -49,55 +50,62 @@ class ImageClassifier(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def resolve_kind(cfg: PretrainedClassifierConfig) -> str:
-    """``image`` or ``sequence``: ``cfg.kind``, or read from the saved config's ``architectures``."""
+def resolve_kind(cfg: PretrainedClassifierConfig, field: str = "model") -> str:
+    """``image`` or ``sequence``: ``cfg.kind``, or read from the saved config's ``architectures``.
+
+    ``field`` is the config section of the model (``student``, ``teacher.model``), for messages.
+    """
     if cfg.kind != "auto":
         return cfg.kind
     import transformers
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(cfg.pretrained)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"model.pretrained={cfg.pretrained!r}: no model config found there ({exc}); give a directory saved "
-            "with save_pretrained or a hub id"
-        ) from None
+    config = from_pretrained(
+        transformers.AutoConfig.from_pretrained, cfg.pretrained, f"{field}.pretrained", "config"
+    )
     names = " ".join(config.architectures or [])
     for kind, suffix in (("image", "ForImageClassification"), ("sequence", "ForSequenceClassification")):
         if suffix in names:
             return kind
     raise ConfigError(
-        f"model.pretrained={cfg.pretrained!r} is a {names or type(config).__name__} model, not an image or "
-        "sequence classifier; set model.kind=image or model.kind=sequence to load it with that auto class"
+        f"{field}.pretrained={cfg.pretrained!r} is a {names or type(config).__name__} model, not an image or "
+        f"sequence classifier; set {field}.kind=image or {field}.kind=sequence to load it with that auto class"
     )
 
 
 def build_pretrained_classifier(
-    cfg: PretrainedClassifierConfig, input_shape: tuple[int, ...], num_classes: int
+    cfg: PretrainedClassifierConfig, input_shape: tuple[int, ...], num_classes: int, field: str = "model"
 ) -> nn.Module:
-    """The pretrained classifier of ``cfg``, wrapped to take the run's image tensors ``[B, *input_shape]``."""
+    """The pretrained classifier of ``cfg``, wrapped to take the run's image tensors ``[B, *input_shape]``.
+
+    ``field`` is the config section of the model (``student``, ``teacher.model``), for messages.
+
+    Raises:
+        ConfigError: the directory or hub id does not load (see :mod:`distillery.models.hub`), or the
+            model does not fit the data (classes, channels, a text classifier).
+    """
     import transformers
 
-    kind = resolve_kind(cfg)
+    where = f"{field}.pretrained"
+    kind = resolve_kind(cfg, field)
     if kind == "sequence":
         raise ConfigError(
-            f"model.pretrained={cfg.pretrained!r} is a sequence (text) classifier, but this run's data are "
+            f"{where}={cfg.pretrained!r} is a sequence (text) classifier, but this run's data are "
             f"images of shape {tuple(input_shape)}; use an image classifier, or distil it from Python with "
             "FrozenTeacher.from_pretrained(..., task='sequence-classification') on tokenised text"
         )
     auto = getattr(transformers, AUTO_CLASSES[kind])
     kwargs = {"num_labels": num_classes, "ignore_mismatched_sizes": True} if cfg.new_head else {}
-    model = auto.from_pretrained(cfg.pretrained, **kwargs)
+    model = from_pretrained(auto.from_pretrained, cfg.pretrained, where, **kwargs)
     labels = model.config.num_labels
     if labels != num_classes:
         raise ConfigError(
-            f"model.pretrained={cfg.pretrained!r} predicts {labels} classes, the data has {num_classes}; set "
+            f"{where}={cfg.pretrained!r} predicts {labels} classes, the data has {num_classes}; set "
             "new_head: true in that model section to train a new head for the data's classes"
         )
     channels = getattr(model.config, "num_channels", None)
     if channels is not None and len(input_shape) == 3 and channels != input_shape[0]:
         raise ConfigError(
-            f"model.pretrained={cfg.pretrained!r} takes {channels}-channel images, the data has "
+            f"{where}={cfg.pretrained!r} takes {channels}-channel images, the data has "
             f"{input_shape[0]} channel(s) (input shape {tuple(input_shape)})"
         )
     return ImageClassifier(model)

@@ -194,7 +194,7 @@ class ArithmeticConfig(StrictModel):
     digits: tuple[int, int] = Field((1, 3), description="min and max digits of each operand (inclusive)")
     ops: tuple[str, ...] = Field(("+",), description="operators, from + - *")
     seed: int = Field(0, description="seed of the problem sequence (independent of run seeds)")
-    train: int = Field(10_000, ge=0, description="training problems")
+    train: int = Field(10_000, ge=1, description="training problems")
     validation: int | float = Field(
         0.01,
         ge=0,

@@ -7,9 +7,10 @@ allowed and ignored; blank lines are skipped. Errors name the file and the line 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distillery.errors import DataNotFoundError, DistilleryError
 
@@ -24,6 +25,68 @@ class PromptResponse:
 
     prompt: str
     response: str
+
+
+_TYPE_NAMES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "list", dict: "object"}
+
+
+def read_records(path: str | Path, fields: Mapping[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per non-blank line, each holding ``fields`` (name -> type).
+
+    Other keys are kept as they are.
+
+    Raises:
+        DataNotFoundError: the file does not exist.
+        DataFormatError: a line is not JSON, not an object, lacks one of ``fields`` or holds a value of
+            another type; or the file is not UTF-8 text. The message reads ``path:line: what is wrong``.
+
+    Example:
+        >>> import tempfile, os
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = os.path.join(d, "rows.jsonl")
+        ...     _ = open(p, "w").write('{"prompt": "1+1=", "n": 2}\\n')
+        ...     read_records(p, {"prompt": str})
+        [{'prompt': '1+1=', 'n': 2}]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"{path}: no such file")
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                rows.append(_parse_line(path, line_no, line, fields))
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return rows
+
+
+def _parse_line(
+    path: Path, line_no: int, line: str, fields: Mapping[str, type | tuple[type, ...]]
+) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise DataFormatError(
+            f"{path}:{line_no}: expected an object with {', '.join(map(repr, fields))}, got {type(row).__name__}"
+        )
+    missing = [k for k in fields if k not in row]
+    if missing:
+        raise DataFormatError(
+            f"{path}:{line_no}: missing key(s) {', '.join(map(repr, missing))} (the line has {sorted(row)})"
+        )
+    for key, kind in fields.items():
+        if not isinstance(row[key], kind):
+            kinds = (kind,) if isinstance(kind, type) else kind
+            expected = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise DataFormatError(
+                f"{path}:{line_no}: {key!r} must be a {expected}, got {type(row[key]).__name__}"
+            )
+    return row
 
 
 def load_jsonl(path: str | Path) -> list[PromptResponse]:
@@ -42,37 +105,8 @@ def load_jsonl(path: str | Path) -> list[PromptResponse]:
         ...     load_jsonl(p)
         [PromptResponse(prompt='2+2=', response='4')]
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataNotFoundError(f"{path}: no such file")
-    pairs = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(
-                    f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(row, dict):
-                raise DataFormatError(
-                    f"{path}:{line_no}: expected an object with 'prompt' and 'response', got {type(row).__name__}"
-                )
-            missing = [k for k in ("prompt", "response") if k not in row]
-            if missing:
-                raise DataFormatError(
-                    f"{path}:{line_no}: missing key(s) {', '.join(map(repr, missing))} "
-                    f"(the line has {sorted(row)})"
-                )
-            for key in ("prompt", "response"):
-                if not isinstance(row[key], str):
-                    raise DataFormatError(
-                        f"{path}:{line_no}: {key!r} must be a string, got {type(row[key]).__name__}"
-                    )
-            pairs.append(PromptResponse(row["prompt"], row["response"]))
-    return pairs
+    rows = read_records(path, {"prompt": str, "response": str})
+    return [PromptResponse(row["prompt"], row["response"]) for row in rows]
 
 
 def write_jsonl(path: str | Path, pairs: Iterable[PromptResponse]) -> None:

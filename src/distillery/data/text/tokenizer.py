@@ -92,7 +92,40 @@ class TokenizerConfig(StrictModel):
         return train_tokenizer(text, self.vocab_size, self.kind, **kwargs)
 
 
-def load_pretrained_tokenizer(source: str) -> Any:
+class TokenizerNotFoundError(ConfigError):
+    """A pretrained model's directory (or hub id) comes without a tokenizer: nothing to compare with."""
+
+
+# Files any kind of saved Hugging Face tokenizer has at least one of.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _is_local(source: str) -> bool:
+    """Whether ``source`` names a local directory rather than a hub id (the rule of
+    :func:`distillery.models.hub.is_local_source`: it exists, or it looks like a path)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return True
+    s = str(source)
+    if path.is_absolute() or s.startswith((".", "~")) or s.endswith("/") or "\\" in s or s.count("/") > 1:
+        return True
+    return "/" in s and path.parent.is_dir()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
+def load_pretrained_tokenizer(source: str, field: str = "data.tokenizer.pretrained") -> Any:
     """``AutoTokenizer.from_pretrained(source)`` with the special tokens distillation needs.
 
     Batches need a padding, a beginning and an end token. Many pretrained tokenizers lack a padding
@@ -100,18 +133,56 @@ def load_pretrained_tokenizer(source: str) -> Any:
     loss and of attention, so the choice does not matter), and a missing beginning token likewise.
     Loading the same source twice gives the same tokenizer, so a model's own tokenizer compares equal.
 
+    A local ``source`` (see :func:`distillery.models.hub.is_local_source`) must be a directory; one
+    that holds none of :data:`TOKENIZER_FILES` has no tokenizer. Any other source is a hub id.
+
+    Args:
+        source: a directory saved with ``save_pretrained``, or a hub id.
+        field: the config field that named ``source``, for messages.
+
     Raises:
-        ConfigError: nothing loads from ``source``, or the tokenizer has no end token.
+        TokenizerNotFoundError: no tokenizer there: a local path that does not exist or holds no
+            tokenizer files, or a hub id that does not load.
+        ConfigError: the path is a file, or its tokenizer files are damaged; or the tokenizer has no
+            end token.
     """
     from transformers import AutoTokenizer
 
+    local = _is_local(source)
+    if local:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise TokenizerNotFoundError(
+                f"cannot load a tokenizer from {field}={source}: the path does not exist; give a directory "
+                "saved with save_pretrained, or a hub id"
+            )
+        if not path.is_dir():
+            raise ConfigError(
+                f"cannot load a tokenizer from {field}={source}: the path is a file, not a directory; give a "
+                "directory saved with save_pretrained, or a hub id"
+            )
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise TokenizerNotFoundError(
+                f"cannot load a tokenizer from {field}={source}: the directory holds no tokenizer files "
+                f"({', '.join(TOKENIZER_FILES[:2])}, ...); save the tokenizer there with save_pretrained"
+            )
+        source = str(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load a tokenizer from {source!r}: {exc}") from None
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # damaged JSON or vocab, unreachable hub
+        if local:
+            raise ConfigError(
+                f"cannot load a tokenizer from {field}={source}: its files are damaged or incomplete "
+                f"({_first_line(exc)}); save the tokenizer again with save_pretrained"
+            ) from None
+        raise TokenizerNotFoundError(
+            f"cannot load a tokenizer from {field}={source!r}: it is not a local directory, and loading it from "
+            f"the Hugging Face hub failed ({_first_line(exc)}); check the id and the network connection, or give "
+            "a directory saved with save_pretrained"
+        ) from None
     if tokenizer.eos_token is None:
         raise ConfigError(
-            f"the tokenizer of {source!r} has no end-of-sequence token; responses need one to end"
+            f"the tokenizer of {field}={source!r} has no end-of-sequence token; responses need one to end"
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -288,9 +359,19 @@ def train_tokenizer(
 
 
 def _save_atomic(tok: PreTrainedTokenizerFast, root: Path, key: str, meta: dict[str, Any]) -> Path:
-    """Write ``tok`` to ``root/key`` through a temporary sibling directory and a rename."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+    """Write ``tok`` to ``root/key`` through a temporary sibling directory and a rename.
+
+    Raises:
+        ConfigError: ``root`` cannot be created or written (a file in the way, no permission).
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+    except OSError as exc:
+        raise ConfigError(
+            f"the tokenizer cache {root} cannot be written ({exc.strerror or exc}); point $DISTILLERY_CACHE at "
+            "a writable folder (tokenizers are cached in its tokenizers/ sub-folder)"
+        ) from None
     final = root / key
     try:
         tok.save_pretrained(str(tmp))

@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from distillery.data import ClassificationData, load_classification_data
-from distillery.errors import ConfigError
 from distillery.eval import classification_metrics, predict_logits
 from distillery.losses import build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models import ClassifierAdapter, Ensemble, build_model, count_parameters
+from distillery.models.hub import check_model_dir, from_pretrained, is_local_source
 from distillery.models.pretrained import save_pretrained_student
+from distillery.models.weights import load_weights, read_header
 from distillery.report import fmt
 from distillery.tasks.base import (
     BASELINE,
@@ -92,6 +93,34 @@ def teacher_cache_key(cfg: ClassificationConfig, seed: int) -> dict[str, Any]:
     return key
 
 
+def check_pretrained(model: Any, field: str) -> None:
+    """A pretrained classifier's directory (or hub id) holds a model config (and, locally, weights);
+    a ConfigError naming ``field`` otherwise. Nothing else is done for other architectures."""
+    if model is None or model.name != "pretrained":
+        return
+    import transformers
+
+    where = f"{field}.pretrained"
+    if is_local_source(model.pretrained):
+        check_model_dir(model.pretrained, where)
+    if model.kind == "auto":
+        from_pretrained(transformers.AutoConfig.from_pretrained, model.pretrained, where, "config")
+
+
+def check_model_files(cfg: ClassificationConfig) -> None:
+    """The files a run's models come from, checked before anything is built or trained (a teacher
+    trained in vain for a student that cannot be loaded): a `frozen` teacher's checkpoint must be a
+    safetensors file, a pretrained model's directory (or hub id) must hold a model. ``distillery
+    eval`` needs them as well (it rebuilds the architectures). Whether the weights fit the
+    architecture is checked when they are loaded."""
+    t = cfg.teacher
+    if t is not None and t.source == "frozen":
+        if t.checkpoint is not None:
+            read_header(t.checkpoint, "teacher.checkpoint")
+        check_pretrained(t.model, "teacher.model")
+    check_pretrained(cfg.student, "student")
+
+
 class SeedData:
     """One seed's splits, and what the task derives from them once (the teacher's outputs)."""
 
@@ -115,6 +144,7 @@ class ClassificationTask(BaseTask):
         super().__init__(cfg, context)
         self.source = None if cfg.teacher is None else cfg.teacher.source
         self.adapter = ClassifierAdapter()
+        check_model_files(cfg)
 
     # ---- data and models --------------------------------------------------------------------------
 
@@ -130,11 +160,11 @@ class ClassificationTask(BaseTask):
     def describe(self, data: SeedData) -> str:
         return f"data: {data.splits.describe()}"
 
-    def _build(self, model_cfg, data: SeedData) -> nn.Module:
-        return build_model(model_cfg, data.splits.input_shape, data.splits.num_classes)
+    def _build(self, model_cfg, data: SeedData, field: str = "teacher.model") -> nn.Module:
+        return build_model(model_cfg, data.splits.input_shape, data.splits.num_classes, field)
 
     def new_student(self, data: SeedData) -> nn.Module:
-        return self._build(self.cfg.student, data)
+        return self._build(self.cfg.student, data, "student")
 
     # ---- teacher ----------------------------------------------------------------------------------
 
@@ -147,12 +177,9 @@ class ClassificationTask(BaseTask):
         if t.checkpoint is not None:
 
             def load() -> tuple[nn.Module, str]:
-                path = Path(t.checkpoint)
-                if not path.is_file():
-                    raise ConfigError(f"teacher.checkpoint {path} does not exist")
                 model = self._build(t.model, data)
-                load_model(model, str(path))
-                return model, str(path)
+                load_weights(model, t.checkpoint, "teacher.checkpoint")  # a clear error for a wrong file
+                return model, str(Path(t.checkpoint))
 
             return TeacherSpec(load=load)
 

@@ -23,7 +23,11 @@ from distillery import functional as DF
 from distillery.data.text import TokenDataset, lm_datasets, split_austen
 from distillery.data.text.arithmetic import verify
 from distillery.data.text.collate import special_ids
-from distillery.data.text.tokenizer import load_pretrained_tokenizer, tokenizer_differences
+from distillery.data.text.tokenizer import (
+    TokenizerNotFoundError,
+    load_pretrained_tokenizer,
+    tokenizer_differences,
+)
 from distillery.errors import ConfigError
 from distillery.eval.lm import lm_metrics, task_accuracy
 from distillery.generation import OnPolicyBatches, PacedBatches, SpeculativeBatches, sequence_level_pairs
@@ -31,6 +35,7 @@ from distillery.losses import LOSSES, build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models.causal_lm import build_causal_lm
 from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
+from distillery.models.hub import check_model_dir, from_pretrained, is_local_source
 from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
 from distillery.tasks.lm.config import LMRunConfig
 from distillery.teachers import FrozenTeacher
@@ -54,6 +59,12 @@ def prepare_data(cfg: LMRunConfig) -> dict[str, Any]:
         splits = split_austen()
         tokenizer = d.tokenizer.build(list(splits.train))
         sets = lm_datasets(splits, tokenizer, d.seq_len, names=("train", "validation", "test"))
+        for name, rows in sets.items():
+            if len(rows) == 0:
+                raise ConfigError(
+                    f"data.seq_len={d.seq_len}: the {name} text of {d.name} holds fewer tokens than one block; "
+                    "lower data.seq_len"
+                )
         train = sets["train"]
         g = torch.Generator().manual_seed(0)
         if d.max_train_blocks is not None and len(train) > d.max_train_blocks:
@@ -67,10 +78,16 @@ def prepare_data(cfg: LMRunConfig) -> dict[str, Any]:
     val_pairs, train_pairs = pairs[:n_val], pairs[n_val:]
     text = [p.prompt + p.response for p in train_pairs]
     tokenizer = d.tokenizer.build(text)
-    sets = {
-        name: TokenDataset.from_pairs(rows, tokenizer, d.seq_len)
-        for name, rows in (("train", train_pairs), ("validation", val_pairs), ("test", test_pairs))
-    }
+    try:
+        sets = {
+            name: TokenDataset.from_pairs(rows, tokenizer, d.seq_len)
+            for name, rows in (("train", train_pairs), ("validation", val_pairs), ("test", test_pairs))
+        }
+    except ValueError as exc:  # a prompt that fills the whole sequence
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} is too short for the arithmetic problems of data.arithmetic.digits="
+            f"{list(a.digits)}: {str(exc).split('; raise')[0]}; raise data.seq_len"
+        ) from None
     check = functools.partial(verify, eos=tokenizer.eos_token, reverse=task.reverse)
     return {"tokenizer": tokenizer, "train": sets["train"], "validation": _cap(sets["validation"], d.max_eval_blocks),
             "test": _cap(sets["test"], d.max_eval_blocks), "problems": {"validation": val_pairs, "test": test_pairs},
@@ -146,9 +163,10 @@ def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any) -> list[str]:
     for who, model in sides:
         if model is None or model.pretrained is None:
             continue
+        field = "teacher.model.pretrained" if who == "teacher" else "student.pretrained"
         try:
-            own = load_pretrained_tokenizer(model.pretrained)
-        except ConfigError:
+            own = load_pretrained_tokenizer(model.pretrained, field)
+        except TokenizerNotFoundError:
             notes.append(
                 f"no tokenizer saved with the {who} {model.pretrained!r}; assuming it uses the run's"
             )
@@ -162,6 +180,44 @@ def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any) -> list[str]:
                 "distillation is not supported yet)"
             )
     return notes
+
+
+def check_vocab_sizes(cfg: LMRunConfig, n_vocab: int, pretrained_student: bool = False) -> None:
+    """Refuse a model whose vocabulary is smaller than the tokenizer's ``n_vocab`` ids.
+
+    A model's embedding rows may exceed the tokenizer (a padded vocabulary) but never fall short:
+    the data would hold ids the model has no row for. Checked from the config (``vocab_size``), and
+    for a pretrained teacher (and, with ``pretrained_student``, a pretrained student) from its saved
+    config, which is loaded here: a directory that does not hold a model, or a hub id that cannot be
+    reached, fails before anything is trained.
+    """
+    sides = [("teacher.model", None if cfg.teacher is None else cfg.teacher.model), ("student", cfg.student)]
+    for field, model in sides:
+        if model is None:
+            continue
+        if model.pretrained is None:
+            if model.vocab_size is not None and model.vocab_size < n_vocab:
+                raise ConfigError(
+                    f"{field}.vocab_size={model.vocab_size} is smaller than the tokenizer's {n_vocab} ids "
+                    f"(data.tokenizer: {cfg.data.tokenizer.kind}); use null (the tokenizer's size) or at least "
+                    f"{n_vocab}"
+                )
+            continue
+        if field == "student" and not pretrained_student:
+            continue
+        import transformers
+
+        where = f"{field}.pretrained"
+        if is_local_source(model.pretrained):
+            check_model_dir(model.pretrained, where)
+        config = from_pretrained(transformers.AutoConfig.from_pretrained, model.pretrained, where, "config")
+        rows = getattr(config, "vocab_size", None)
+        if isinstance(rows, int) and rows < n_vocab:
+            raise ConfigError(
+                f"{where}={model.pretrained}: the model has {rows} vocabulary rows, fewer than the "
+                f"tokenizer's {n_vocab} ids: it was trained with another tokenizer; set data.tokenizer="
+                f"{{kind: pretrained, pretrained: {model.pretrained}}}"
+            )
 
 
 def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module | None) -> tuple[bool, str]:
@@ -233,6 +289,9 @@ class LMTask(BaseTask):
         self.tokenizer = self.data["tokenizer"]
         self.n_vocab = len(self.tokenizer)
         special_ids(self.tokenizer)  # a clear error now if pad, bos or eos is missing
+        check_vocab_sizes(
+            cfg, self.n_vocab
+        )  # the config's sizes and a pretrained teacher, before anything runs
         for note in check_model_tokenizers(cfg, self.tokenizer):
             context.console.print(f"  note: {note}")
         self.max_new = cfg.data.arithmetic.digits[1] + 2
@@ -250,7 +309,7 @@ class LMTask(BaseTask):
         )
 
     def new_student(self, data: dict[str, Any]) -> nn.Module:
-        return build_causal_lm(self.cfg.student, self.n_vocab, self.tokenizer)
+        return build_causal_lm(self.cfg.student, self.n_vocab, self.tokenizer, "student")
 
     # ---- teacher ----------------------------------------------------------------------------------
 
@@ -260,14 +319,19 @@ class LMTask(BaseTask):
             return None
         if t.train is None:
             return TeacherSpec(
-                load=lambda: (build_causal_lm(t.model, self.n_vocab, self.tokenizer), t.model.pretrained)
+                load=lambda: (
+                    build_causal_lm(t.model, self.n_vocab, self.tokenizer, "teacher.model"),
+                    t.model.pretrained,
+                )
             )
         seed = data["seed"]
 
         def build() -> nn.Module:
-            return build_causal_lm(t.model, self.n_vocab, self.tokenizer)
+            return build_causal_lm(t.model, self.n_vocab, self.tokenizer, "teacher.model")
 
         def train() -> nn.Module:
+            # a pretrained student that cannot be loaded fails now, not after the teacher's training
+            check_vocab_sizes(self.cfg, self.n_vocab, pretrained_student=True)
             torch.manual_seed(1000 + seed)
             model = build()
             fit(

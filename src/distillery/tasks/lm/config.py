@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from distillery.configbase import StrictModel
 from distillery.data.text.arithmetic import ArithmeticConfig
-from distillery.data.text.tokenizer import TokenizerConfig
+from distillery.data.text.tokenizer import BYTE_VOCAB_SIZE, TokenizerConfig
 from distillery.losses import LOSSES
 from distillery.models.causal_lm import CausalLMConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig
@@ -149,6 +149,20 @@ class LMRunConfig(DistillationConfigBase):
                 f"loss.{hints[0]}: feature hints are for multi-exit classifiers (teacher.source=exits); "
                 "language-model runs distil over token logits (ce, forward_kl, reverse_kl, jsd, ...)"
             )
+        kind = self.data.tokenizer.kind
+        sides = [
+            ("student", self.student),
+            ("teacher.model", None if self.teacher is None else self.teacher.model),
+        ]
+        for field, model in sides:
+            if kind == "pretrained" or model is None or model.pretrained is not None:
+                continue
+            if model.vocab_size is not None and model.vocab_size < BYTE_VOCAB_SIZE:
+                raise ValueError(
+                    f"{field}.vocab_size={model.vocab_size} is smaller than any {kind} tokenizer of "
+                    f"data.tokenizer (at least {BYTE_VOCAB_SIZE} ids: 256 bytes + 3 special tokens); use null "
+                    "(the tokenizer's size) or a larger (padded) size"
+                )
         method = self.method.name
         if self.teacher is not None and not users and method != "sequence":
             raise ValueError(
