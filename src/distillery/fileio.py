@@ -13,10 +13,13 @@ the checkpoints and the teacher cache uses.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -85,6 +88,32 @@ def write_atomic(path: Path, text: str | bytes) -> None:
     replace_durable(tmp, path)
 
 
+# Below this many free bytes, a failed write is taken for a full disk.
+LOW_SPACE = 1 << 20
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Report a full disk as ``OSError(ENOSPC)`` naming ``path``, whatever the writer raised.
+
+    ``torch.save`` and safetensors report a write that hit a full disk as a ``RuntimeError`` or their
+    own error type; inside this block such an error, when the disk holding ``path`` has (almost) no
+    space left, becomes the ``OSError`` the command line reports as a full disk.
+    """
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        try:
+            free = shutil.disk_usage(Path(path) if Path(path).is_dir() else Path(path).parent).free
+        except OSError:
+            raise exc from None
+        if free < LOW_SPACE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -146,6 +175,7 @@ __all__ = [
     "HOOKS",
     "MANIFEST",
     "DamagedFileError",
+    "disk_errors",
     "fsync_dir",
     "fsync_tree",
     "is_finite_tree",

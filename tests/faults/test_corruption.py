@@ -7,6 +7,7 @@ cache (trained once, by the reference run), except the tests that damage a cache
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -254,3 +255,28 @@ def test_read_only_cache_dir_is_a_config_error(capsys, runs, tmp_path):
     assert str(cache) in err and "writable folder" in err
     assert list(cache.iterdir()) == []
     TALLY["bad inputs with a clean exit 2"] += 1
+
+
+# ---- a finished arm ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "problem"),
+    [
+        (truncate, "result.json", "result.json is damaged"),
+        (flip_bytes, "student.safetensors", "student.safetensors is damaged (its sha256"),
+        (Path.unlink, "student.safetensors", "student.safetensors is missing"),
+    ],
+)
+def test_a_damaged_finished_arm_is_finished_again_from_its_last_checkpoint(
+    capsys, runs, tmp_path, damage, file, problem
+):
+    run_dir = tmp_path / "finished"
+    shutil.copytree(runs["reference"], run_dir)
+    damage(run_dir / ARM / file)
+    out = resume_matches_reference(capsys, runs, run_dir)
+    text = " ".join(out.split())  # the console wraps long lines
+    assert f"{problem}" in text and "finishing the arm again from its last checkpoint" in text
+    again = json.loads((run_dir / ARM / "result.json").read_text())
+    assert again["metrics"] == json.loads((runs["reference"] / ARM / "result.json").read_text())["metrics"]
+    TALLY["corruptions detected"] += 1

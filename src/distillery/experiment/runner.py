@@ -35,6 +35,7 @@ from torch import nn
 
 from distillery.experiment.rundir import start_run, write_atomic
 from distillery.experiment.summary import print_summary, summarize, write_report
+from distillery.fileio import disk_errors, sha256_file
 from distillery.models import count_parameters
 from distillery.tasks import RunConfigBase, RunContext, Task, TeacherSpec, task_class
 from distillery.teachers import DamagedTeacherError, TeacherStore, teacher_key, training_code_version
@@ -148,6 +149,40 @@ def _cached_teacher(
 # ----------------------------------------------------------------------------------------------------
 
 
+# What an arm folder holds besides the student the task saved.
+_NOT_SAVED = ("checkpoints", "tensorboard", "metrics.jsonl", "result.json")
+
+
+def saved_files(arm_dir: Path) -> dict[str, str]:
+    """sha256 of every file the task saved for a finished arm (its student), by path in the arm folder."""
+    return {
+        p.relative_to(arm_dir).as_posix(): sha256_file(p)
+        for p in sorted(arm_dir.rglob("*"))
+        if p.is_file()
+        and p.relative_to(arm_dir).parts[0] not in _NOT_SAVED
+        and not any(part.startswith(".") for part in p.relative_to(arm_dir).parts)
+    }
+
+
+def finished_arm(arm_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A finished arm's record, or what is wrong with it: ``result.json`` unreadable, or a saved file
+    missing or different from the checksum the record holds (records of older versions hold none)."""
+    done = arm_dir / "result.json"
+    try:
+        record = json.loads(done.read_text())
+        if not isinstance(record, dict) or "metrics" not in record:
+            raise ValueError("not a result record")
+    except (OSError, ValueError) as exc:
+        return None, f"{done} is damaged ({exc})"
+    for rel, sha in (record.get("files") or {}).items():
+        path = arm_dir / rel
+        if not path.is_file():
+            return None, f"{path} is missing"
+        if sha256_file(path) != sha:
+            return None, f"{path} is damaged (its sha256 differs from the one in result.json)"
+    return record, None
+
+
 def _metric_line(task: Task, metrics: dict[str, float]) -> str:
     parts = [
         f"{m.header.removesuffix(' %')} {metrics[m.key]:.{m.digits}f}{m.unit}"
@@ -214,10 +249,17 @@ def _run(cfg: RunConfigBase, context: RunContext, resume: bool) -> RunResult:
             arm_dir = seed_dir / arm
             done = arm_dir / "result.json"
             if resume and done.is_file():
-                records[arm] = json.loads(done.read_text())
-                trained[arm] = task.load(arm_dir, data)
-                console.print(f"  seed {seed} {arm}: already complete")
-                continue
+                record, problem = finished_arm(arm_dir)
+                if problem is None:
+                    records[arm] = record
+                    trained[arm] = task.load(arm_dir, data)
+                    console.print(f"  seed {seed} {arm}: already complete")
+                    continue
+                console.print(
+                    f"  seed {seed} {arm}: {problem}; finishing the arm again from its last checkpoint",
+                    markup=False,
+                    highlight=False,
+                )
             job = task.arm(arm, data, teacher, init_state, trained)
             fitted = fit(
                 job.model,
@@ -257,9 +299,11 @@ def _run(cfg: RunConfigBase, context: RunContext, resume: bool) -> RunResult:
             if job.record is not None:
                 record.update(job.record(fitted.model, final))
             if main:
-                task.save(student, arm_dir, data)
-                if job.save_extra is not None:
-                    job.save_extra(fitted.model, arm_dir)
+                with disk_errors(arm_dir):  # a full disk is reported as one, whatever the writer raised
+                    task.save(student, arm_dir, data)
+                    if job.save_extra is not None:
+                        job.save_extra(fitted.model, arm_dir)
+                record["files"] = saved_files(arm_dir)  # checked when a resumed run reuses this arm
                 write_atomic(done, json.dumps(record, indent=2))
             records[arm] = record
             trained[arm] = student

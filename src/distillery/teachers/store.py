@@ -38,6 +38,7 @@ from torch import nn
 from distillery.errors import ConfigError, DistilleryError
 from distillery.fileio import (
     DamagedFileError,
+    disk_errors,
     fsync_dir,
     fsync_tree,
     replace_durable,
@@ -181,7 +182,8 @@ class TeacherStore:
         except OSError as exc:
             raise self._unwritable(exc) from None
         try:
-            save_model(model, str(tmp / "model.safetensors"))  # tied weights stored once
+            with disk_errors(tmp):  # a full disk is reported as one, whatever safetensors raises
+                save_model(model, str(tmp / "model.safetensors"))  # tied weights stored once
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             write_manifest(tmp)
             fsync_tree(tmp)

@@ -32,6 +32,7 @@ from distillery.errors import ConfigError, DistilleryError
 from distillery.fileio import (
     MANIFEST,
     DamagedFileError,
+    disk_errors,
     fsync_tree,
     replace_durable,
     verify_manifest,
@@ -162,11 +163,12 @@ class CheckpointWriter:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         self.acc.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-rank{self.acc.process_index}.pt")
-        if main:
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"step": step, "scheduler": scheduler.state_dict(), **extra}, tmp / "trainer.pt")
+        with disk_errors(tmp):  # a full disk is reported as one, whatever torch or safetensors raise
+            torch.save(rng_state(), tmp / f"rng-rank{self.acc.process_index}.pt")
+            if main:
+                save_model(model, str(tmp / "model.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save({"step": step, "scheduler": scheduler.state_dict(), **extra}, tmp / "trainer.pt")
         self.acc.wait_for_everyone()  # every process's RNG file is in tmp before the manifest lists them
         if main:
             write_manifest(tmp)
