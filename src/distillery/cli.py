@@ -1,8 +1,10 @@
-"""Command line: ``distillery run | recipes | eval``.
+"""Command line: ``distillery run | recipes | losses | eval``.
 
 User errors (bad config, missing files, data not found) print a short message and exit with code 2;
-``--debug`` shows the traceback. Ctrl-C (SIGINT) during training writes a checkpoint and exits with
-130, SIGTERM the same with 143; a full disk says which file could not be written (exit 2), and the run
+``--debug`` shows the traceback. Under ``accelerate launch`` every process raises the same user error
+(the run's checks are agreed by all of them); only the main process (rank 0) prints it, or every
+process with ``--debug``. Ctrl-C (SIGINT) during training writes a checkpoint and exits with 130,
+SIGTERM the same with 143; a full disk says which file could not be written (exit 2), and the run
 resumes with ``--resume`` once there is space.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 import threading
@@ -62,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
         description="List the shipped recipes (configs/*.yaml) with what they do and how long they take.",
     ).add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    lp = sub.add_parser(
+        "losses",
+        help="list every loss term with its parameters and defaults",
+        description="List the loss terms a config's `loss:` section can name, with each parameter's default "
+        "and meaning (the parameters every term has, such as weight, come first).",
+    )
+    lp.add_argument("name", nargs="?", help="show one term only")
+    lp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     e = sub.add_parser(
         "eval",
         help="re-evaluate the saved students of a run directory",
@@ -88,7 +100,8 @@ def _cmd_run(ns: argparse.Namespace, console: Console) -> int:
     if ns.dry_run:
         console.print(dump_config(cfg), markup=False, highlight=False)
         return 0
-    run(cfg, resume=ns.resume, console=console, progress=not ns.no_progress)
+    command = ["run", *ns.args]  # what reproduces the run, for the model cards
+    run(cfg, resume=ns.resume, console=console, progress=not ns.no_progress, command=command)
     return 0
 
 
@@ -104,6 +117,42 @@ def _cmd_recipes(console: Console) -> int:
     for r in list_recipes():
         table.add_row(r.name + (" (default)" if r.name == DEFAULT_RECIPE else ""), r.description, r.duration)
     console.print(table)
+    return 0
+
+
+def _cmd_losses(ns: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from distillery.errors import ConfigError
+    from distillery.losses import LOSSES
+    from distillery.losses.base import TermConfig
+
+    names = list(LOSSES)
+    if ns.name is not None:
+        if ns.name not in LOSSES:
+            raise ConfigError(f"unknown loss term {ns.name!r}; valid: {', '.join(names)}")
+        names = [ns.name]
+    shared = set(TermConfig.model_fields)
+    table = Table(
+        title="loss terms (loss: {<name>: {<parameter>: value}})", title_justify="left", show_lines=True
+    )
+    table.add_column("term")
+    table.add_column("what it is")
+    table.add_column("parameters (default)")
+    for name in names:
+        cfg, module = LOSSES[name]
+        doc = (cfg.__doc__ or module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        params = [
+            f"{key} = {field.default!r}" + (f": {field.description}" if field.description else "")
+            for key, field in cfg.model_fields.items()
+            if key != "name" and (key not in shared or ns.name is not None)
+        ]
+        table.add_row(name, doc, "\n".join(params))
+    console.print(table)
+    if ns.name is None:
+        console.print(
+            f"every term also takes: {', '.join(k for k in TermConfig.model_fields if k != 'name')}"
+        )
     return 0
 
 
@@ -137,13 +186,24 @@ def _on_sigterm(signum, frame) -> None:
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
+def _rank() -> int:
+    """This process's rank under a distributed launcher (torchrun / accelerate launch, MPI); 0 alone."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     ns = parser.parse_args(_flags_first(list(sys.argv[1:] if argv is None else argv)))
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough for the result table
         console = Console(width=120)
-    err = Console(stderr=True, soft_wrap=True)  # never re-wrap paths in error messages
+    # never re-wrap paths in error messages; under DDP, user errors are printed by rank 0 only
+    err = Console(stderr=True, soft_wrap=True)
+    once = Console(stderr=True, soft_wrap=True, quiet=_rank() != 0 and not ns.debug)
     if ns.command is None:
         parser.print_help()
         return 2
@@ -154,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(ns, console)
         if ns.command == "recipes":
             return _cmd_recipes(console)
+        if ns.command == "losses":
+            return _cmd_losses(ns, console)
         return _cmd_eval(ns, console)
     except DistilleryError as exc:
         if ns.debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+        once.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
         if exc.exit_code in (130, 143):
-            err.print("resume with the same command and --resume")
+            once.print("resume with the same command and --resume")
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
@@ -175,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except _Terminated:
-        err.print("terminated (SIGTERM)")
+        once.print("terminated (SIGTERM)")
         return 143
     except KeyboardInterrupt:
         if ns.debug:
             traceback.print_exc()
-        err.print("interrupted")
+        once.print("interrupted")
         return 130
 
 

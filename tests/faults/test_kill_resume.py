@@ -56,6 +56,11 @@ def distillery(args: list[str], cache: Path, fault: tuple[str, int] | None = Non
     )
 
 
+# Fields of result.json that differ between equal runs: wall times, and the checksums of the saved
+# files (the model card names its run folder). The weights themselves are compared directly.
+VARYING = ("seconds", "samples_per_second", "files")
+
+
 def outcome(run_dir: Path) -> dict:
     """Every saved student's weights and every reported number of a finished run."""
     weights = {
@@ -63,9 +68,7 @@ def outcome(run_dir: Path) -> dict:
         for p in sorted(run_dir.glob("seed-*/*/student.safetensors"))
     }
     results = {
-        str(p.relative_to(run_dir)): {
-            k: v for k, v in json.loads(p.read_text()).items() if k not in ("seconds", "samples_per_second")
-        }
+        str(p.relative_to(run_dir)): {k: v for k, v in json.loads(p.read_text()).items() if k not in VARYING}
         for p in sorted(run_dir.glob("seed-*/*/result.json"))
     }
     metrics = json.loads((run_dir / "summary.json").read_text())["per_seed_accuracy"]

@@ -147,3 +147,18 @@ def test_run_flags_may_come_after_overrides(capsys):
     assert main(["run", "digits-kd", "train.steps=3", "--dry-run", "seeds=[4]"]) == 0
     out = capsys.readouterr().out
     assert "steps: 3" in out and "- 4" in out
+
+
+def test_losses_lists_every_term_with_its_parameters(capsys):
+    from distillery.losses import LOSSES
+
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    for name in LOSSES:
+        assert f"│ {name} " in out, name
+    assert "temperature = 4.0" in out and "every term also takes: weight" in out
+    assert main(["losses", "dkd"]) == 0
+    one = capsys.readouterr().out
+    assert "beta = 8.0" in one and "weight = 1.0" in one and "forward_kl" not in one
+    assert main(["losses", "nope"]) == 2
+    assert "unknown loss term 'nope'; valid: ce, forward_kl" in capsys.readouterr().err

@@ -22,6 +22,12 @@ from distillery.errors import ConfigError
 from distillery.fileio import write_atomic
 from distillery.tasks import RunConfigBase, RunContext
 from distillery.train import make_accelerator
+from distillery.train.checkpoint import latest_checkpoint
+from distillery.train.config import check_processes
+from distillery.train.launch import describe_processes, launch_warning, process_line
+from distillery.train.progress import progress_interval
+
+RUN_INFO = "run.json"
 
 
 def _comparable(cfg: RunConfigBase) -> dict[str, Any]:
@@ -225,18 +231,82 @@ def holds_results(run_dir: Path) -> bool:
     return any(p.stat().st_size > 0 for p in run_dir.rglob("metrics.jsonl"))
 
 
+def check_resume_processes(run_dir: Path, processes: int) -> None:
+    """A resumed arm needs the random state of every process in its checkpoint: refuse resuming with
+    more processes than wrote the newest checkpoint of an unfinished arm (before anything trains)."""
+    for ckpt_root in sorted(Path(run_dir).rglob("checkpoints")):
+        arm_dir = ckpt_root.parent
+        ckpt = latest_checkpoint(arm_dir)
+        if ckpt is None or (arm_dir / "result.json").is_file():
+            continue
+        if not (ckpt / f"rng-rank{processes - 1}.pt").is_file():
+            written = len(list(ckpt.glob("rng-rank*.pt")))
+            raise ConfigError(
+                f"--resume with {processes} processes: the checkpoint {ckpt} was written by {written} "
+                f"process(es) and holds the random state of those only; resume with {written} "
+                + (
+                    "process (without accelerate launch)"
+                    if written == 1
+                    else f"processes (accelerate launch --multi_gpu --num_processes {written} -m distillery run ...)"
+                )
+            )
+
+
+def _run_info(acc, resume: bool, previous: Path | None) -> dict[str, Any]:
+    """``run.json``: how this run was launched (processes, backend, device, versions), and for a
+    resumed run the launches before it (``earlier``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import accelerate
+    import torch
+
+    try:
+        ours = version("distillery")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        ours = "unknown"
+    info: dict[str, Any] = {
+        **describe_processes(acc),
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "resumed": resume,
+        "host": socket.gethostname(),
+        "versions": {"distillery": ours, "torch": torch.__version__, "accelerate": accelerate.__version__},
+        "earlier": [],
+    }
+    if previous is not None and previous.is_file():
+        try:
+            old = json.loads(previous.read_text())
+            if isinstance(old, dict):
+                earlier = old.pop("earlier", [])
+                info["earlier"] = [*(earlier if isinstance(earlier, list) else []), old]
+        except (OSError, ValueError):  # a damaged record of an earlier launch: start the list again
+            pass
+    return info
+
+
 def start_run(
     cfg: RunConfigBase, resume: bool, console: Console | None, progress: bool, accelerator=None
 ) -> tuple[RunContext, RunFolder]:
-    """What every run does first: the accelerator, a console that only the main process prints to,
+    """What every run does first: the accelerator; the checks of the config that depend on the number
+    of processes (every process raises the same error, before anything is created or trained); a
+    console that only the main process prints to, and the line ``processes: N (backend ...), device
+    ...`` (with a warning when ``accelerate launch`` started fewer processes than it was asked for);
     the run folder (created or found by the main process, locked, agreed by all processes) with the
-    resolved config written into it."""
+    resolved config written into it, and ``run.json`` (how the run was launched, see
+    :func:`_run_info`)."""
     acc = accelerator or make_accelerator()
+    check_processes(cfg, acc.num_processes)
+    progress_interval()  # a bad DISTILLERY_PROGRESS_EVERY fails now, not at the first progress line
     main = acc.is_main_process
     console = console or Console(quiet=not main)
     if not main:
         console.quiet = True
-    progress = progress and main and console.is_terminal
+    # the loop draws a live bar on a terminal and plain lines elsewhere (logs, CI, SLURM)
+    progress = progress and main
+    info = describe_processes(acc)
+    console.print(process_line(info), highlight=False)
+    warning = launch_warning(acc.num_processes)
+    if warning is not None:
+        console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False, soft_wrap=True)
     folder = None
     error: ConfigError | None = None
     if main:
@@ -244,12 +314,15 @@ def start_run(
             if resume:
                 folder = RunFolder(find_resume_dir(cfg, console), created=False)
                 check_resume_config(folder.path, cfg)
+                check_resume_processes(folder.path, acc.num_processes)
             else:
                 path = create_run_dir(cfg)
                 folder = RunFolder(path, created=True)
             folder.lock = RunLock(folder.path)
             folder.lock.acquire()
             write_atomic(folder.path / "config.yaml", dump_config(cfg))
+            record = _run_info(acc, resume, folder.path / RUN_INFO if resume else None)
+            write_atomic(folder.path / RUN_INFO, json.dumps(record, indent=2))
         except ConfigError as exc:
             if folder is not None:
                 folder.close(failed=True)

@@ -33,13 +33,17 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from distillery.errors import ConfigError
+from distillery.experiment.cards import hub_folder, model_card, push_to_hub, write_model_card
 from distillery.experiment.rundir import start_run, write_atomic
 from distillery.experiment.summary import print_summary, summarize, write_report
 from distillery.fileio import disk_errors, sha256_file
 from distillery.models import count_parameters
 from distillery.tasks import RunConfigBase, RunContext, Task, TeacherSpec, task_class
+from distillery.tasks.base import BASELINE
 from distillery.teachers import DamagedTeacherError, TeacherStore, teacher_key, training_code_version
 from distillery.train import fit
+from distillery.train.trackers import Trackers
 
 
 @dataclass
@@ -76,7 +80,7 @@ def obtain_teacher(spec: TeacherSpec, seed: int, context: RunContext) -> tuple[n
     acc, console = context.accelerator, context.console
     if spec.load is not None:
         model, source = spec.load()
-        return model, {"source": source, "cached": False, "seconds": 0.0}
+        return model, {"source": source, "cached": False, "loaded": True, "seconds": 0.0}
     store = TeacherStore(spec.cache_dir)
     key = teacher_key(spec.cache_key)
     with ExitStack() as held:
@@ -199,20 +203,33 @@ def run(
     console: Console | None = None,
     progress: bool = True,
     accelerator=None,
+    command: list[str] | None = None,
 ) -> RunResult:
-    """Execute a run config of any task; see the module docstring for what it writes."""
+    """Execute a run config of any task; see the module docstring for what it writes.
+
+    ``command`` is the command line that reproduces the run (``["run", "digits-kd", "seeds=[0]"]``),
+    quoted in the model cards; without it the cards name the saved ``config.yaml`` only.
+    """
     context, folder = start_run(cfg, resume, console, progress, accelerator)
     failed = True
+    trackers = Trackers([])
     try:
-        result = _run(cfg, context, resume)
+        if context.accelerator.is_main_process:
+            trackers = Trackers.start(
+                cfg.output.report_to, context.run_dir, cfg.name, cfg.model_dump(mode="json")
+            )
+        result = _run(cfg, context, resume, trackers, command)
         failed = False
         return result
     finally:
+        trackers.finish()
         # a run that fails before writing anything resumable leaves no folder behind
         folder.close(failed=failed)
 
 
-def _run(cfg: RunConfigBase, context: RunContext, resume: bool) -> RunResult:
+def _run(
+    cfg: RunConfigBase, context: RunContext, resume: bool, trackers: Trackers, command: list[str] | None
+) -> RunResult:
     acc, console, run_dir = context.accelerator, context.console, context.run_dir
     main = acc.is_main_process
     t_start = time.perf_counter()
@@ -237,7 +254,10 @@ def _run(cfg: RunConfigBase, context: RunContext, resume: bool) -> RunResult:
             result.teachers[seed] = info
             if main:
                 write_atomic(seed_dir / "teacher.json", json.dumps(info, indent=2))
-            how = "cached" if info["cached"] else f"trained in {info['seconds']:.1f}s"
+            if info.get("loaded"):
+                how = f"loaded from {info['source']}"
+            else:
+                how = "cached" if info["cached"] else f"trained in {info['seconds']:.1f}s"
             console.print(f"  seed {seed} teacher: {_metric_line(task, info['metrics'])} ({how})")
 
         # ---- arms, all from the same initial weights ---------------------------------------------
@@ -276,6 +296,7 @@ def _run(cfg: RunConfigBase, context: RunContext, resume: bool) -> RunResult:
                 progress=context.progress,
                 label=f"seed {seed} {arm}",
                 tensorboard=cfg.output.tensorboard,
+                trackers=trackers.scoped(f"seed-{seed}/{arm}"),
                 batch_transform=job.batch_transform,
             )
             student = job.export(fitted.model)
@@ -298,11 +319,17 @@ def _run(cfg: RunConfigBase, context: RunContext, resume: bool) -> RunResult:
             }
             if job.record is not None:
                 record.update(job.record(fitted.model, final))
+            trackers.scoped(f"seed-{seed}/{arm}").log(fitted.steps, "test", record["metrics"])
             if main:
                 with disk_errors(arm_dir):  # a full disk is reported as one, whatever the writer raised
                     task.save(student, arm_dir, data)
                     if job.save_extra is not None:
                         job.save_extra(fitted.model, arm_dir)
+                card = model_card(
+                    cfg, seed, arm, task.label(arm), record, result.teachers.get(seed), records.get(BASELINE),
+                    task.describe(data), run_dir, command,
+                )  # fmt: skip
+                write_model_card(arm_dir, card)
                 record["files"] = saved_files(arm_dir)  # checked when a resumed run reuses this arm
                 write_atomic(done, json.dumps(record, indent=2))
             records[arm] = record
@@ -325,4 +352,14 @@ def _run(cfg: RunConfigBase, context: RunContext, resume: bool) -> RunResult:
     if main:
         write_report(result)
     print_summary(result, console)
+    if cfg.output.push_to_hub and main:
+        folder = hub_folder(run_dir, cfg.seeds[0])
+        try:
+            url = push_to_hub(cfg.output.push_to_hub, folder)
+        except Exception as exc:  # network, login, permissions: the run itself is complete and kept
+            raise ConfigError(
+                f"output.push_to_hub: uploading {folder} to {cfg.output.push_to_hub!r} failed ({type(exc).__name__}: "
+                f"{exc}); log in (`hf auth login`) and check the repo id; the run is complete in {run_dir}"
+            ) from None
+        console.print(f"pushed {folder} to {url}")
     return result

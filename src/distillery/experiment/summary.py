@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from distillery.experiment.rundir import write_atomic
 from distillery.report import fmt, learning_curves, mean_std, paired_difference
 from distillery.tasks import BASELINE, Metric
+from distillery.train.logging import read_metrics
 
 TEACHER = "teacher"
 
@@ -33,6 +35,10 @@ def _aggregate_members(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+# The config sections that say which method ran.
+METHOD_SECTIONS = ("method", "loss", "teacher")
+
+
 def summarize(result) -> dict[str, Any]:
     """``summary.json``: per model mean +- std of every metric, paired differences to the baseline."""
     cfg, task = result.config, result.task
@@ -48,6 +54,7 @@ def summarize(result) -> dict[str, Any]:
             "params": teachers[0]["params"],
             "seconds": mean_std([t["seconds"] for t in teachers]),
             "cached": sum(t["cached"] for t in teachers),
+            "loaded": sum(bool(t.get("loaded")) for t in teachers),
         }
     for arm, by_seed in result.arms.items():
         if not by_seed:
@@ -97,10 +104,14 @@ def summarize(result) -> dict[str, Any]:
             if seed in by_seed:
                 row[arm] = by_seed[seed]["metrics"][headline]
         per_seed.append(row)
+    config = cfg.model_dump(mode="json")
     return {
         "name": cfg.name,
         "task": cfg.task,
         "seeds": cfg.seeds,
+        # what ran: the method (LM: token-level, on-policy with its lambda, ...), the loss terms with
+        # their parameters, and the teacher
+        "method": {k: config[k] for k in METHOD_SECTIONS if config.get(k) is not None},
         "headline": headline,
         "models": models,
         "paired_distilled_minus_baseline": paired_by_arm.get(main_arm, {}),
@@ -126,7 +137,9 @@ def table(task, summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = ["model", *(m.header for m in columns), "params", "time"]
     rows = []
     for key, m in summary["models"].items():
-        if key == TEACHER and m["cached"] == len(summary["seeds"]):
+        if key == TEACHER and m.get("loaded", 0) == len(summary["seeds"]):
+            time_cell = "loaded"
+        elif key == TEACHER and m["cached"] == len(summary["seeds"]):
             time_cell = "cached"
         else:
             time_cell = fmt(m["seconds"], 1) + " s"
@@ -235,5 +248,21 @@ def write_report(result) -> None:
             "Evaluated on the validation split carved from the training data; the tables above are the test "
             "split, evaluated once after training.",
         ]
+    losses = {
+        s["models"][arm]["label"]: [read_metrics(run_dir / f"seed-{seed}" / arm, "train") for seed in by_seed]
+        for arm, by_seed in result.arms.items()
+        if by_seed and (run_dir / f"seed-{next(iter(by_seed))}" / arm / "metrics.jsonl").is_file()
+    }
+    if any(rec.get("loss") is not None for runs in losses.values() for run in runs for rec in run):
+        learning_curves(
+            losses,
+            run_dir / "training_loss.png",
+            metric="loss",
+            title=f"{cfg.name}: training loss (the objective each arm minimises)",
+            split="training",
+        )
+        lines += ["", "![training loss](training_loss.png)"]
+    if s.get("method"):
+        lines += ["", "## Method", "", "```yaml", yaml.safe_dump(s["method"], sort_keys=False).strip(), "```"]
     lines += ["", f"Total wall time: {s['seconds']:.1f} s. Resolved configuration: `config.yaml`.", ""]
     write_atomic(run_dir / "report.md", "\n".join(lines))

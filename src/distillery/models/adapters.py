@@ -39,10 +39,20 @@ class ModelOutput:
 
 
 class ClassifierAdapter:
-    """Batches ``{"x": inputs, "y": labels (-100 = unlabelled), "index": sample ids}``; one row per sample."""
+    """Batches ``{"x": inputs, "y": labels (-100 = unlabelled), "index": sample ids}``; one row per sample.
+
+    For a model that returns a tensor of logits (``model(x) -> [B, C]``). A Hugging Face model
+    (``AutoModelForSequenceClassification``, ``AutoModelForCausalLM``) takes the adapters of
+    :mod:`distillery.models.hf` instead, which read ``input_ids``, ``attention_mask`` and ``labels``.
+    """
 
     input_key = "x"
     target_key = "y"
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """The batch keys this adapter reads (the loop checks them once, at the first batch)."""
+        return (self.input_key, self.target_key)
 
     def rows(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(target [B], mask [B])``: every sample is a valid row; unlabelled ones have target -100."""
@@ -50,10 +60,27 @@ class ClassifierAdapter:
         return target, torch.ones_like(target, dtype=torch.bool)
 
     def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> ModelOutput:
-        return ModelOutput(logits=model(batch[self.input_key]))
+        return ModelOutput(logits=_logits_tensor(model(batch[self.input_key]), self))
 
     def batch_size(self, batch: Mapping[str, Tensor]) -> int:
         return int(batch[self.input_key].shape[0])
+
+
+def _logits_tensor(out, adapter) -> Tensor:
+    """``out`` if it is a tensor; a model output object (a Hugging Face model's) is a clear error."""
+    if isinstance(out, Tensor):
+        return out
+    hint = ""
+    if hasattr(out, "logits"):
+        hint = (
+            "; it looks like a Hugging Face model: use adapter=HFSequenceClassifierAdapter() (a sequence "
+            "classifier) or HFCausalLMAdapter() (a causal LM) from distillery.models.hf, with batches of "
+            "input_ids, attention_mask and labels"
+        )
+    raise TypeError(
+        f"{type(adapter).__name__} calls model(batch[{adapter.input_key!r}]) and expects a tensor of logits, "
+        f"but the model returned a {type(out).__name__}{hint}"
+    )
 
 
 class StackedClassifierAdapter(ClassifierAdapter):

@@ -37,7 +37,10 @@ def learning_curves(
             [[rec[metric] for rec in run[: len(steps)]] for run in runs if len(run) >= len(steps)]
         )
         mean = values.mean(0)
-        (line,) = ax.plot(steps, mean, label=f"{label} (mean of {len(values)})")
+        band = ", band: min-max over seeds" if len(values) > 1 else ""
+        (line,) = ax.plot(
+            steps, mean, label=f"{label} (mean of {len(values)} seed{'s' * (len(values) > 1)}{band})"
+        )
         if len(values) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
     for label, value in (reference or {}).items():

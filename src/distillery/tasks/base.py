@@ -55,8 +55,10 @@ from rich.console import Console
 from torch import nn
 
 from distillery.configbase import StrictModel
+from distillery.errors import ConfigError
 from distillery.losses import LossTermConfig, Objective
 from distillery.train.config import TrainConfig
+from distillery.train.trackers import TRACKERS, check_trackers
 
 BASELINE = "baseline"
 DISTILLED = "distilled"
@@ -94,6 +96,23 @@ class OutputConfig(StrictModel):
     tensorboard: bool | None = Field(
         None, description="TensorBoard logs (null: when tensorboard is installed)"
     )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description=f"experiment trackers (Accelerate's tracker API): any of {', '.join(TRACKERS)}",
+    )
+    push_to_hub: str | None = Field(
+        None,
+        description="a hub repo id: upload the distilled student's folder (model card included) after the run",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, names: list[str]) -> list[str]:
+        try:
+            check_trackers(names)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("output.report_to: ")) from None
+        return list(dict.fromkeys(names))
 
 
 class RunConfigBase(StrictModel):

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from distillery.errors import ConfigError
 from distillery.models.adapters import ClassifierAdapter
 from distillery.models.hf import hf_task
+from distillery.models.hub import from_pretrained
 from distillery.teachers.base import BaseTeacher, TeacherOutput
 
 
@@ -67,7 +69,77 @@ class FrozenTeacher(BaseTeacher):
         ``task`` selects the auto class: ``"sequence-classification"``
         (``AutoModelForSequenceClassification``) or ``"causal-lm"`` (``AutoModelForCausalLM``).
         Keyword arguments go to ``from_pretrained``.
+
+        A teacher must be trained: a checkpoint that lacks weights its task needs (a sentence encoder
+        saved without a classification head, which ``from_pretrained`` would complete with a random
+        head) is refused, naming the architectures its config lists and the auto class that loads it.
+
+        Raises:
+            ConfigError: the source does not load, or loading it initialised weights at random.
         """
         auto_cls, adapter_cls = hf_task(task)
-        model = auto_cls.from_pretrained(name_or_path, **kwargs)
+        kwargs.pop("output_loading_info", None)
+        model, info = from_pretrained(
+            auto_cls.from_pretrained,
+            name_or_path,
+            "FrozenTeacher.from_pretrained",
+            output_loading_info=True,
+            **kwargs,
+        )
+        new = sorted(
+            set(info.get("missing_keys") or ())
+            | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()}
+        )
+        if new:
+            raise ConfigError(untrained_weights_message(name_or_path, task, auto_cls.__name__, model, new))
         return cls(model, adapter_cls())
+
+
+# architecture name suffix -> (auto class, what it is, the FrozenTeacher task that loads it or None)
+_HEADS = (
+    ("ForSequenceClassification", "AutoModelForSequenceClassification", "a sequence classifier", "sequence-classification"),
+    ("ForCausalLM", "AutoModelForCausalLM", "a causal LM", "causal-lm"),
+    ("LMHeadModel", "AutoModelForCausalLM", "a causal LM", "causal-lm"),
+    ("ForMaskedLM", "AutoModelForMaskedLM", "a masked LM", None),
+    ("ForTokenClassification", "AutoModelForTokenClassification", "a token classifier", None),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "an extractive QA model", None),
+    ("ForImageClassification", "AutoModelForImageClassification", "an image classifier", None),
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM", "a generation model with its own head", None),
+    ("ForPreTraining", "AutoModelForPreTraining", "a pretraining model (its pretraining heads)", None),
+    ("Model", "AutoModel", "a base model without a task head", None),
+)  # fmt: skip
+
+
+def _loads_with(architecture: str) -> str:
+    for suffix, auto, what, task in _HEADS:
+        if architecture.endswith(suffix):
+            how = (
+                f'FrozenTeacher.from_pretrained(..., task="{task}")'
+                if task
+                else f"{auto} (not a FrozenTeacher task)"
+            )
+            return f"{architecture}: {what}, loaded by {how}"
+    return f"{architecture}: loaded by the auto class of that head"
+
+
+def untrained_weights_message(
+    source: str, task: str, auto_name: str, model: nn.Module, new: list[str]
+) -> str:
+    """Why a pretrained checkpoint cannot be a teacher for ``task``: the weights ``from_pretrained``
+    initialised at random (``new``), the architectures the checkpoint's config lists, and what loads them."""
+    config = getattr(model, "config", None)
+    architectures = list(getattr(config, "architectures", None) or [])
+    shown = ", ".join(new[:6]) + (f" and {len(new) - 6} more" if len(new) > 6 else "")
+    found = (
+        "; ".join(_loads_with(a) for a in architectures)
+        if architectures
+        else "none listed in its config.json"
+    )
+    return (
+        f"FrozenTeacher.from_pretrained({source!r}, task={task!r}): the checkpoint lacks weights that "
+        f"{auto_name} needs, so loading it would initialise {shown} at random; a teacher must be trained. "
+        f"Architectures in the checkpoint: {found}. Load a checkpoint trained for {task} (its config's "
+        f"architectures end in {'ForSequenceClassification' if task == 'sequence-classification' else 'ForCausalLM'}), "
+        "or fine-tune this one first (e.g. as the student of a distillery run, model: {pretrained: <dir>, "
+        "new_head: true})"
+    )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from distillery.configbase import StrictModel
 from distillery.data.augment import AugmentConfig
+from distillery.errors import ConfigError
 
 
 class OptimizerConfig(StrictModel):
@@ -82,3 +84,52 @@ class TrainConfig(StrictModel):
         if self.steps is not None:
             return self.steps
         return max(1, math.ceil(self.epochs * num_examples / self.batch_size))
+
+
+def check_batch_split(config: TrainConfig, processes: int, field: str = "train") -> None:
+    """Refuse a global batch that does not split into ``grad_accum`` micro-batches on every process.
+
+    Example:
+        >>> check_batch_split(TrainConfig(steps=1, batch_size=12, grad_accum=4), 2)
+        Traceback (most recent call last):
+        ...
+        distillery.errors.ConfigError: train.batch_size=12 must be divisible by train.grad_accum=4 x 2 processes = 8 (each process takes batch_size / (grad_accum x processes) examples per micro-batch); e.g. train.batch_size=16, or fewer processes
+
+    Raises:
+        ConfigError: naming ``field`` and a batch size that would split.
+    """
+    parts = config.grad_accum * processes
+    if config.batch_size % parts:
+        fit = math.ceil(config.batch_size / parts) * parts
+        raise ConfigError(
+            f"{field}.batch_size={config.batch_size} must be divisible by {field}.grad_accum={config.grad_accum} "
+            f"x {processes} processes = {parts} (each process takes batch_size / (grad_accum x processes) "
+            f"examples per micro-batch); e.g. {field}.batch_size={fit}, or fewer processes"
+        )
+
+
+def train_configs(config: Any, prefix: str = "") -> Iterator[tuple[str, TrainConfig]]:
+    """Every :class:`TrainConfig` inside a run config (``train``, ``baseline.train``, ``teacher.train``,
+    ...), with its dotted field name."""
+    if isinstance(config, TrainConfig):
+        yield prefix, config
+    elif isinstance(config, BaseModel):
+        for name in type(config).model_fields:
+            yield from train_configs(getattr(config, name), f"{prefix}.{name}" if prefix else name)
+    elif isinstance(config, dict):
+        for key, value in config.items():
+            yield from train_configs(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            yield from train_configs(value, f"{prefix}[{i}]")
+
+
+def check_processes(config: Any, processes: int) -> None:
+    """The checks of a run config that depend on the number of processes, for every model it trains
+    (run before anything is trained, so that a bad split never fails after the teacher's training).
+
+    Raises:
+        ConfigError: the first ``TrainConfig`` whose batch does not split (see :func:`check_batch_split`).
+    """
+    for field, train in train_configs(config):
+        check_batch_split(train, processes, field)

@@ -17,7 +17,8 @@ class MetricLog:
     never holds two histories.
     """
 
-    def __init__(self, run_dir: Path | None, tensorboard: bool | None = None) -> None:
+    def __init__(self, run_dir: Path | None, tensorboard: bool | None = None, trackers=None) -> None:
+        self.trackers = trackers  # e.g. ScopedTrackers: every record goes to them too
         self.path = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
         self._writer = None
         if run_dir is not None:
@@ -48,6 +49,8 @@ class MetricLog:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self._writer.add_scalar(f"{split}/{k}", v, step)
+        if self.trackers is not None:
+            self.trackers.log(step, split, values)
 
     def close(self) -> None:
         if self._writer is not None:

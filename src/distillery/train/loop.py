@@ -42,7 +42,8 @@ from distillery.train.checkpoint import (
     load_checkpoint,
     step_of,
 )
-from distillery.train.config import TrainConfig
+from distillery.train.config import TrainConfig, check_batch_split
+from distillery.train.datasets import batch_source, check_batch_keys
 from distillery.train.logging import MetricLog
 from distillery.train.progress import TrainProgress
 from distillery.train.schedules import build_optimizer, build_scheduler
@@ -121,7 +122,8 @@ def _to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
 
 
 def _rows(batch: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
-    return {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in batch.items()}
+    """Rows ``start:stop`` of every per-example value (tensors, and lists such as a column of strings)."""
+    return {k: v[start:stop] if isinstance(v, (Tensor, list, tuple)) else v for k, v in batch.items()}
 
 
 def _row_weight(batch: dict[str, Tensor], mask: Tensor, adapter) -> Tensor | None:
@@ -153,13 +155,21 @@ def fit(
     label: str = "train",
     on_step: Callable[[int], None] | None = None,
     tensorboard: bool | None = None,
+    trackers=None,
     batch_transform: Callable[[dict[str, Tensor], nn.Module, int], dict[str, Tensor]] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train_set`` to minimise ``objective``.
 
     Args:
         model: the student (any ``nn.Module``), already initialised.
-        train_set: anything with ``__len__`` and ``get_batch(indices) -> dict of tensors``.
+        train_set: one of (see :mod:`distillery.train.datasets`): an object with ``__len__`` and
+            ``get_batch(indices) -> dict of tensors`` (distillery's datasets); a map-style
+            ``torch.utils.data.Dataset`` (items: dicts of tensors or numbers, or ``(x, y)`` pairs, which
+            become the batch keys ``x`` and ``y``); a Hugging Face ``datasets.Dataset``. Batches are drawn
+            by position from a seeded plan, whichever it is: equal seeds give equal runs, and resumption
+            is exact. Anything else is a :class:`~distillery.train.datasets.TrainSetError` (a
+            ``ConfigError`` and a ``TypeError``) naming the protocols.
         objective: the weighted loss terms (:class:`distillery.losses.Objective`).
         config: length, batch size, accumulation, optimiser, schedule, logging cadence.
         teacher: a :class:`distillery.teachers.Teacher`, required when a term needs one.
@@ -179,20 +189,26 @@ def fit(
         label: name shown on the progress bar.
         on_step: called with the step number after every completed step (tests, custom hooks).
         tensorboard: also write TensorBoard logs to ``run_dir/tensorboard`` (None: when installed).
+        trackers: where the records also go (``distillery.train.trackers.ScopedTrackers``: MLflow,
+            W&B, ... through Accelerate), main process only.
+        collate_fn: for a map-style dataset, ``collate_fn(items) -> batch`` (default
+            ``torch.utils.data.default_collate``); for a ``datasets.Dataset``, ``collate_fn(rows)`` on the
+            batch's rows as dicts (e.g. ``transformers.DataCollatorWithPadding(tokenizer)``).
+
+    The batch keys are checked against the adapter's (and the teacher's adapter's) at the first
+    batch: a Hugging Face model trained with the default :class:`ClassifierAdapter` (keys ``x``,
+    ``y``) is an error that names the adapter to use, not a ``KeyError``.
     """
     acc = accelerator or make_accelerator()
     adapter = adapter or ClassifierAdapter()
     run_dir = None if run_dir is None else Path(run_dir)
+    train_set = batch_source(train_set, collate_fn)
     if objective.needs_teacher and teacher is None:
         raise ConfigError(
             f"the loss terms {[n for n, t in objective.terms.items() if t.needs_teacher]} need a teacher"
         )
     world, rank = acc.num_processes, acc.process_index
-    if config.batch_size % (config.grad_accum * world):
-        raise ConfigError(
-            f"train.batch_size={config.batch_size} must be divisible by train.grad_accum={config.grad_accum} "
-            f"x {world} processes = {config.grad_accum * world}"
-        )
+    check_batch_split(config, world)
     micro = config.batch_size // config.grad_accum  # global micro-batch
     per_rank = micro // world
     total_steps = config.total_steps(len(train_set))
@@ -208,7 +224,11 @@ def fit(
     if teacher is not None and hasattr(teacher, "to"):
         teacher.to(acc.device)
 
-    log = MetricLog(run_dir if acc.is_main_process else None, tensorboard=tensorboard)
+    log = MetricLog(
+        run_dir if acc.is_main_process else None,
+        tensorboard=tensorboard,
+        trackers=trackers if acc.is_main_process else None,
+    )
     writer = CheckpointWriter(run_dir, acc, config.keep_checkpoints) if run_dir is not None else None
     start = 0
     resumed_from = None
@@ -229,6 +249,7 @@ def fit(
                 teacher.load_state_dict(state.get("teacher", {}))
             objective.load_state_dict(state.get("objective", {}))
             history = list(state.get("history", []))
+            acc.print(f"  {label}: resumed from step {start} of {total_steps} ({ckpt.name})")
 
     if resume and run_dir is not None:
         # Resumed from a checkpoint: the records after it go. No checkpoint: the arm restarts from
@@ -291,6 +312,12 @@ def fit(
 
                 if batch_transform is not None:  # e.g. on-policy: responses sampled from the student
                     batches = [batch_transform(b, raw_model, step) for b in batches]
+                if step == start:  # once: the batch keys against what the adapters read
+                    check_batch_keys(batches[0], adapter, raw_model)
+                    t_adapter = getattr(teacher, "adapter", None)
+                    if objective.needs_teacher and t_adapter is not None:
+                        t_model = getattr(teacher, "module", None)
+                        check_batch_keys(batches[0], t_adapter, t_model, "teacher's adapter")
 
                 # Rows per term over the whole step, all processes: the normaliser of every term.
                 counts = sum(objective.counts(*adapter.rows(b)) for b in batches)
@@ -351,9 +378,7 @@ def fit(
                 last = {"loss": total, **values}
                 if step % config.log_every == 0 or step == total_steps:
                     log.log(step, "train", {"epoch": epoch, "lr": lr, **last})
-                    bar.update(step, config.batch_size, last)
-                else:
-                    bar.update(step, config.batch_size)
+                bar.update(step, config.batch_size, last)
                 if step == total_steps or (eval_every and step % eval_every == 0):
                     run_eval(step)
                     model.train()
