@@ -3,8 +3,9 @@
     python tests/faults/_killer.py MODE N -- distillery arguments...
 
 MODE is ``step`` (SIGKILL right after the N-th training record of the run's arms is logged: with
-one record per step and 30-step arms, N=37 is step 7 of the second arm), ``rename`` (SIGKILL inside the N-th durable
-write: its temporary file or folder is complete, the rename has not happened), ``sigint`` or
+one record per step and 30-step arms, N=37 is step 7 of the second arm), ``rename`` (SIGKILL inside a durable write --
+the N-th, or, when N is not a number, the first whose temporary path contains N: its temporary file
+or folder is complete, the rename has not happened), ``sigint`` or
 ``sigterm`` (the signal arrives during step N; training checkpoints and stops). Under several
 processes only the main process (rank 0) injects the fault.
 """
@@ -17,7 +18,8 @@ import sys
 
 
 def main() -> int:
-    mode, n = sys.argv[1], int(sys.argv[2])
+    mode, arg = sys.argv[1], sys.argv[2]
+    n = int(arg) if arg.isdigit() else None
     args = sys.argv[sys.argv.index("--") + 1 :]
     rank = int(os.environ.get("RANK", "0"))
 
@@ -30,7 +32,7 @@ def main() -> int:
 
         def kill_inside_write(tmp):
             seen[0] += 1
-            if seen[0] == n:
+            if seen[0] == n or (n is None and arg in str(tmp)):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         fileio.HOOKS["before_rename"].append(kill_inside_write)

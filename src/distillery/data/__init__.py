@@ -1,19 +1,32 @@
 """Datasets: local files first (the real download path is kept), splits, augmentations.
 
-Image classification datasets are named in YAML from :data:`DATASETS`, an explicit table.
+Image classification datasets are named in YAML from :data:`DATASETS`, an explicit table; the
+user's own files are ``name: files`` (:mod:`distillery.data.user`). Both draw a run seed's splits
+with :func:`~distillery.data.splits.draw_splits`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 
 from distillery.configbase import StrictModel
 from distillery.data.augment import AugmentConfig, augment_batch
 from distillery.data.base import UNLABELLED, ArrayDataset, ClassificationData, stratified_sample
 from distillery.data.noise import LabelNoiseConfig, corrupt_labels
+from distillery.data.splits import draw_splits, validation_count
+from distillery.data.tables import TableSource
+from distillery.data.user import (
+    TEXT_PAD,
+    FilesDataConfig,
+    KeyedDataset,
+    UserClassificationData,
+    UserData,
+    load_user_data,
+)
 from distillery.errors import ConfigError
 
 DATASETS = ("digits", "fashion_mnist")
@@ -57,6 +70,16 @@ class ImageDataConfig(StrictModel):
     root: str | None = Field(None, description="directory holding the dataset files (Fashion-MNIST)")
     download: bool = Field(True, description="download a missing dataset from its official source")
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_name(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in DATASETS:
+            raise ValueError(
+                f"expected 'digits' or 'fashion_mnist', got {value!r}; or 'files' to read your own files "
+                "(data: {name: files, train: <file>, text_field | features_field: <field>})"
+            )
+        return value
+
     @field_validator("validation")
     @classmethod
     def _fraction_below_one(cls, value: int | float) -> int | float:
@@ -66,9 +89,22 @@ class ImageDataConfig(StrictModel):
 
     def validation_count(self, pool: int) -> int:
         """How many of the ``pool`` training examples the validation split takes."""
-        if isinstance(self.validation, float):
-            return round(self.validation * pool)
-        return self.validation
+        return validation_count(self.validation, pool)
+
+
+def _data_tag(value: Any) -> str:
+    """The member of :data:`DataConfig` a ``data`` section is: ``files``, else a built-in dataset."""
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+    return "files" if name == "files" else "digits"
+
+
+# A classification run's `data` section: a built-in dataset (`digits`, `fashion_mnist`; the default
+# when `name` is left out) or the user's files (`files`). Both built-in names validate as
+# ImageDataConfig, tagged by its default name so that error messages drop the tag.
+DataConfig = Annotated[
+    Annotated[ImageDataConfig, Tag("digits")] | Annotated[FilesDataConfig, Tag("files")],
+    Discriminator(_data_tag),
+]
 
 
 def _pool_and_test(cfg: ImageDataConfig):
@@ -96,64 +132,38 @@ def _pool_and_test(cfg: ImageDataConfig):
     return x_train, y_train, x_test, y_test, CLASS_NAMES
 
 
-def load_classification_data(cfg: ImageDataConfig, seed: int) -> ClassificationData:
+def load_classification_data(
+    cfg: ImageDataConfig | FilesDataConfig, seed: int, tokenizers: Mapping[str, Any] | None = None
+) -> ClassificationData:
     """Load the dataset and draw the validation, labelled and transfer splits for run ``seed``.
 
     The validation split is drawn first (class-balanced), then the labelled split (class-balanced) and
-    the transfer split from the rest of the training pool: the four splits are disjoint, and the test
-    split is the same for every seed.
+    the transfer split from the rest of the training pool (:func:`~distillery.data.splits.draw_splits`):
+    the four splits are disjoint, and the test split is the same for every seed. The user's files
+    (``name: files``) go through :func:`~distillery.data.user.load_user_data` (``tokenizers``: batch
+    key -> tokenizer of text data).
     """
+    if isinstance(cfg, FilesDataConfig):
+        return load_user_data(cfg, seed, tokenizers)
     x_pool, y_pool, x_test, y_test, names = _pool_and_test(cfg)
-    n_pool = len(y_pool)
-    n_val = cfg.validation_count(n_pool)
-    if n_val >= n_pool:
-        raise ConfigError(
-            f"data.validation={cfg.validation} leaves no training examples ({n_pool} in the pool)"
-        )
-    n_train = n_pool - n_val
-    n_lab = n_train if cfg.labelled is None else cfg.labelled
-    if n_lab > n_train:
-        raise ConfigError(
-            f"data.labelled={n_lab} exceeds the {n_train} examples of the {cfg.name} training pool left after "
-            f"the {n_val} validation examples (data.validation={cfg.validation}); lower one of them"
-        )
-    rest_count = n_train - n_lab
-    n_transfer = rest_count if cfg.transfer is None else cfg.transfer
-    if n_transfer > rest_count:
-        raise ConfigError(
-            f"data.labelled={n_lab}, data.transfer={n_transfer} and the {n_val} validation examples "
-            f"(data.validation={cfg.validation}) together exceed the {n_pool} examples of the {cfg.name} "
-            "training pool; lower one of them (transfer: null takes all the rest)"
-        )
-    g = torch.Generator().manual_seed(10_007 * seed + 1)
-    index = torch.arange(n_pool)
-    free = torch.ones(n_pool, dtype=torch.bool)
-    val_pos = stratified_sample(y_pool, n_val, g) if n_val else index[:0]
-    free[val_pos] = False
-    remaining = index[free]
-    lab_pos = (
-        remaining if n_lab == len(remaining) else remaining[stratified_sample(y_pool[remaining], n_lab, g)]
+    pool = ArrayDataset(x_pool, y_pool, torch.arange(len(y_pool)))
+    drawn = draw_splits(
+        pool,
+        seed=seed,
+        num_classes=len(names),
+        name=cfg.name,
+        validation=cfg.validation,
+        labelled=cfg.labelled,
+        transfer=cfg.transfer,
+        label_noise=cfg.label_noise,
     )
-    free[lab_pos] = False
-    rest = index[free]
-    transfer_pos = rest[torch.randperm(len(rest), generator=g)[:n_transfer]].sort().values
-    pool = ArrayDataset(x_pool, y_pool, index)
-    test = ArrayDataset(x_test, y_test, torch.arange(len(y_test)))
-    labelled = pool.subset(lab_pos)
-    clean = None
-    if cfg.label_noise is not None and cfg.label_noise.rate > 0:
-        noise = cfg.label_noise
-        g_noise = torch.Generator().manual_seed(1_000_003 * noise.seed + 7919 * seed + 17)
-        clean = labelled.y
-        noisy = corrupt_labels(clean, len(names), noise.rate, noise.kind, g_noise)
-        labelled = ArrayDataset(labelled.x, noisy, labelled.index)
     return ClassificationData(
         name=cfg.name,
-        labelled=labelled,
-        clean_labels=clean,
-        transfer=pool.subset(transfer_pos).without_labels(),
-        validation=pool.subset(val_pos),
-        test=test,
+        labelled=drawn.labelled,
+        clean_labels=drawn.clean_labels,
+        transfer=drawn.transfer,
+        validation=drawn.validation,
+        test=ArrayDataset(x_test, y_test, torch.arange(len(y_test))),
         input_shape=tuple(x_pool.shape[1:]),
         num_classes=len(names),
         class_names=names,
@@ -162,14 +172,23 @@ def load_classification_data(cfg: ImageDataConfig, seed: int) -> ClassificationD
 
 __all__ = [
     "DATASETS",
+    "TEXT_PAD",
     "UNLABELLED",
     "ArrayDataset",
     "AugmentConfig",
     "ClassificationData",
+    "DataConfig",
+    "FilesDataConfig",
     "ImageDataConfig",
+    "KeyedDataset",
     "LabelNoiseConfig",
+    "TableSource",
+    "UserClassificationData",
+    "UserData",
     "augment_batch",
     "corrupt_labels",
+    "draw_splits",
     "load_classification_data",
+    "load_user_data",
     "stratified_sample",
 ]

@@ -150,7 +150,7 @@ def load_table(source: TableSource, field: str, required: list[str] | None = Non
     kwargs = {"delimiter": "\t"} if kind == "csv" and all(f.endswith(".tsv") for f in files) else {}
     try:
         table = datasets.load_dataset(
-            kind, data_files=files, split="train", streaming=source.streaming, **kwargs
+            kind, data_files=files, split="train", streaming=source.streaming, cache_dir=cache, **kwargs
         )
     except Exception as exc:  # pyarrow and the builders raise many types on malformed files
         raise ConfigError(

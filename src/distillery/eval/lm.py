@@ -59,30 +59,40 @@ def lm_metrics(
 def task_accuracy(
     model: nn.Module,
     tokenizer,
-    pairs,
+    problems: Sequence,
     device,
     max_new_tokens: int,
-    check: Callable[[str, str], bool],
+    score: Callable[[object, list[int]], float],
     batch_size: int = 64,
+    add_bos: bool = True,
 ) -> float:
-    """Exact-match accuracy (percent) of greedy completions of the task's test prompts, as judged by
-    ``check(prompt, completion_text)``."""
+    """Mean score (percent) of greedy completions of the problems' prompts.
+
+    Args:
+        model: a causal LM (``generate``); put in ``eval()`` and restored.
+        tokenizer: encodes the prompts (``<bos>`` first with ``add_bos``, left padded).
+        problems: objects with a ``.prompt`` string.
+        device: where the model runs.
+        max_new_tokens: tokens generated per answer at most.
+        score: ``score(problem, generated_ids) -> float`` in ``[0, 1]`` (a bool counts as 0/1); the ids are
+            the row generated after the prompt, padding after its ``<eos>`` included.
+        batch_size: prompts per ``generate`` call.
+        add_bos: start every prompt with ``<bos>`` (as training rows of prompt data do).
+    """
     was_training = model.training
     model.eval()
-    correct = 0
+    total = 0.0
     try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            enc = collate_prompts([p.prompt for p in chunk], tokenizer)
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            enc = collate_prompts([p.prompt for p in chunk], tokenizer, add_bos=add_bos)
             enc = {k: v.to(device) for k, v in enc.items()}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            completions = tokenizer.batch_decode(
-                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False
-            )
-            correct += sum(check(p.prompt, c) for p, c in zip(chunk, completions))
+            rows = out[:, enc["input_ids"].shape[1] :].tolist()
+            total += sum(float(score(p, ids)) for p, ids in zip(chunk, rows))
     finally:
         model.train(was_training)
-    return 100.0 * correct / max(len(pairs), 1)
+    return 100.0 * total / max(len(problems), 1)
 
 
 @torch.no_grad()

@@ -59,9 +59,16 @@ class PacedBatches:
     with ``row_weight = paced_weights(p, a, b, normalize)`` (``[B]``, float32, the batch's device);
     every other entry is the same tensor object.
 
+    Problems whose answer is judged against a per-example reference (the user's data) pass
+    ``score_example(index, completion_ids) -> float`` instead: it is called with each row's sample id
+    (the batch's ``index``) and the completion's token ids (cut after the first ``<eos>``, kept), and
+    returns a score in ``[0, 1]``; the pass rate is the mean score, and a row's rate is cached by its
+    sample id rather than its prompt (two examples may share a prompt but not a reference).
+
     Args:
         verify: ``verify(prompt, completion) -> bool``, e.g. the arithmetic task's
-            ``functools.partial(distillery.data.text.arithmetic.verify, eos=tokenizer.eos_token)``.
+            ``functools.partial(distillery.data.text.arithmetic.verify, eos=tokenizer.eos_token)``
+            (None when ``score_example`` is given).
         tokenizer: decodes token ids (``tokenizer.decode(ids, skip_special_tokens=...)``).
         samples: completions per prompt (``n``); pass rates are multiples of ``1/n``.
         a, b: exponents of the kernel ``p^a (1-p)^b`` (>= 0).
@@ -77,6 +84,8 @@ class PacedBatches:
             would never learn, so a run from scratch trains plainly first (an option of ours: the paper
             starts from a capable student).
         pad_id, eos_id: special ids (default: read from the student's config).
+        score_example: ``score_example(index, completion_ids) -> float`` in ``[0, 1]``, used instead of
+            ``verify`` (batches must then carry ``index``).
 
     Example:
         >>> import transformers
@@ -96,7 +105,7 @@ class PacedBatches:
 
     def __init__(
         self,
-        verify: Callable[[str, str], bool],
+        verify: Callable[[str, str], bool] | None,
         tokenizer: Any,
         *,
         samples: int = 4,
@@ -111,7 +120,12 @@ class PacedBatches:
         from_step: int = 0,
         pad_id: int | None = None,
         eos_id: int | None = None,
+        score_example: Callable[[int, list[int]], float] | None = None,
     ) -> None:
+        if (verify is None) == (score_example is None):
+            raise ValueError(
+                "give exactly one of verify (prompt, completion text) and score_example (index, ids)"
+            )
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         if not (a >= 0 and b >= 0):
@@ -127,6 +141,7 @@ class PacedBatches:
         if from_step < 0:
             raise ValueError(f"from_step must be >= 0, got {from_step}")
         self.verify = verify
+        self.score_example = score_example
         self.tokenizer = tokenizer
         self.samples = int(samples)
         self.a, self.b, self.normalize = float(a), float(b), bool(normalize)
@@ -137,16 +152,23 @@ class PacedBatches:
         self.every = int(every)
         self.from_step = int(from_step)
         self.pad_id, self.eos_id = pad_id, eos_id
-        self._cache: dict[tuple[int, ...], tuple[int, float]] = {}  # prompt ids -> (step, pass rate)
+        self._cache: dict[tuple, tuple[int, float]] = {}  # prompt ids (or sample id) -> (step, pass rate)
         self.rows_seen = 0
         self.sum_pass_rate = 0.0
         self.sum_weight = 0.0
         self.last: dict[str, float] = {}
 
     def pass_rates(
-        self, prompts: Sequence[Sequence[int]], student: nn.Module, seed: int, pad_id: int, eos_id: int
+        self,
+        prompts: Sequence[Sequence[int]],
+        student: nn.Module,
+        seed: int,
+        pad_id: int,
+        eos_id: int,
+        rows: Sequence[int] | None = None,
     ) -> list[float]:
-        """The share of ``samples`` sampled completions of each prompt that ``verify`` accepts."""
+        """The share of ``samples`` sampled completions of each prompt that ``verify`` accepts (with
+        ``score_example``: their mean score, ``rows`` giving each prompt's sample id)."""
         n = self.samples
         repeated = [list(p) for p in prompts for _ in range(n)]  # prompt i -> rows i*n .. i*n + n-1
         completions = generate_completions(
@@ -161,6 +183,11 @@ class PacedBatches:
             pad_id=pad_id,
         )
         rates = []
+        if self.score_example is not None:
+            for i, row in enumerate(rows):
+                scores = [float(self.score_example(row, c)) for c in completions[i * n : (i + 1) * n]]
+                rates.append(sum(scores) / n)
+            return rates
         for i, prompt in enumerate(prompts):
             text = self.tokenizer.decode(list(prompt), skip_special_tokens=True)
             passed = sum(
@@ -188,14 +215,24 @@ class PacedBatches:
         module = as_module(student)
         pad_id, eos_id = special_token_ids(module, self.pad_id, self.eos_id)
         prompts = split_prompts(batch)
-        keys = [tuple(p) for p in prompts]
+        if self.score_example is not None:
+            if "index" not in batch:
+                raise ValueError("score_example needs the batch's sample ids (`index`)")
+            keys = [("row", int(i)) for i in batch["index"].reshape(-1).tolist()]
+        else:
+            keys = [tuple(p) for p in prompts]
         stale = [
             i for i, k in enumerate(keys) if k not in self._cache or step - self._cache[k][0] >= self.every
         ]
         unique = list(dict.fromkeys(keys[i] for i in stale))  # a repeated prompt is sampled once
         if unique:
             seed = mix_seed(self.seed, "paced", step, tensor_digest(batch["input_ids"]))
-            rates = self.pass_rates([list(k) for k in unique], module, seed, pad_id, eos_id)
+            if self.score_example is not None:
+                first = {k: i for i, k in reversed(list(enumerate(keys)))}
+                rates = self.pass_rates([prompts[first[k]] for k in unique], module, seed, pad_id, eos_id,
+                                        rows=[k[1] for k in unique])  # fmt: skip
+            else:
+                rates = self.pass_rates([list(k) for k in unique], module, seed, pad_id, eos_id)
             self._cache.update({k: (step, r) for k, r in zip(unique, rates)})
         device = batch["input_ids"].device
         p = torch.tensor([self._cache[k][1] for k in keys], dtype=torch.float32)  # (B,)

@@ -8,6 +8,10 @@
   training, left padding for generation.
 - :mod:`~distillery.data.text.dataset`: :class:`TokenDataset` for the training loop, packing of plain text.
 - :mod:`~distillery.data.text.arithmetic`: arithmetic problems with exact-match verification.
+- :mod:`~distillery.data.text.user`: the user's text, prompt/completion pairs and chats as training rows
+  (chat templates, prompt masking, validation/test rows carved from the training rows).
+- :mod:`~distillery.data.text.stream`: plain text streamed and packed on the fly.
+- :mod:`~distillery.data.text.verifiers`: exact-match, regular-expression and user-function verifiers.
 
 ``transformers`` and ``tokenizers`` are imported only when a tokenizer is built or loaded.
 """
@@ -32,32 +36,55 @@ from distillery.data.text.corpus import (
 )
 from distillery.data.text.dataset import TokenDataset, lm_datasets, pack_documents, pack_tokens
 from distillery.data.text.jsonl import DataFormatError, PromptResponse, load_jsonl, write_jsonl
+from distillery.data.text.stream import StreamedBlocks, TextStream
 from distillery.data.text.tokenizer import (
+    DEFAULT_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     TokenizerConfig,
     check_tokenizers,
     load_tokenizer,
     same_tokenizer,
+    save_training_tokenizer,
     tokenizer_cache_root,
     train_tokenizer,
+)
+from distillery.data.text.user import Example, carve, conversation, encode_examples
+from distillery.data.text.verifiers import (
+    ExactMatchVerifier,
+    FunctionVerifier,
+    RegexVerifier,
+    VerifierConfig,
+    build_verifier,
 )
 
 __all__ = [
     "AUSTEN_SHA256",
     "AUSTEN_TITLES",
+    "DEFAULT_CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "ArithmeticConfig",
     "ArithmeticTask",
     "DataFormatError",
+    "ExactMatchVerifier",
+    "Example",
+    "FunctionVerifier",
     "PromptResponse",
+    "RegexVerifier",
+    "StreamedBlocks",
     "TextSplits",
+    "TextStream",
     "TokenDataset",
     "TokenizerConfig",
+    "VerifierConfig",
     "accuracy",
     "austen_novels",
+    "build_verifier",
+    "carve",
     "check_tokenizers",
     "collate_pairs",
     "collate_prompts",
+    "conversation",
+    "encode_examples",
     "encode_pair",
     "lm_datasets",
     "load_austen",
@@ -68,6 +95,7 @@ __all__ = [
     "pad_left",
     "pad_right",
     "same_tokenizer",
+    "save_training_tokenizer",
     "solve",
     "special_ids",
     "split_austen",

@@ -8,7 +8,20 @@ Two kinds, both byte-level (any string round-trips, no unknown token):
 - ``"byte"``: the 256 byte symbols and the special tokens, no merges (259 ids; nothing to train).
 
 Ids 0, 1, 2 are always ``<pad>``, ``<bos>``, ``<eos>``. Encoding adds no special tokens: the collators
-place ``<bos>`` and ``<eos>`` themselves (see :mod:`distillery.data.text.collate`).
+place ``<bos>`` and ``<eos>`` themselves (see :mod:`distillery.data.text.collate`). The tokenizer saved
+with a trained model (:func:`save_training_tokenizer`) adds ``<bos>`` exactly when training rows
+start with it, so that ``AutoTokenizer.from_pretrained(saved)(text)`` gives the ids training gave.
+
+Both kinds come with a small default chat template (:data:`DEFAULT_CHAT_TEMPLATE`), so that chat
+``messages`` data works offline::
+
+    system: You are terse.
+    user: What is 2+2?
+    assistant: 4<eos>user: And 3+3?
+    assistant: 6<eos>
+
+(each message is ``role: content``; a user or system message ends with a newline, an assistant
+message with ``<eos>``, which is where generation stops; the generation prompt is ``assistant: ``).
 
 The result is a ``transformers.PreTrainedTokenizerFast`` with ``pad``/``bos``/``eos`` set, so HF
 ``generate``, ``save_pretrained`` and ``AutoTokenizer.from_pretrained`` work with it. Trained
@@ -48,6 +61,14 @@ MIN_FREQUENCY = 2
 CACHE_FORMAT = 1
 
 TokenizerKind = Literal["bpe", "byte", "pretrained"]
+
+# The chat template of the tokenizers distillery builds (see the module docstring).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' }}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
 
 
 class TokenizerConfig(StrictModel):
@@ -345,17 +366,78 @@ def train_tokenizer(
     if kind == "bpe" and not any(texts):
         raise ValueError("cannot train a BPE tokenizer on empty text")
     if not use_cache:
-        return wrap_tokenizer(_build_byte() if kind == "byte" else _train_bpe(texts, size))
+        return _with_chat_template(
+            wrap_tokenizer(_build_byte() if kind == "byte" else _train_bpe(texts, size))
+        )
 
     root = Path(cache_dir) if cache_dir is not None else tokenizer_cache_root()
     sha = text_sha256(text)
     key = cache_key(sha, kind, size)
     final = root / key
     if (final / "tokenizer.json").is_file():
-        return load_tokenizer(final)
+        return _with_chat_template(load_tokenizer(final))
     tok = wrap_tokenizer(_build_byte() if kind == "byte" else _train_bpe(texts, size))
     _save_atomic(tok, root, key, {"kind": kind, "vocab_size": size, "text_sha256": sha})
-    return load_tokenizer(final)
+    return _with_chat_template(load_tokenizer(final))
+
+
+def _with_chat_template(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """``tok`` with :data:`DEFAULT_CHAT_TEMPLATE` unless it has a chat template already (the template
+    is not part of the cache key: entries written before it existed get it here)."""
+    if getattr(tok, "chat_template", None) is None:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def save_training_tokenizer(tokenizer: Any, path: str | Path, add_bos: bool) -> None:
+    """Save ``tokenizer`` (``save_pretrained``) so that it encodes text as training did.
+
+    distillery encodes without special tokens and places ``<bos>`` itself: training rows of prompt
+    data (and of user text) start with ``<bos>``, packed built-in corpora do not. The saved copy's
+    ``add_bos_token`` (and its post-processor) says the same, and it adds no ``<eos>``: for every text,
+    ``AutoTokenizer.from_pretrained(path)(text)["input_ids"]`` is ``[bos] + ids`` with ``add_bos``,
+    else ``ids``, ``ids`` being ``tokenizer(text, add_special_tokens=False)["input_ids"]``. The run's
+    own tokenizer is not changed. A tokenizer that cannot be made to do so is saved as it is, and a
+    warning says so.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import AutoTokenizer
+        >>> tok = train_tokenizer("", kind="byte", use_cache=False)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save_training_tokenizer(tok, d, add_bos=True)
+        ...     AutoTokenizer.from_pretrained(d)("ab")["input_ids"], tok("ab")["input_ids"]
+        ([1, 100, 101], [100, 101])
+    """
+    import copy
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    saved = copy.deepcopy(tokenizer)
+    for name, value in (("add_bos_token", add_bos), ("add_eos_token", False)):
+        if hasattr(saved, name):
+            try:
+                setattr(saved, name, value)  # fast tokenizers rebuild their post-processor
+            except (AttributeError, ValueError, TypeError):
+                pass
+        if isinstance(getattr(saved, "init_kwargs", None), dict):
+            saved.init_kwargs[name] = value  # written to tokenizer_config.json, applied on load
+    saved.save_pretrained(str(path))
+    probe = "Hello, world: 12 + 30 = 42."
+    expected = ([tokenizer.bos_token_id] if add_bos else []) + list(
+        tokenizer(probe, add_special_tokens=False)["input_ids"]
+    )
+    try:
+        got = list(AutoTokenizer.from_pretrained(str(path))(probe)["input_ids"])
+    except Exception as exc:  # a tokenizer class that does not load back: say so, keep the files
+        got = f"not loadable ({type(exc).__name__})"
+    if got != expected:
+        warnings.warn(
+            f"the tokenizer saved in {path} does not encode text as training did (expected ids {expected}, "
+            f"got {got}); prepend <bos> yourself{'' if add_bos else ' (or rather: do not)'}",
+            stacklevel=2,
+        )
 
 
 def _save_atomic(tok: PreTrainedTokenizerFast, root: Path, key: str, meta: dict[str, Any]) -> Path:
@@ -421,9 +503,18 @@ def _describe(tok: Any) -> dict[str, Any]:
     }
 
 
-def tokenizer_differences(a: Any, b: Any) -> list[str]:
-    """Human-readable differences between two tokenizers, each as ``what (a's vs b's)`` (empty: the same)."""
+def tokenizer_differences(a: Any, b: Any, post_processor: bool = True) -> list[str]:
+    """Human-readable differences between two tokenizers, each as ``what (a's vs b's)`` (empty: the same).
+
+    ``post_processor=False`` ignores the post-processor, which only decides the special tokens a plain
+    ``tokenizer(text)`` call adds: distillery encodes without them and places ``<bos>``/``<eos>``
+    itself, so tokenizers that differ only there give the same training ids (a model saved by
+    distillery carries a tokenizer that adds ``<bos>``, :func:`save_training_tokenizer`).
+    """
     da, db = _describe(a), _describe(b)
+    if not post_processor:
+        da.pop("post-processor", None)
+        db.pop("post-processor", None)
     out = []
     for field in dict.fromkeys([*da, *db]):
         va, vb = da.get(field), db.get(field)

@@ -1,5 +1,6 @@
 """Classification (``task: classification``, the default task): a student classifier distilled from a
-teacher, or from itself, on image datasets.
+teacher, or from itself, on the built-in image datasets or on the user's files (text or numbers,
+:mod:`distillery.data.user`).
 
 Per seed: the labelled, transfer and test splits drawn for that seed; the teacher (a trained network,
 cached, or a checkpoint) for the ``frozen`` source; one student initialisation shared by every arm;
@@ -11,6 +12,7 @@ the arms are the cross-entropy baseline and the distilled student, or the born-a
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,22 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from distillery.data import ClassificationData, load_classification_data
+from distillery.data import (
+    ClassificationData,
+    FilesDataConfig,
+    TableSource,
+    UserData,
+    load_classification_data,
+)
+from distillery.data.text.tokenizer import same_tokenizer
+from distillery.errors import ConfigError
 from distillery.eval import classification_metrics, predict_logits
 from distillery.losses import build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models import ClassifierAdapter, Ensemble, build_model, count_parameters
 from distillery.models.hub import check_model_dir, from_pretrained, is_local_source
-from distillery.models.pretrained import save_pretrained_student
+from distillery.models.pretrained import resolve_kind, save_pretrained_student
+from distillery.models.text import KeyedClassifierAdapter
 from distillery.models.weights import load_weights, read_header
 from distillery.report import fmt
 from distillery.tasks.base import (
@@ -37,13 +48,15 @@ from distillery.tasks.base import (
     Section,
     TeacherSpec,
 )
-from distillery.tasks.classification.arms import ArmSetup, build_arm
+from distillery.tasks.classification.arms import ArmSetup, build_arm, model_inputs
 from distillery.tasks.classification.config import ClassificationConfig
 from distillery.teachers import CachedTeacher, FrozenTeacher
 from distillery.train import fit
 
 ENSEMBLE = "ensemble"
 LATENCY_BATCH = 256
+# Batch key of the teacher's token ids when its tokenizer is not the student's (the student reads "x").
+TEACHER_INPUT = "x_teacher"
 
 SOURCE_LABELS = {
     "frozen": "student KD",
@@ -74,12 +87,37 @@ def _directory_state(path: str) -> list[tuple[str, int, int]] | None:
             for p in sorted(root.rglob("*")) if p.is_file()]  # fmt: skip
 
 
-def teacher_cache_key(cfg: ClassificationConfig, seed: int) -> dict[str, Any]:
-    """Everything that determines a trained `frozen` teacher (the runner hashes it)."""
+def _files_key(cfg: FilesDataConfig, tables: dict[str, str] | None) -> dict[str, Any]:
+    """What of a ``files`` data section determines a teacher: the contents of the tables it learns from
+    or is split against (SHA-256, not paths), the fields, labels and split settings; not the transfer
+    split (the teacher never sees it)."""
+    data = cfg.model_dump(mode="json", exclude={"train", "test", "validation", "unlabelled", "transfer"})
+    for name in ("test", "validation"):
+        value = getattr(cfg, name)
+        data[name] = (
+            value.model_dump(mode="json", exclude={"path", "hub"})
+            if isinstance(value, TableSource)
+            else value
+        )
+    data["train_source"] = cfg.train.model_dump(mode="json", exclude={"path", "hub"})
+    data["tables_sha256"] = {k: v for k, v in (tables or {}).items() if k != "unlabelled"}
+    return data
+
+
+def teacher_cache_key(
+    cfg: ClassificationConfig, seed: int, tables: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Everything that determines a trained `frozen` teacher (the runner hashes it). ``tables``: the
+    content hashes of a ``files`` data section's tables (:meth:`UserData.fingerprint`)."""
     t = cfg.teacher
-    data = cfg.data.model_dump(mode="json", include={"name", "validation", "labelled", "test", "split_seed"})
-    if cfg.data.label_noise is not None and cfg.data.label_noise.rate > 0:  # absent: clean keys unchanged
-        data["label_noise"] = cfg.data.label_noise.model_dump(mode="json")
+    if isinstance(cfg.data, FilesDataConfig):
+        data = _files_key(cfg.data, tables)
+    else:
+        data = cfg.data.model_dump(
+            mode="json", include={"name", "validation", "labelled", "test", "split_seed"}
+        )
+        if cfg.data.label_noise is not None and cfg.data.label_noise.rate > 0:  # absent: clean keys unchanged
+            data["label_noise"] = cfg.data.label_noise.model_dump(mode="json")
     key = {
         "kind": "classifier-teacher",
         "model": t.model.model_dump(mode="json"),
@@ -144,7 +182,56 @@ class ClassificationTask(BaseTask):
         super().__init__(cfg, context)
         self.source = None if cfg.teacher is None else cfg.teacher.source
         self.adapter = ClassifierAdapter()
+        self.teacher_adapter = self.adapter  # another batch key when the teacher has its own tokenizer
+        self._teachers: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules built as the teacher
         check_model_files(cfg)
+        self.user: UserData | None = None
+        if isinstance(cfg.data, FilesDataConfig):
+            self.dataset = cfg.data.title()
+            self.user = UserData(cfg.data)  # read and checked once: every seed splits the same tables
+            self._check_inputs()
+            if cfg.data.text_field is not None:
+                self._encode_text()
+
+    def _check_inputs(self) -> None:
+        """Augmentation needs images: refused for features that are not ``[C, H, W]``."""
+        shape = tuple(self.user.pool.inputs.shape[1:]) if self.cfg.data.features_field is not None else ()
+        if len(shape) == 3:
+            return
+        t = self.cfg.teacher
+        for field, train in (("train", self.cfg.train), ("teacher.train", getattr(t, "train", None))):
+            if train is not None and not train.augment.is_identity():
+                raise ConfigError(
+                    f"{field}.augment transforms images [C, H, W], but the rows of data.features_field have "
+                    f"shape {list(shape)}; set data.input_shape (e.g. [1, 8, 8]) or remove {field}.augment"
+                )
+
+    def _tokenizer(self, model_cfg: Any, field: str):
+        """The tokenizer of a text model: a pretrained model's own, else trained on the training texts."""
+        if model_cfg.name == "pretrained":
+            if resolve_kind(model_cfg, field) != "sequence":
+                raise ConfigError(
+                    f"{field}.pretrained={model_cfg.pretrained!r} is an image classifier, but data.text_field="
+                    f"{self.cfg.data.text_field!r} gives text; use a sequence classifier or a text model"
+                )
+            return self.user.tokenizer(
+                "pretrained", pretrained=model_cfg.pretrained, field=f"{field}.pretrained"
+            )
+        return self.user.tokenizer(model_cfg.tokenizer.kind, model_cfg.tokenizer.vocab_size)
+
+    def _encode_text(self) -> None:
+        """Token ids of every text once per tokenizer: the student's under ``x``; the teacher's under
+        :data:`TEACHER_INPUT` when its tokenizer maps text to other ids."""
+        cfg = self.cfg
+        student = self._tokenizer(cfg.student, "student")
+        tokenizers = {"x": student}
+        t = cfg.teacher
+        if self.source == "frozen":
+            teacher = self._tokenizer(t.model, "teacher.model")
+            if teacher is not student and not same_tokenizer(teacher, student):
+                tokenizers[TEACHER_INPUT] = teacher
+                self.teacher_adapter = KeyedClassifierAdapter(TEACHER_INPUT)
+        self.user.encode(tokenizers)
 
     # ---- data and models --------------------------------------------------------------------------
 
@@ -155,13 +242,27 @@ class ClassificationTask(BaseTask):
         return [*arms, DISTILLED]
 
     def prepare(self, seed: int) -> SeedData:
+        if self.user is not None:
+            return SeedData(seed, self.user.splits(seed))
         return SeedData(seed, load_classification_data(self.cfg.data, seed))
 
     def describe(self, data: SeedData) -> str:
         return f"data: {data.splits.describe()}"
 
     def _build(self, model_cfg, data: SeedData, field: str = "teacher.model") -> nn.Module:
-        return build_model(model_cfg, data.splits.input_shape, data.splits.num_classes, field)
+        key = "x" if field == "student" or self.teacher_adapter is self.adapter else TEACHER_INPUT
+        splits = data.splits
+        return build_model(
+            model_cfg, splits.input_shape, splits.num_classes, field, **model_inputs(splits, key)
+        )
+
+    def _teacher_module(self, module: nn.Module) -> nn.Module:
+        """Remember ``module`` as the teacher: it reads the teacher's batch key when evaluated."""
+        self._teachers.add(module)
+        return module
+
+    def _adapter_of(self, model: nn.Module):
+        return self.teacher_adapter if model in self._teachers else self.adapter
 
     def new_student(self, data: SeedData) -> nn.Module:
         return self._build(self.cfg.student, data, "student")
@@ -173,18 +274,20 @@ class ClassificationTask(BaseTask):
             return None
         t, seed = self.cfg.teacher, data.seed
         if t.train is None and t.checkpoint is None:  # a pretrained classifier, as it is
-            return TeacherSpec(load=lambda: (self._build(t.model, data), t.model.pretrained))
+            return TeacherSpec(
+                load=lambda: (self._teacher_module(self._build(t.model, data)), t.model.pretrained)
+            )
         if t.checkpoint is not None:
 
             def load() -> tuple[nn.Module, str]:
                 model = self._build(t.model, data)
                 load_weights(model, t.checkpoint, "teacher.checkpoint")  # a clear error for a wrong file
-                return model, str(Path(t.checkpoint))
+                return self._teacher_module(model), str(Path(t.checkpoint))
 
             return TeacherSpec(load=load)
 
         def build() -> nn.Module:
-            return Ensemble([self._build(t.model, data) for _ in range(t.ensemble)])
+            return self._teacher_module(Ensemble([self._build(t.model, data) for _ in range(t.ensemble)]))
 
         def train() -> nn.Module:
             objective = build_objective({"ce": CrossEntropyConfig()})
@@ -199,17 +302,19 @@ class ClassificationTask(BaseTask):
                     objective,
                     t.train,
                     seed=member_seed,
+                    adapter=self.teacher_adapter,
                     accelerator=self.context.accelerator,
                     progress=self.context.progress,
                     label=f"seed {seed} teacher {k + 1}/{t.ensemble}",
                 )
                 members.append(member)
-            return Ensemble(members)
+            return self._teacher_module(Ensemble(members))
 
+        tables = None if self.user is None else self.user.fingerprint()
         return TeacherSpec(
             build=build,
             train=train,
-            cache_key=teacher_cache_key(self.cfg, seed),
+            cache_key=teacher_cache_key(self.cfg, seed, tables),
             cache=t.cache,
             cache_dir=t.cache_dir,
         )
@@ -217,7 +322,7 @@ class ClassificationTask(BaseTask):
     def _frozen_teacher(self, data: SeedData, module: nn.Module):
         """The seed's teacher for the `frozen` source: built once (outputs precomputed when allowed)."""
         if data.frozen_teacher is None:
-            teacher = FrozenTeacher(module, self.adapter)
+            teacher = FrozenTeacher(module, self.teacher_adapter)
             if self.cfg.teacher_precomputed():
                 teacher = CachedTeacher.precompute(
                     teacher, data.splits.distillation_set(), self.cfg.eval.batch_size
@@ -235,7 +340,11 @@ class ClassificationTask(BaseTask):
             return None
         if split not in data.teacher_logits:
             data.teacher_logits[split] = predict_logits(
-                teacher, self._split(data, split), self.adapter, self.cfg.eval.batch_size, self._device()
+                teacher,
+                self._split(data, split),
+                self.teacher_adapter,
+                self.cfg.eval.batch_size,
+                self._device(),
             )
         return data.teacher_logits[split]
 
@@ -246,7 +355,9 @@ class ClassificationTask(BaseTask):
         self, model: nn.Module, data: SeedData, split: str, teacher: nn.Module | None
     ) -> dict[str, float]:
         rows = self._split(data, split)
-        logits = predict_logits(model, rows, self.adapter, self.cfg.eval.batch_size, self._device())
+        logits = predict_logits(
+            model, rows, self._adapter_of(model), self.cfg.eval.batch_size, self._device()
+        )
         return classification_metrics(
             logits, rows.y, self._teacher_logits(data, teacher, split), self.cfg.eval.ece_bins
         )
@@ -355,9 +466,28 @@ class ClassificationTask(BaseTask):
         }
 
     def save(self, student: nn.Module, arm_dir: Path, data: SeedData) -> None:
-        """``student.safetensors``; a Hugging Face student also with ``save_pretrained`` in ``model/``."""
+        """``student.safetensors``; a Hugging Face student also with ``save_pretrained`` in ``model/``
+        (with its tokenizer for text); a text student built from a config with its tokenizer in
+        ``tokenizer/``."""
         super().save(student, arm_dir, data)
-        save_pretrained_student(student, arm_dir / "model")
+        tokenizer = getattr(data.splits, "tokenizers", {}).get("x")
+        if not save_pretrained_student(student, arm_dir / "model", tokenizer) and tokenizer is not None:
+            tokenizer.save_pretrained(str(arm_dir / "tokenizer"))
+
+    def load(self, arm_dir: Path, data: SeedData) -> nn.Module:
+        """The saved student; a text student's saved tokenizer must be the one its ids come from now
+        (a tokenizer trained again on the same texts, or the pretrained model's)."""
+        saved = arm_dir / "tokenizer"
+        tokenizer = getattr(data.splits, "tokenizers", {}).get("x")
+        if tokenizer is not None and (saved / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            if not same_tokenizer(PreTrainedTokenizerFast.from_pretrained(str(saved)), tokenizer):
+                raise ConfigError(
+                    f"{saved}: the student was trained with this tokenizer, but the one built now from the "
+                    "training texts differs (the data files or the tokenizer settings changed since the run)"
+                )
+        return super().load(arm_dir, data)
 
     # ---- report -----------------------------------------------------------------------------------
 
@@ -375,7 +505,7 @@ class ClassificationTask(BaseTask):
     def description(self, arm: str) -> str:
         cfg = self.cfg
         terms = " + ".join(f"{k} (weight {v.weight:g})" for k, v in cfg.loss.items())
-        data = "on the labelled split" + (" plus the transfer set" if cfg.data.transfer else "")
+        data = "on the labelled split" + (" plus the transfer set" if cfg.uses_transfer() else "")
         if arm == BASELINE:
             return "the student trained with cross-entropy on the labelled split only (same seeds, splits, initial weights)"
         if arm == ENSEMBLE:

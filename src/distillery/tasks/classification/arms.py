@@ -53,6 +53,13 @@ def _identity(model: nn.Module) -> nn.Module:
     return model
 
 
+def model_inputs(data: ClassificationData, key: str = "x") -> dict[str, int]:
+    """What :func:`build_model` needs to know of text data for the model reading batch key ``key``
+    (the tokenizer's size and padding id); empty for images and numbers."""
+    text_inputs = getattr(data, "text_inputs", None)
+    return {} if text_inputs is None else text_inputs(key)
+
+
 def total_epochs(train_cfg: TrainConfig, num_examples: int) -> tuple[float, float]:
     """``(steps_per_epoch, epochs)`` of a training config over ``num_examples``."""
     steps_per_epoch = num_examples / train_cfg.batch_size
@@ -78,7 +85,7 @@ def build_arm(
     """
 
     def student() -> nn.Module:
-        return build_model(cfg.student, data.input_shape, data.num_classes)
+        return build_model(cfg.student, data.input_shape, data.num_classes, "student", **model_inputs(data))
 
     def initialised() -> nn.Module:
         model = student()

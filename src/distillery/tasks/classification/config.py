@@ -7,9 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from distillery.configbase import StrictModel
-from distillery.data import ImageDataConfig
+from distillery.data import DataConfig, FilesDataConfig, ImageDataConfig
 from distillery.losses import LOSSES
-from distillery.models import ModelConfig, named_model
+from distillery.models import NUMBER_MODELS, TEXT_MODELS, TEXT_MODELS_HELP, ModelConfig, named_model
 from distillery.models.exits import ExitConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig
 from distillery.train.config import TrainConfig
@@ -136,7 +136,7 @@ class ClassificationConfig(DistillationConfigBase):
     over several seeds, and (optionally) a paired cross-entropy baseline."""
 
     task: Literal["classification"] = "classification"
-    data: ImageDataConfig = Field(default_factory=ImageDataConfig)
+    data: DataConfig = Field(default_factory=ImageDataConfig)
     teacher: TeacherConfig | None = None
     student: ModelConfig
     eval: ClassificationEvalConfig = Field(default_factory=ClassificationEvalConfig)
@@ -167,12 +167,25 @@ class ClassificationConfig(DistillationConfigBase):
                 f"conflicting fields: `teacher` is set but no loss term uses it (loss: {', '.join(self.loss)}); "
                 "add a distillation term such as kd or forward_kl"
             )
+        unlabelled = isinstance(self.data, FilesDataConfig) and self.data.unlabelled is not None
+        if unlabelled and self.data.transfer != 0 and not users:
+            raise ValueError(
+                "conflicting fields: data.unlabelled gives unlabelled examples for the transfer split, but no "
+                "loss term uses a teacher, so they would contribute nothing; drop data.unlabelled (or set "
+                "data.transfer=0) or add a distillation term"
+            )
         if self.data.transfer and not users:
             raise ValueError(
                 f"conflicting fields: data.transfer={self.data.transfer} unlabelled examples, but no loss term "
                 "uses a teacher, so they would contribute nothing; set data.transfer=0 or add a distillation term"
             )
         source = None if self.teacher is None else self.teacher.source
+        if source == "past_predictions" and unlabelled and self.data.transfer != 0:
+            raise ValueError(
+                "conflicting fields: teacher.source=past_predictions (PS-KD) mixes each example's label with "
+                "its past prediction, but the rows of data.unlabelled have no label; drop data.unlabelled or "
+                "set data.transfer=0"
+            )
         if source == "past_predictions" and self.data.transfer:
             raise ValueError(
                 f"conflicting fields: teacher.source=past_predictions (PS-KD) mixes each example's label with "
@@ -197,12 +210,61 @@ class ClassificationConfig(DistillationConfigBase):
                 f"conflicting fields: teacher.exits.hint_at={hint_at!r} adds hint projections, but no loss term "
                 "trains them; add a `hint` term (e.g. loss.hint={weight: 1.0}) or drop hint_at"
             )
+        self._models_fit_the_data()
         if source == "frozen" and self.teacher.precompute and not self.train.augment.is_identity():
             raise ValueError(
                 "conflicting fields: teacher.precompute=true stores one output per example, but train.augment "
                 "changes the inputs every step; set teacher.precompute=false (or null) or turn augmentation off"
             )
         return self
+
+    def text_data(self) -> bool:
+        """Whether the examples are text (``data: {name: files, text_field: ...}``)."""
+        return isinstance(self.data, FilesDataConfig) and self.data.text_field is not None
+
+    def _models_fit_the_data(self) -> None:
+        """Text data take text models, numbers and images the others; text cannot be augmented."""
+        text = self.text_data()
+        models = [("student", self.student)]
+        if self.teacher is not None and self.teacher.source == "frozen":
+            models.append(("teacher.model", self.teacher.model))
+        for field, model in models:
+            if text and model.name in NUMBER_MODELS:
+                raise ValueError(
+                    f"conflicting fields: {field}.name={model.name} takes numbers, but data.text_field="
+                    f"{self.data.text_field!r} gives text; models that take text: {TEXT_MODELS_HELP}"
+                )
+            if text and model.name == "pretrained" and model.kind == "image":
+                raise ValueError(
+                    f"conflicting fields: {field}.kind=image, but data.text_field={self.data.text_field!r} "
+                    f"gives text; models that take text: {TEXT_MODELS_HELP}"
+                )
+            if not text and model.name in TEXT_MODELS:
+                where = (
+                    f"data.features_field={self.data.features_field!r} gives numbers"
+                    if isinstance(self.data, FilesDataConfig)
+                    else f"data.name={self.data.name} gives images"
+                )
+                raise ValueError(
+                    f"conflicting fields: {field}.name={model.name} takes text, but {where}; use mlp or cnn, or "
+                    "text data (data: {name: files, text_field: <field>})"
+                )
+        if text:
+            for field, train in (
+                ("train", self.train),
+                ("teacher.train", getattr(self.teacher, "train", None)),
+            ):
+                if train is not None and not train.augment.is_identity():
+                    raise ValueError(
+                        f"conflicting fields: {field}.augment transforms images, but data.text_field="
+                        f"{self.data.text_field!r} gives text; remove {field}.augment"
+                    )
+
+    def uses_transfer(self) -> bool:
+        """Whether the distilled arms train on a transfer split besides the labelled one."""
+        if isinstance(self.data, FilesDataConfig):
+            return self.data.transfer != 0
+        return bool(self.data.transfer)
 
     def teacher_precomputed(self) -> bool:
         if self.teacher is None or self.teacher.source != "frozen":

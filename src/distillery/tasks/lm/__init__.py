@@ -6,7 +6,11 @@ same initial weights trained as a plain SFT student (cross-entropy) and with the
 distillation terms on the data regime of ``method`` (fixed data, teacher responses, on-policy or
 speculative samples, PACED weights), through the one training loop. Every term averages over the
 valid (unmasked) tokens of the global batch. Students are saved with ``save_pretrained`` (and the
-tokenizer) in ``<arm>/model/``.
+tokenizer, which adds ``<bos>`` exactly when training rows start with it) in ``<arm>/model/``.
+
+Data: the built-in Austen corpus and arithmetic task, or the user's own (``data.name`` text,
+prompt_completion, messages: :mod:`distillery.tasks.lm.user_data`). Every method runs on any prompt
+data; task accuracy and PACED judge answers with the arithmetic checker or ``data.verifier``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from distillery import functional as DF
 from distillery.data.text import TokenDataset, lm_datasets, split_austen
 from distillery.data.text.arithmetic import verify
 from distillery.data.text.collate import special_ids
+from distillery.data.text.stream import TextStream
 from distillery.data.text.tokenizer import (
     TokenizerNotFoundError,
     load_pretrained_tokenizer,
+    save_training_tokenizer,
     tokenizer_differences,
 )
 from distillery.errors import ConfigError
@@ -37,10 +43,12 @@ from distillery.models.causal_lm import build_causal_lm
 from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
 from distillery.models.hub import check_model_dir, from_pretrained, is_local_source
 from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
-from distillery.tasks.lm.config import LMRunConfig
+from distillery.tasks.lm.config import USER_FORMATS, LMRunConfig
+from distillery.tasks.lm.user_data import prepare_user_data
 from distillery.teachers import FrozenTeacher
 from distillery.teachers.store import default_cache_root
-from distillery.train import fit
+from distillery.train import TrainConfig, fit
+from distillery.train.batches import BatchPlan
 
 # ----------------------------------------------------------------------------------------------------
 # Data
@@ -53,8 +61,17 @@ def prepare_data(cfg: LMRunConfig) -> dict[str, Any]:
     Austen: the corpus' fixed split (5% of each novel for validation, 5% for test). Arithmetic: the
     validation problems are carved from the training problems (``data.arithmetic.validation``), the
     test problems are disjoint from both. ``data.max_eval_blocks`` caps validation and test alike.
+    The user's data: :func:`distillery.tasks.lm.user_data.prepare_user_data`.
+
+    Keys: ``tokenizer``, ``train``, ``validation``, ``test`` (token datasets; streamed text: ``train``
+    is a :class:`~distillery.data.text.stream.TextStream`), ``problems`` (None for text, else the
+    validation and test problems), ``score(problem, generated_ids) -> float`` (prompt data),
+    ``bos_in_rows`` (whether rows start with ``<bos>``), and for arithmetic ``check(prompt,
+    completion_text)`` and ``train_pairs``.
     """
     d = cfg.data
+    if d.name in USER_FORMATS:
+        return prepare_user_data(cfg)
     if d.name == "austen":
         splits = split_austen()
         tokenizer = d.tokenizer.build(list(splits.train))
@@ -70,7 +87,7 @@ def prepare_data(cfg: LMRunConfig) -> dict[str, Any]:
         if d.max_train_blocks is not None and len(train) > d.max_train_blocks:
             train = train.subset(torch.randperm(len(train), generator=g)[: d.max_train_blocks].sort().values)
         return {"tokenizer": tokenizer, "train": train, "validation": _cap(sets["validation"], d.max_eval_blocks),
-                "test": _cap(sets["test"], d.max_eval_blocks), "problems": None}  # fmt: skip
+                "test": _cap(sets["test"], d.max_eval_blocks), "problems": None, "bos_in_rows": False}  # fmt: skip
     a = d.arithmetic
     task = a.build()
     pairs, test_pairs = task.split(a.train, a.test)
@@ -89,9 +106,13 @@ def prepare_data(cfg: LMRunConfig) -> dict[str, Any]:
             f"{list(a.digits)}: {str(exc).split('; raise')[0]}; raise data.seq_len"
         ) from None
     check = functools.partial(verify, eos=tokenizer.eos_token, reverse=task.reverse)
+
+    def score(pair: Any, ids: list[int]) -> float:  # the completion as text, special tokens kept
+        return float(check(pair.prompt, tokenizer.decode(ids, skip_special_tokens=False)))
+
     return {"tokenizer": tokenizer, "train": sets["train"], "validation": _cap(sets["validation"], d.max_eval_blocks),
             "test": _cap(sets["test"], d.max_eval_blocks), "problems": {"validation": val_pairs, "test": test_pairs},
-            "train_pairs": train_pairs, "check": check}  # fmt: skip
+            "train_pairs": train_pairs, "check": check, "score": score, "bos_in_rows": True}  # fmt: skip
 
 
 def _cap(dataset: TokenDataset, limit: int | None) -> TokenDataset:
@@ -120,8 +141,15 @@ def method_data(cfg: LMRunConfig, data: dict, teacher: nn.Module, seed: int, con
         return data["train"], OnPolicyBatches(m.student_lambda, pad_id=pad_id, eos_id=eos_id, **common)
     if m.name == "paced":  # fixed responses; each problem weighted by the student's pass rate on it
         p = m.paced
+        check, by_example = data["check"], None
+        if check is None:  # the user's data: each example scored against its own reference
+            examples, score = data["train_examples"], data["score"]
+
+            def by_example(index: int, ids: list[int]) -> float:
+                return score(examples[index], ids)
+
         return data["train"], PacedBatches(
-            data["check"],
+            check,
             tokenizer,
             samples=p.samples,
             a=p.a,
@@ -131,6 +159,7 @@ def method_data(cfg: LMRunConfig, data: dict, teacher: nn.Module, seed: int, con
             from_step=p.from_step,
             pad_id=pad_id,
             eos_id=eos_id,
+            score_example=by_example,
             **common,
         )
     return data["train"], SpeculativeBatches(
@@ -171,7 +200,9 @@ def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any) -> list[str]:
                 f"no tokenizer saved with the {who} {model.pretrained!r}; assuming it uses the run's"
             )
             continue
-        diffs = tokenizer_differences(own, tokenizer)
+        # the post-processor (which special tokens a plain tokenizer(text) adds) does not matter: rows
+        # are encoded without it; a model saved by distillery has one that adds <bos>
+        diffs = tokenizer_differences(own, tokenizer, post_processor=False)
         if diffs:
             raise ConfigError(
                 f"the {who} model {model.pretrained!r} comes with a tokenizer that differs from the run's "
@@ -294,7 +325,12 @@ class LMTask(BaseTask):
         )  # the config's sizes and a pretrained teacher, before anything runs
         for note in check_model_tokenizers(cfg, self.tokenizer):
             context.console.print(f"  note: {note}")
-        self.max_new = cfg.data.arithmetic.digits[1] + 2
+        if cfg.eval.max_new_tokens is not None:
+            self.max_new = cfg.eval.max_new_tokens
+        elif cfg.data.name in USER_FORMATS:
+            self.max_new = min(self.data.get("max_answer_tokens", 1), cfg.data.seq_len)
+        else:
+            self.max_new = cfg.data.arithmetic.digits[1] + 2
         self._chunk_plan: tuple[bool, str] | None = None
 
     def prepare(self, seed: int) -> dict[str, Any]:
@@ -302,11 +338,28 @@ class LMTask(BaseTask):
 
     def describe(self, data: dict[str, Any]) -> str:
         d = self.cfg.data
+        train = data["train"]
+        where = f"{d.name} ({d.train.describe()})" if d.train is not None else d.name
+        if isinstance(train, TextStream):
+            amount = "streamed training blocks (read on the fly)"
+        else:
+            amount = f"{len(train)} training"
+        tail = "" if isinstance(train, TextStream) else f" ({train.num_targets():,} training targets)"
         return (
-            f"data: {d.name}, tokenizer {d.tokenizer.kind} ({self.n_vocab} tokens), {len(data['train'])} training / "
-            f"{len(data['validation'])} validation / {len(data['test'])} test sequences of <= {d.seq_len} tokens "
-            f"({data['train'].num_targets():,} training targets)"
+            f"data: {where}, tokenizer {d.tokenizer.kind} ({self.n_vocab} tokens), {amount} / "
+            f"{len(data['validation'])} validation / {len(data['test'])} test sequences of <= {d.seq_len} tokens"
+            + tail
         )
+
+    def train_set(self, data: dict[str, Any], train: TrainConfig, seed: int) -> Any:
+        """The training set a ``fit`` of ``train`` with ``seed`` reads: the data's, or for streamed text a
+        view of ``train.steps`` batches in the loop's batch order (see :mod:`distillery.data.text.stream`)."""
+        dataset = data["train"]
+        if not isinstance(dataset, TextStream):
+            return dataset
+        n = train.steps * train.batch_size
+        order = BatchPlan(n, n, seed).indices(0)  # the loop's order of the n indices (one epoch)
+        return dataset.view(train.steps, train.batch_size, seed, order)
 
     def new_student(self, data: dict[str, Any]) -> nn.Module:
         return build_causal_lm(self.cfg.student, self.n_vocab, self.tokenizer, "student")
@@ -336,7 +389,7 @@ class LMTask(BaseTask):
             model = build()
             fit(
                 model,
-                data["train"],
+                self.train_set(data, t.train, 1000 + seed),
                 build_objective({"ce": CrossEntropyConfig()}),
                 t.train,
                 adapter=HFCausalLMAdapter(),
@@ -354,9 +407,11 @@ class LMTask(BaseTask):
             "transformers": transformers.__version__,
             "model": t.model.model_dump(mode="json"),
             "train": t.train.model_dump(mode="json"),
-            "data": self.cfg.data.model_dump(mode="json", exclude={"max_eval_blocks"}),
+            "data": self.cfg.data.cache_dump(),
             "seed": seed,
         }
+        if "digest" in data:  # the user's data: what it holds, not only where it is
+            key["data_digest"] = data["digest"]
         return TeacherSpec(build=build, train=train, cache_key=key, cache=t.cache, cache_dir=t.cache_dir)
 
     # ---- evaluation -------------------------------------------------------------------------------
@@ -368,7 +423,7 @@ class LMTask(BaseTask):
         out = lm_metrics(model, data[split], self.cfg.eval.batch_size, device, teacher, self.n_vocab)
         if data["problems"] is not None:
             out["task_accuracy"] = task_accuracy(
-                model, self.tokenizer, data["problems"][split], device, self.max_new, data["check"]
+                model, self.tokenizer, data["problems"][split], device, self.max_new, data["score"]
             )
         return out
 
@@ -394,10 +449,11 @@ class LMTask(BaseTask):
         student.load_state_dict(init_state)
         chunked = self._chunked(student, teacher)
         adapter = HFCausalLMAdapter(hidden_states=chunked)
-        train_set, transform = data["train"], None
+        transform = None
         if name == BASELINE:
             objective = build_objective({"ce": CrossEntropyConfig()})
             train_cfg, arm_teacher = cfg.baseline.train or cfg.train, None
+            train_set = self.train_set(data, train_cfg, data["seed"])
         else:
             padded = teacher is not None and (
                 teacher.get_output_embeddings().weight.shape[0]
@@ -407,6 +463,7 @@ class LMTask(BaseTask):
             train_cfg = cfg.train
             arm_teacher = None if teacher is None else FrozenTeacher(teacher, adapter)
             train_set, transform = method_data(cfg, data, teacher, data["seed"], self.context.console)
+            train_set = self.train_set({**data, "train": train_set}, train_cfg, data["seed"])
         for term in objective.terms.values():
             term.chunk_size = cfg.chunked_loss.chunk_size
 
@@ -432,9 +489,11 @@ class LMTask(BaseTask):
     # ---- saving -----------------------------------------------------------------------------------
 
     def save(self, student: nn.Module, arm_dir: Path, data: dict[str, Any]) -> None:
-        """``save_pretrained`` of the student and the tokenizer in ``<arm>/model``."""
+        """``save_pretrained`` of the student and the tokenizer in ``<arm>/model``; the tokenizer adds
+        ``<bos>`` when the training rows start with it (prompt data, the user's text), so that
+        ``AutoTokenizer.from_pretrained`` encodes a text as training did."""
         student.save_pretrained(arm_dir / "model")
-        self.tokenizer.save_pretrained(arm_dir / "model")
+        save_training_tokenizer(self.tokenizer, arm_dir / "model", add_bos=data["bos_in_rows"])
 
     def load(self, arm_dir: Path, data: dict[str, Any]) -> nn.Module:
         from transformers import AutoModelForCausalLM

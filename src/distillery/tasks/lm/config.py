@@ -4,28 +4,162 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from distillery.configbase import StrictModel
+from distillery.data.tables import TableSource
 from distillery.data.text.arithmetic import ArithmeticConfig
 from distillery.data.text.tokenizer import BYTE_VOCAB_SIZE, TokenizerConfig
+from distillery.data.text.verifiers import VerifierConfig, verifier_shorthand
 from distillery.losses import LOSSES
 from distillery.models.causal_lm import CausalLMConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig
 from distillery.train.config import TrainConfig
 
+BUILT_IN = ("austen", "arithmetic")
+USER_FORMATS = ("text", "prompt_completion", "messages")
+PROMPT_DATA = ("arithmetic", "prompt_completion", "messages")  # data the sampling methods can prompt
+
+
+class LMFieldsConfig(StrictModel):
+    """The field names of the user's data (``data.fields``)."""
+
+    text: str = Field("text", min_length=1, description="text: the text of a row (a .txt file: `text`)")
+    prompt: str = Field("prompt", min_length=1, description="prompt_completion: the prompt")
+    completion: str = Field(
+        "completion", min_length=1, description="prompt_completion: the completion learned"
+    )
+    messages: str = Field(
+        "messages", min_length=1, description="messages: the list of {role, content} messages of a chat"
+    )
+
 
 class LMDataConfig(StrictModel):
-    """Text for language modelling (packed blocks) or a prompt/response task."""
+    """Text for language modelling (packed blocks) or prompt data: built in, or the user's own files."""
 
-    name: Literal["austen", "arithmetic"] = Field(
-        "austen", description="austen: the built-in corpus (packed); arithmetic: the built-in verifiable task"
+    name: Literal["austen", "arithmetic", "text", "prompt_completion", "messages"] = Field(
+        "austen",
+        description="austen: the built-in corpus (packed); arithmetic: the built-in verifiable task; text: the "
+        "user's plain text (packed); prompt_completion: the user's prompt/completion pairs; messages: the user's "
+        "chats ({role, content} lists, rendered with the chat template)",
     )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    seq_len: int = Field(128, ge=8, description="tokens per block (austen) or maximum length (arithmetic)")
+    seq_len: int = Field(
+        128, ge=8, description="tokens per block (packed text) or maximum length (prompt data)"
+    )
     max_train_blocks: int | None = Field(None, ge=1, description="use at most this many training blocks")
-    max_eval_blocks: int | None = Field(64, ge=1, description="evaluate on at most this many test blocks")
+    max_eval_blocks: int | None = Field(
+        64,
+        ge=1,
+        description="evaluate on at most this many validation and test blocks (prompt data: examples)",
+    )
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
+    # ---- the user's data (text, prompt_completion, messages) ----
+    train: TableSource | None = Field(
+        None, description="text, prompt_completion, messages: the training data (a file, folder or hub id)"
+    )
+    validation: TableSource | int | float | None = Field(
+        None,
+        description="user data: a file, or rows carved from data.train: a count or a fraction (< 1), drawn with "
+        "split_seed (null: 5% of the rows; when streaming, a count from the head of the stream)",
+    )
+    test: TableSource | int | float | None = Field(
+        None, description="user data: like validation (a file, a count or a fraction of data.train)"
+    )
+    split_seed: int = Field(0, description="user data: seed of the rows carved for validation and test")
+    fields: LMFieldsConfig = Field(default_factory=LMFieldsConfig)
+    chat_template: str | None = Field(
+        None,
+        description="messages: a Jinja chat template replacing the tokenizer's (null: the tokenizer's; "
+        "distillery's bpe/byte tokenizers have a default one)",
+    )
+    train_on: Literal["all", "last"] | None = Field(
+        None,
+        description="messages: the assistant turns learned (null: all of them for method.name=token, the last "
+        "for the methods that sample a response)",
+    )
+    verifier: VerifierConfig | None = Field(
+        None,
+        description="prompt_completion, messages: how task accuracy and PACED judge a generated response: "
+        "exact_match, {name: regex, pattern: ...} or a function path package.module:function (null: "
+        "exact_match against the completion)",
+    )
+    shuffle_buffer: int = Field(
+        1024, ge=1, description="text with data.train.streaming=true: blocks held and shuffled at a time"
+    )
+    tokenizer_rows: int = Field(
+        10_000, ge=1, description="text with data.train.streaming=true: rows a bpe tokenizer is trained on"
+    )
+
+    @field_validator("verifier", mode="before")
+    @classmethod
+    def _verifier_shorthand(cls, value):
+        return verifier_shorthand(value)
+
+    @model_validator(mode="after")
+    def _user_data(self) -> LMDataConfig:
+        user = self.name in USER_FORMATS
+        if user and self.train is None:
+            raise ValueError(
+                f"data.name={self.name} reads the user's data: set data.train (e.g. {{path: train.jsonl}})"
+            )
+        if not user:
+            given = [f for f in ("train", "validation", "test", "chat_template", "train_on", "verifier")
+                     if getattr(self, f) is not None]  # fmt: skip
+            if given:
+                raise ValueError(
+                    f"data.{given[0]} is for the user's data (data.name=text, prompt_completion or messages), but "
+                    f"data.name={self.name} is built in"
+                    + ("; its splits are set in data.arithmetic" if self.name == "arithmetic" else "")
+                )
+            return self
+        for split in ("validation", "test"):
+            value = getattr(self, split)
+            if isinstance(value, float) and not 0.0 < value < 1.0:
+                raise ValueError(
+                    f"data.{split}={value}: a fraction of data.train must be in (0, 1); or give a count"
+                )
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"data.{split}={value}: give at least 1 row (a count), a fraction or a file")
+        if self.name != "messages":
+            for f in ("chat_template", "train_on"):
+                if getattr(self, f) is not None:
+                    raise ValueError(f"data.{f} is for chats (data.name=messages), not data.name={self.name}")
+        if self.name == "text" and self.verifier is not None:
+            raise ValueError("data.verifier judges answers to prompts; data.name=text has no prompts")
+        if self.streaming:
+            if self.name != "text":
+                raise ValueError(
+                    f"data.train.streaming=true is supported for plain text (data.name=text) only; "
+                    f"data.name={self.name} is read into memory: set data.train.streaming=false"
+                )
+            for split in ("validation", "test"):
+                value = getattr(self, split)
+                if value is None or isinstance(value, float):
+                    raise ValueError(
+                        f"data.{split}: with data.train.streaming=true the number of rows is unknown; give "
+                        f"data.{split} as a file or as a count of rows taken from the head of the stream"
+                    )
+                if isinstance(value, TableSource) and value.streaming and self.max_eval_blocks is None:
+                    raise ValueError(
+                        f"data.{split}.streaming=true needs data.max_eval_blocks (validation and test must be finite)"
+                    )
+        return self
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the training data is streamed."""
+        return self.train is not None and self.train.streaming
+
+    def cache_dump(self) -> dict:
+        """What of this section determines a teacher trained on it (the teacher cache key): all but the
+        evaluation caps; for built-in data exactly the fields it had before user data existed, so that
+        cached teachers stay valid."""
+        if self.name in BUILT_IN:
+            return self.model_dump(
+                mode="json", include={"name", "tokenizer", "seq_len", "max_train_blocks", "arithmetic"}
+            )
+        return self.model_dump(mode="json", exclude={"max_eval_blocks", "verifier", "arithmetic"})
 
 
 class LMTeacherConfig(StrictModel):
@@ -116,6 +250,12 @@ class ChunkedLossConfig(StrictModel):
 
 class LMEvalConfig(EvalConfig):
     batch_size: int = Field(32, ge=1, description="sequences per evaluation batch")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="task accuracy: tokens generated per answer at most (null: arithmetic: the longest answer "
+        "and <eos>; the user's prompt data: the longest training answer, at most data.seq_len)",
+    )
 
 
 class LMRunConfig(DistillationConfigBase):
@@ -168,11 +308,21 @@ class LMRunConfig(DistillationConfigBase):
             raise ValueError(
                 f"conflicting fields: `teacher` is set but no loss term uses it (loss: {', '.join(self.loss)})"
             )
-        if method != "token" and self.data.name != "arithmetic":
+        if method != "token" and self.data.name not in PROMPT_DATA:
             raise ValueError(
                 f"conflicting fields: method.name={method} samples responses to prompts, but data.name="
-                f"{self.data.name} is packed text without prompts; use data.name=arithmetic (prompt/response)"
+                f"{self.data.name} is packed text without prompts; use data.name=arithmetic (the built-in task) or "
+                "your own prompt data (data.name=prompt_completion or messages)"
             )
+        if self.data.streaming:
+            lengths = [("train", self.train), ("teacher.train", None if self.teacher is None else self.teacher.train),
+                       ("baseline.train", None if self.baseline is None else self.baseline.train)]  # fmt: skip
+            for field, train in lengths:
+                if train is not None and train.epochs is not None:
+                    raise ValueError(
+                        f"conflicting fields: {field}.epochs={train.epochs:g}, but data.train.streaming=true: the "
+                        f"number of training blocks is unknown; set {field}.steps instead"
+                    )
         if method != "token" and self.teacher is None:
             raise ValueError(f"conflicting fields: method.name={method} needs a teacher section")
         if self.chunked_loss.enabled is True:
