@@ -63,3 +63,15 @@ def test_lm_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch, capsys):
         for r in train:
             divergence = r["forward_kl"] if r["epoch"] < 2 else r["reverse_kl"]
             assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * divergence, rel=1e-6)
+
+
+@pytest.mark.integration
+def test_a_model_trained_without_a_teacher_is_not_called_distilled(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    no_teacher = [a for a in AUSTEN if not a.startswith("teacher.")]
+    assert main(["run", "lm-teacher", *no_teacher, "student.hidden_size=32", f"output.dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "student (ce)" in printed and "student KD" not in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["distilled"]["label"] == "student (ce)"

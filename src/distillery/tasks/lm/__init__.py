@@ -506,6 +506,8 @@ class LMTask(BaseTask):
     # ---- report -----------------------------------------------------------------------------------
 
     def label(self, arm: str) -> str:
+        if arm == DISTILLED and self.cfg.teacher is None:  # e.g. lm-teacher: trained alone, not distilled
+            return f"student ({' + '.join(self.cfg.loss)})"
         return {BASELINE: "student SFT", DISTILLED: "student KD"}.get(arm, arm)
 
     def description(self, arm: str) -> str:
