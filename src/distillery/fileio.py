@@ -163,6 +163,31 @@ def verify_manifest(folder: Path) -> None:
             raise DamagedFileError(p, "its sha256 checksum does not match the one written with it")
 
 
+def is_local_source(source: str) -> bool:
+    """Whether ``source`` names a local file or directory rather than a Hugging Face hub id: it
+    exists, or it looks like a path (absolute, ``./``, ``~``, a trailing ``/``, more than one ``/``, or
+    ``dir/name`` under an existing ``dir``).
+
+        >>> is_local_source("/no/such/dir"), is_local_source("./model"), is_local_source("gpt2")
+        (True, True, False)
+        >>> is_local_source("HuggingFaceTB/SmolLM2-135M")
+        False
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return True
+    s = str(source)
+    if path.is_absolute() or s.startswith((".", "~")) or s.endswith("/") or "\\" in s or s.count("/") > 1:
+        return True
+    return "/" in s and path.parent.is_dir()
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (hub and loader errors run over several lines)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
 def is_finite_tree(tensors) -> bool:
     """Whether every floating tensor of an iterable of tensors is finite (no NaN, no infinity)."""
     for t in tensors:
@@ -176,9 +201,11 @@ __all__ = [
     "MANIFEST",
     "DamagedFileError",
     "disk_errors",
+    "first_line",
     "fsync_dir",
     "fsync_tree",
     "is_finite_tree",
+    "is_local_source",
     "replace_durable",
     "sha256_file",
     "verify_manifest",

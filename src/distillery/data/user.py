@@ -44,6 +44,7 @@ from distillery.data.splits import draw_splits, validation_count
 from distillery.data.tables import TableSource, load_table
 from distillery.data.text.tokenizer import TOKENIZER_FILES, train_tokenizer
 from distillery.errors import ConfigError
+from distillery.fileio import is_local_source
 
 TEXT_PAD = -1  # token id of the positions after a text's end (models mask them out)
 
@@ -383,18 +384,6 @@ def padding_id(tokenizer: Any) -> int:
     return 0
 
 
-def _looks_local(source: str) -> bool:
-    """Whether ``source`` names a local directory rather than a hub id (the rule of
-    :func:`distillery.models.hub.is_local_source`: it exists, or it looks like a path)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return True
-    s = str(source)
-    if path.is_absolute() or s.startswith((".", "~")) or s.endswith("/") or "\\" in s or s.count("/") > 1:
-        return True
-    return "/" in s and path.parent.is_dir()
-
-
 def load_model_tokenizer(source: str, field: str) -> Any:
     """The tokenizer saved with a pretrained text classifier (a directory or a hub id).
 
@@ -404,7 +393,7 @@ def load_model_tokenizer(source: str, field: str) -> Any:
     """
     from transformers import AutoTokenizer
 
-    local = _looks_local(source)
+    local = is_local_source(source)
     if local:
         path = Path(source).expanduser()
         if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):

@@ -19,6 +19,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from distillery.errors import ConfigError
+from distillery.fileio import first_line, is_local_source
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -28,30 +29,6 @@ WEIGHT_FILES = (
 )
 # What transformers raises for a damaged or incomplete directory, or an unreachable hub.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
-
-
-def is_local_source(source: str) -> bool:
-    """Whether ``source`` names a local directory (see the module docstring) rather than a hub id.
-
-    Example:
-        >>> is_local_source("/no/such/dir"), is_local_source("./model"), is_local_source("gpt2")
-        (True, True, False)
-        >>> is_local_source("HuggingFaceTB/SmolLM2-135M")
-        False
-    """
-    path = Path(source).expanduser()
-    if path.exists():
-        return True
-    s = str(source)
-    if path.is_absolute() or s.startswith((".", "~")) or s.endswith("/") or "\\" in s or s.count("/") > 1:
-        return True
-    return "/" in s and path.parent.is_dir()
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (hub errors run over several lines)."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].rstrip(".")
 
 
 def check_model_dir(source: str, field: str, weights: bool = True) -> Path:

@@ -47,6 +47,7 @@ from pydantic import Field, model_validator
 
 from distillery.configbase import StrictModel
 from distillery.errors import ConfigError
+from distillery.fileio import first_line, is_local_source
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -129,23 +130,6 @@ TOKENIZER_FILES = (
 )
 
 
-def _is_local(source: str) -> bool:
-    """Whether ``source`` names a local directory rather than a hub id (the rule of
-    :func:`distillery.models.hub.is_local_source`: it exists, or it looks like a path)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return True
-    s = str(source)
-    if path.is_absolute() or s.startswith((".", "~")) or s.endswith("/") or "\\" in s or s.count("/") > 1:
-        return True
-    return "/" in s and path.parent.is_dir()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].rstrip(".")
-
-
 def load_pretrained_tokenizer(source: str, field: str = "data.tokenizer.pretrained") -> Any:
     """``AutoTokenizer.from_pretrained(source)`` with the special tokens distillation needs.
 
@@ -154,7 +138,7 @@ def load_pretrained_tokenizer(source: str, field: str = "data.tokenizer.pretrain
     loss and of attention, so the choice does not matter), and a missing beginning token likewise.
     Loading the same source twice gives the same tokenizer, so a model's own tokenizer compares equal.
 
-    A local ``source`` (see :func:`distillery.models.hub.is_local_source`) must be a directory; one
+    A local ``source`` (see :func:`distillery.fileio.is_local_source`) must be a directory; one
     that holds none of :data:`TOKENIZER_FILES` has no tokenizer. Any other source is a hub id.
 
     Args:
@@ -169,7 +153,7 @@ def load_pretrained_tokenizer(source: str, field: str = "data.tokenizer.pretrain
     """
     from transformers import AutoTokenizer
 
-    local = _is_local(source)
+    local = is_local_source(source)
     if local:
         path = Path(source).expanduser()
         if not path.exists():
@@ -194,11 +178,11 @@ def load_pretrained_tokenizer(source: str, field: str = "data.tokenizer.pretrain
         if local:
             raise ConfigError(
                 f"cannot load a tokenizer from {field}={source}: its files are damaged or incomplete "
-                f"({_first_line(exc)}); save the tokenizer again with save_pretrained"
+                f"({first_line(exc)}); save the tokenizer again with save_pretrained"
             ) from None
         raise TokenizerNotFoundError(
             f"cannot load a tokenizer from {field}={source!r}: it is not a local directory, and loading it from "
-            f"the Hugging Face hub failed ({_first_line(exc)}); check the id and the network connection, or give "
+            f"the Hugging Face hub failed ({first_line(exc)}); check the id and the network connection, or give "
             "a directory saved with save_pretrained"
         ) from None
     if tokenizer.eos_token is None:

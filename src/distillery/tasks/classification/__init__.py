@@ -30,10 +30,11 @@ from distillery.data import (
 from distillery.data.text.tokenizer import same_tokenizer
 from distillery.errors import ConfigError
 from distillery.eval import classification_metrics, predict_logits
+from distillery.fileio import is_local_source
 from distillery.losses import build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models import ClassifierAdapter, Ensemble, build_model, count_parameters
-from distillery.models.hub import check_model_dir, from_pretrained, is_local_source
+from distillery.models.hub import check_model_dir, from_pretrained
 from distillery.models.pretrained import resolve_kind, save_pretrained_student
 from distillery.models.text import KeyedClassifierAdapter
 from distillery.models.weights import load_weights, read_header

@@ -36,12 +36,13 @@ from distillery.data.text.tokenizer import (
 )
 from distillery.errors import ConfigError
 from distillery.eval.lm import lm_metrics, task_accuracy
+from distillery.fileio import is_local_source
 from distillery.generation import OnPolicyBatches, PacedBatches, SpeculativeBatches, sequence_level_pairs
 from distillery.losses import LOSSES, build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models.causal_lm import build_causal_lm
 from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
-from distillery.models.hub import check_model_dir, from_pretrained, is_local_source
+from distillery.models.hub import check_model_dir, from_pretrained
 from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
 from distillery.tasks.lm.config import USER_FORMATS, LMRunConfig
 from distillery.tasks.lm.user_data import prepare_user_data
