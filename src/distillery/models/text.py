@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from distillery.configbase import StrictModel
 from distillery.errors import ConfigError
 from distillery.models.adapters import ClassifierAdapter
+from distillery.models.mlp import MLP
 
 BYTE_VOCAB = 259  # 256 bytes + <pad>, <bos>, <eos> (distillery.data.text.tokenizer)
 
@@ -134,21 +135,14 @@ class BowMLP(nn.Module):
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
-        width = embed_dim
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = h
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, num_classes)
+        # the MLP of distillery.models.mlp over the mean embedding (dropout on its input too)
+        self.mlp = MLP(embed_dim, num_classes, hidden, dropout, input_dropout=dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         ids, mask = split_padding(x)  # (B, L)
         e = self.embed(ids) * mask.unsqueeze(-1)  # (B, L, E)
         mean = e.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1)  # (B, E)
-        return self.head(self.body(mean))  # (B, num_classes)
+        return self.mlp(mean)  # (B, num_classes)
 
 
 class KeyedClassifierAdapter(ClassifierAdapter):
