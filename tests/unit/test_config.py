@@ -202,3 +202,10 @@ def test_every_task_config_shares_the_base_fields():
         assert {"name", "seeds", "train", "baseline", "eval", "output"} <= set(task.config.model_fields)
     cfg = load_config("digits-kd")
     assert cfg.task == "classification" and "task: classification" in dump_config(cfg)
+
+
+def test_a_pretrained_lm_teacher_over_a_recipe_that_trains_one_says_to_unset_train():
+    with pytest.raises(ConfigError, match=r"add teacher.train=null"):
+        load_config("lm-kd", ["teacher.model.pretrained=some/dir"])
+    cfg = load_config("lm-kd", ["teacher.model.pretrained=some/dir", "teacher.train=null"])
+    assert cfg.teacher.train is None and cfg.teacher.model.pretrained == "some/dir"

@@ -180,8 +180,9 @@ class LMTeacherConfig(StrictModel):
             )
         if self.train is not None and self.model.pretrained is not None:
             raise ValueError(
-                "conflicting fields: teacher.train and teacher.model.pretrained are both set; "
-                "give one of them"
+                "conflicting fields: teacher.train and teacher.model.pretrained are both set (a recipe's "
+                "teacher.train is inherited by an override of teacher.model.pretrained); a pretrained teacher is used "
+                "as it is: add teacher.train=null, or drop teacher.model.pretrained to train the teacher"
             )
         return self
 
