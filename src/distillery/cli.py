@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         "again on the test split.",
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory printed by `distillery run`")
+    e.add_argument(
+        "--data",
+        metavar="FILE",
+        help="evaluate on another test set: a YAML file with a data section, or (for runs on your own files) a "
+        "data file that replaces the test split",
+    )
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
@@ -159,7 +165,7 @@ def _cmd_losses(ns: argparse.Namespace, console: Console) -> int:
 def _cmd_eval(ns: argparse.Namespace, console: Console) -> int:
     from distillery.experiment import evaluate_run
 
-    evaluate_run(ns.run_dir, console=console)
+    evaluate_run(ns.run_dir, console=console, data=ns.data)
     return 0
 
 

@@ -347,3 +347,24 @@ def test_the_text_classification_recipe_runs_in_a_reduced_setting(tmp_path, monk
     assert set(models) >= {"teacher", "baseline", "distilled"}
     cfg = load_config("text-classification-kd")
     assert cfg.student.tokenizer != cfg.teacher.model.tokenizer  # the teacher reads its own ids
+    # distillery eval on another test set: the run's own test file gives the run's numbers again,
+    # a part of it other numbers; built-in data cannot take a file
+    import csv
+    import json
+
+    from distillery.experiment import evaluate_run
+
+    same = evaluate_run(out, data="examples/text-classification/test.csv").summary["models"]
+    assert same["distilled"]["accuracy"]["mean"] == pytest.approx(models["distilled"]["accuracy"]["mean"])
+    rows = list(csv.DictReader(open("examples/text-classification/test.csv")))
+    part = tmp_path / "part.csv"
+    with part.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["label"] == rows[0]["label"])  # one class only
+    assert main(["eval", str(out), "--data", str(part)]) == 0
+    digits = tmp_path / "digits"
+    assert main(["run", "digits-kd", "seeds=[0]", "teacher.train.steps=2", "teacher.ensemble=1", "train.steps=2",
+                 "baseline.train.steps=2", "--no-progress", f"output.dir={digits}"]) == 0  # fmt: skip
+    assert main(["eval", str(digits), "--data", str(part)]) == 2
+    assert json.loads((out / "summary.json").read_text())["models"]  # the run's own files are untouched

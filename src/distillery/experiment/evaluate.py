@@ -1,4 +1,5 @@
-"""``distillery eval RUN_DIR``: reload the saved students of a finished run and evaluate them again."""
+"""``distillery eval RUN_DIR [--data D]``: reload the saved students of a finished run and evaluate them
+again, on the run's test split or on another test set."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 from rich.console import Console
 from torch import nn
 
+from distillery.config import read_yaml, validate_config
 from distillery.errors import ConfigError
 from distillery.experiment.rundir import read_run_config
 from distillery.experiment.runner import RunResult
 from distillery.experiment.summary import print_summary, summarize
 from distillery.models import count_parameters
 from distillery.tasks import RunContext, TeacherSpec, task_class
+from distillery.tasks.base import deep_merge
 from distillery.teachers import TeacherStore
 from distillery.train import make_accelerator
 
@@ -41,14 +44,45 @@ def _saved_teacher(spec: TeacherSpec | None, info: dict) -> nn.Module | None:
     return model
 
 
-def evaluate_run(path: str | Path, console: Console | None = None) -> RunResult:
+# data sections that read the user's files: `--data FILE` makes FILE their test split
+FILE_DATA = ("files", "text", "prompt_completion", "messages")
+
+
+def with_test_data(cfg, data: str | Path):
+    """``cfg`` with another test set: a YAML file holding a ``data`` section (or the section itself)
+    merged over the run's, or a data file (CSV, JSONL, Parquet, text, a ``save_to_disk`` folder) that
+    becomes the test split of a run on user files."""
+    path = Path(data)
+    if not path.exists():
+        raise ConfigError(f"--data {path} does not exist; give a YAML data section or a data file")
+    config = cfg.model_dump(mode="json")
+    section = dict(config.get("data") or {})
+    if path.suffix in (".yaml", ".yml"):
+        given = read_yaml(path)
+        config["data"] = deep_merge(section, given.get("data", given))
+    else:
+        if section.get("name") not in FILE_DATA:
+            raise ConfigError(
+                f"--data {path}: this run used the built-in data {section.get('name')!r}; a data file can replace "
+                "the test split of a run on your own files only -- give a YAML file with a data section instead"
+            )
+        config["data"] = {**section, "test": {"path": str(path)}}
+    return validate_config(config, source=f"--data {path}")
+
+
+def evaluate_run(
+    path: str | Path, console: Console | None = None, data: str | Path | None = None
+) -> RunResult:
     """Reload every saved student of a run directory (a run, one seed or one arm) and evaluate it
-    again on the test split; the teacher comes back from the cache for the agreement metrics."""
+    again on the test split -- or, with ``data``, on another test set (see :func:`with_test_data`);
+    the teacher comes back from the cache for the agreement metrics."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"run directory {path} does not exist")
     root = find_run_root(path)
     cfg = read_run_config(root)
+    if data is not None:
+        cfg = with_test_data(cfg, data)
     console = console or Console()
     context = RunContext(accelerator=make_accelerator(), console=console, progress=False, run_dir=root)
     task = task_class(cfg.task)(cfg, context)
