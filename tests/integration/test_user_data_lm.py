@@ -20,6 +20,7 @@ from distillery.config import load_config
 from distillery.data.text import DEFAULT_CHAT_TEMPLATE, TextStream, save_training_tokenizer, train_tokenizer
 from distillery.data.text.user import conversation
 from distillery.errors import ConfigError
+from distillery.experiment import evaluate_run
 from distillery.recipes import list_recipes
 from distillery.train.batches import BatchPlan
 
@@ -150,6 +151,14 @@ def test_prompt_completion_jsonl_trains_saves_a_tokenizer_that_encodes_as_traini
     again = json.loads((out / "summary.json").read_text())["models"]["distilled"]
     assert again["perplexity"]["mean"] == pytest.approx(before["perplexity"], rel=1e-5)
     assert again["task_accuracy"]["mean"] == pytest.approx(before["task_accuracy"])
+    # ... or on another test file (`--data`): every student is scored on its rows
+    other = _jsonl(tmp_path / "other.jsonl", _pairs()[:6])
+    result = evaluate_run(out, data=other)
+    on_other = result.arms["distilled"][0]["metrics"]
+    assert on_other["task_accuracy"] in {100.0 * k / 6 for k in range(7)}  # six problems
+    assert on_other["perplexity"] != pytest.approx(
+        before["perplexity"], rel=1e-6
+    )  # other rows, another number
 
 
 def test_the_saved_tokenizer_adds_bos_only_when_training_did(tmp_path):
