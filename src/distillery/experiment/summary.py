@@ -104,7 +104,7 @@ def summarize(result) -> dict[str, Any]:
             if seed in by_seed:
                 row[arm] = by_seed[seed]["metrics"][headline]
         per_seed.append(row)
-    config = cfg.model_dump(mode="json")
+    config = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else {}  # any config-like object
     return {
         "name": cfg.name,
         "task": cfg.task,
