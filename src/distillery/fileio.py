@@ -128,17 +128,38 @@ def write_manifest(folder: Path) -> dict[str, dict[str, int | str]]:
     Call it last, once every other file is complete: a folder without a manifest was never finished.
     """
     folder = Path(folder)
-    files = {
-        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    files = _checksums(folder)
     path = folder / MANIFEST
     with open(path, "w") as fh:
         json.dump({"format": 1, "files": files}, fh, indent=1, sort_keys=True)
         fh.flush()
         os.fsync(fh.fileno())
     return files
+
+
+def _checksums(folder: Path) -> dict[str, dict[str, int | str]]:
+    return {
+        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not _is_atomic_temp(p.name)
+    }
+
+
+def _is_atomic_temp(name: str) -> bool:
+    """A leftover of :func:`write_atomic` stopped before its rename (``.<name>.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def add_to_finished(folder: Path, name: str, text: str) -> None:
+    """Add the file ``name`` to a finished (manifested) ``folder``: the file is written atomically,
+    then the manifest is rewritten atomically with it. A reader in between, or after a crash in
+    between, sees the old manifest, which does not list the new file: the folder stays intact."""
+    folder = Path(folder)
+    verify_manifest(folder)  # never bless a damaged folder's files with fresh checksums
+    write_atomic(folder / name, text)
+    write_atomic(
+        folder / MANIFEST, json.dumps({"format": 1, "files": _checksums(folder)}, indent=1, sort_keys=True)
+    )
 
 
 def verify_manifest(folder: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+
+import pytest
 
 from distillery import fileio
 
@@ -50,3 +53,38 @@ def test_a_folder_is_fsynced_file_by_file_and_renamed_whole(tmp_path, monkeypatc
         tmp_path.name,
     }
     fileio.verify_manifest(tmp_path / "entry")
+
+
+def test_a_file_added_to_a_finished_folder_is_checksummed_and_a_stop_in_between_leaves_it_intact(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    fileio.write_manifest(folder)
+    renames: list[str] = []
+
+    def stop_at_manifest(src, dst):
+        renames.append(os.path.basename(dst))
+        if os.path.basename(dst) == fileio.MANIFEST:
+            raise KeyboardInterrupt  # the process stops after the card, before the new manifest
+        real_replace(src, dst)
+
+    real_replace = os.replace
+    monkeypatch.setattr(fileio.os, "replace", stop_at_manifest)
+    try:
+        fileio.add_to_finished(folder, "README.md", "# card")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(fileio.os, "replace", real_replace)
+    assert renames == ["README.md", fileio.MANIFEST]
+    fileio.verify_manifest(folder)  # the old manifest, without the card: still intact
+    fileio.add_to_finished(folder, "README.md", "# card, again")
+    fileio.verify_manifest(folder)
+    files = json.loads((folder / fileio.MANIFEST).read_text())
+    assert set(files["files"]) == {"README.md", "model.safetensors"}  # the leftover temp file is not listed
+    (folder / "README.md").write_text("# edited by hand")
+    with pytest.raises(fileio.DamagedFileError, match="README.md"):
+        fileio.verify_manifest(folder)
+    with pytest.raises(fileio.DamagedFileError):  # a damaged folder's files are not blessed with new sums
+        fileio.add_to_finished(folder, "NOTES.md", "x")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from distillery.cli import main
 from distillery.experiment import cards
+from distillery.fileio import verify_manifest
 
 DIGITS = [
     "run", "digits-kd", "seeds=[0]", "teacher.train.steps=10", "teacher.ensemble=1", "train.steps=12",
@@ -62,3 +65,34 @@ def test_an_lm_student_card_sits_in_its_save_pretrained_folder_and_push_uploads_
     assert uploads == [("me/tiny-student", model)]
     names = {p.name for p in model.iterdir()}
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= names, names
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_trained_teacher_gets_a_card_in_its_cache_entry_and_the_card_says_how_to_reuse_it(
+    tmp_path, monkeypatch, members
+):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    trained = [*DIGITS, f"teacher.ensemble={members}"]
+    assert main([*trained, f"output.dir={run_dir}"]) == 0
+    info = json.loads((run_dir / "seed-0" / "teacher.json").read_text())
+    entry = Path(info["source"])
+    card = (entry / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: distillery\n") and "- teacher" in card
+    assert f"| teacher | {info['metrics']['accuracy']:.4g} |" in card
+    assert f"({info['params']:,} parameters)" in card and "name: cnn" in card and "steps: 10" in card
+    manifest = json.loads((entry / "MANIFEST.json").read_text())["files"]
+    assert "README.md" in manifest and "model.safetensors" in manifest
+    verify_manifest(entry)  # the card is covered by the entry's checksums
+    # the card's reuse line works as written: a run that loads the entry as a fixed teacher
+    reuse = re.search(r"`(teacher\.train=null teacher\.checkpoint=\S+)`", card).group(1).split()
+    again = tmp_path / "again"
+    assert main([*DIGITS, *reuse, f"output.dir={again}"]) == 0  # teacher.ensemble=1: every member loads
+    loaded = json.loads((again / "seed-0" / "teacher.json").read_text())
+    assert loaded["loaded"] and loaded["metrics"] == info["metrics"]
+    # a cached teacher's card is not rewritten by the runs that reuse it
+    before = (entry / "README.md").stat().st_mtime_ns
+    assert main([*trained, f"output.dir={tmp_path / 'third'}"]) == 0
+    assert json.loads((tmp_path / "third" / "seed-0" / "teacher.json").read_text())["cached"]
+    assert (entry / "README.md").stat().st_mtime_ns == before

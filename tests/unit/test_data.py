@@ -157,3 +157,16 @@ def test_label_noise_changes_the_teacher_cache_key():
     zero = load_config("digits-kd", ["data.label_noise.rate=0.0"])
     assert teacher_cache_key(clean, 0) != teacher_cache_key(noisy, 0)
     assert teacher_cache_key(clean, 0) == teacher_cache_key(zero, 0)
+
+
+def test_a_csv_reads_text_fields_as_written_and_other_columns_as_numbers(tmp_path, monkeypatch):
+    from distillery.data.tables import TableSource, load_table
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "t.csv"
+    path.write_text("text,label,score\n007,1,0.5\n1e3,2,1.5\n")
+    table = load_table(TableSource(path=str(path)), "data.train", ["text", "label"], text=["text"])
+    assert table["text"] == ["007", "1e3"]  # not 7 and 1000.0
+    assert table["label"] == [1, 2] and table["score"] == [0.5, 1.5]
+    guessed = load_table(TableSource(path=str(path)), "data.train", ["text"])
+    assert guessed["text"] != ["007", "1e3"]  # without text=, pandas guesses types: why text= exists

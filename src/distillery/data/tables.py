@@ -94,13 +94,17 @@ def _format_of(source: TableSource, files: list[str], field: str) -> str:
     return kinds.pop()
 
 
-def load_table(source: TableSource, field: str, required: list[str] | None = None) -> Any:
+def load_table(
+    source: TableSource, field: str, required: list[str] | None = None, text: list[str] | None = None
+) -> Any:
     """The table ``source`` names, as a ``datasets.Dataset`` (``IterableDataset`` when streaming).
 
     Args:
         source: where the data is.
         field: the config section of ``source`` (``data.train``), for messages.
         required: fields every row must have; a missing one is a ConfigError listing the fields found.
+        text: fields that hold text: a CSV reads them as written (``007`` stays ``"007"``, not the
+            number 7).
 
     Raises:
         DataNotFoundError: no file matches, or the hub dataset cannot be reached.
@@ -124,8 +128,11 @@ def load_table(source: TableSource, field: str, required: list[str] | None = Non
         return _check_fields(table, required, field, source)
     files = _files(source.path)
     if not files:
+        where = "" if Path(source.path).expanduser().is_absolute() else f" in {Path.cwd()}"
         raise DataNotFoundError(
-            f"{field}.path {source.path} does not exist (no file matches); check the path"
+            f"{field}.path {source.path} does not exist{where} (no file matches); check the path (a relative "
+            "path is read from the working directory: run from the folder the config's paths start from, "
+            "or give an absolute path)"
         )
     kind = _format_of(source, files, field)
     if kind == "disk":
@@ -147,7 +154,11 @@ def load_table(source: TableSource, field: str, required: list[str] | None = Non
     empty = [f for f in files if Path(f).is_file() and Path(f).stat().st_size == 0]
     if empty:
         raise ConfigError(f"{field}.path {empty[0]} is empty; it must hold at least one example")
-    kwargs = {"delimiter": "\t"} if kind == "csv" and all(f.endswith(".tsv") for f in files) else {}
+    kwargs: dict[str, Any] = {}
+    if kind == "csv":
+        kwargs["converters"] = {name: str for name in text or []}  # no type guessing for text
+        if all(f.endswith(".tsv") for f in files):
+            kwargs["delimiter"] = "\t"
     try:
         table = datasets.load_dataset(
             kind, data_files=files, split="train", streaming=source.streaming, cache_dir=cache, **kwargs

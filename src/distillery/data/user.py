@@ -486,7 +486,8 @@ class UserData:
 
     def _read(self, source: TableSource, field: str, labelled: bool) -> tuple[dict[str, list], Any]:
         required = self._input_fields() + ([self.cfg.label_field] if labelled else [])
-        table = load_table(source, field, required)
+        text = list(self.cfg.text_field) if isinstance(self.cfg.text_field, list) else [self.cfg.text_field]
+        table = load_table(source, field, required, text=[t for t in text if t is not None])
         columns = _columns(table, required)
         if not columns[required[0]]:
             raise ConfigError(f"{field}: {source.describe()} holds no examples")

@@ -6,6 +6,10 @@ metadata, then Markdown): the teacher it was distilled from and the teacher's me
 metrics (evaluated once, after training) beside the paired baseline's, and the command that
 reproduces the run. ``output.push_to_hub: <repo id>`` uploads the first seed's distilled student
 folder after the run (:func:`hub_folder` is the folder it uploads).
+
+A teacher trained by a run is saved in the teacher cache, and its entry gets a card too
+(:func:`teacher_card`): its architecture and training settings, the data, its test metrics, the
+training time, and how to reuse it.
 """
 
 from __future__ import annotations
@@ -121,6 +125,69 @@ def model_card(
     return "\n".join(parts)
 
 
+def teacher_card(
+    cfg: Any,
+    seed: int,
+    info: dict[str, Any],
+    data: str,
+    run_dir: Path,
+    command: list[str] | None = None,
+) -> str:
+    """The ``README.md`` of a teacher that a run trained and saved in the teacher cache."""
+    config = cfg.model_dump(mode="json")
+    task = str(config.get("task"))
+    meta = {"library_name": "distillery", "tags": ["distillery", "knowledge-distillation", "teacher", task]}
+    entry = Path(str(info.get("source", ".")))
+    reuse = (
+        f"Runs whose teacher section, data and seed are the same reuse this entry automatically (cache key "
+        f"`{info.get('cache_key', '-')}`; the key also covers the torch version and distillery's training code)."
+    )
+    if task == "classification":
+        reuse += (
+            " Another config can load it as a fixed teacher with the same `teacher.model`: "
+            f"`teacher.train=null teacher.checkpoint={entry / 'model.safetensors'}`."
+        )
+    parts = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {cfg.name}: teacher (seed {seed})",
+        "",
+        "The teacher that this run trained before distilling its students, saved in distillery's teacher "
+        "cache" + (f" ({info['params']:,} parameters)." if isinstance(info.get("params"), int) else "."),
+        "",
+        "## Architecture and training",
+        "",
+        "```yaml",
+        yaml.safe_dump({"teacher": config.get("teacher")}, sort_keys=False).strip(),
+        "```",
+        "",
+        f"Trained in {float(info.get('seconds', 0.0)):.1f} s, seed {seed}.",
+        "",
+        "## Data",
+        "",
+        data,
+        "",
+        "## Results (test split)",
+        "",
+        _metrics_table({"teacher": info.get("metrics", {})}),
+        "",
+        "## Reuse",
+        "",
+        reuse,
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        *([command_line(command)] if command else []),
+        f"distillery run {run_dir / 'config.yaml'}   # the resolved config of the run that trained it",
+        "```",
+        "",
+    ]
+    return "\n".join(parts)
+
+
 def write_model_card(arm_dir: Path, text: str) -> Path:
     path = model_dir(arm_dir) / "README.md"
     write_atomic(path, text)
@@ -149,4 +216,12 @@ def push_to_hub(repo_id: str, folder: Path) -> str:
     return f"https://huggingface.co/{repo_id}"
 
 
-__all__ = ["command_line", "hub_folder", "model_card", "model_dir", "push_to_hub", "write_model_card"]
+__all__ = [
+    "command_line",
+    "hub_folder",
+    "model_card",
+    "model_dir",
+    "push_to_hub",
+    "teacher_card",
+    "write_model_card",
+]

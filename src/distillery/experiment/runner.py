@@ -34,7 +34,7 @@ from rich.console import Console
 from torch import nn
 
 from distillery.errors import ConfigError
-from distillery.experiment.cards import hub_folder, model_card, push_to_hub, write_model_card
+from distillery.experiment.cards import hub_folder, model_card, push_to_hub, teacher_card, write_model_card
 from distillery.experiment.rundir import start_run, write_atomic
 from distillery.experiment.summary import print_summary, summarize, write_report
 from distillery.fileio import disk_errors, sha256_file
@@ -254,6 +254,10 @@ def _run(
             result.teachers[seed] = info
             if main:
                 write_atomic(seed_dir / "teacher.json", json.dumps(info, indent=2))
+                if not info.get("cached") and not info.get("loaded") and "source" in info:
+                    # the entry this run just trained and cached gets its model card
+                    card = teacher_card(cfg, seed, info, task.describe(data), run_dir, command)
+                    TeacherStore(spec.cache_dir).add_card(info["cache_key"], card)
             if info.get("loaded"):
                 how = f"loaded from {info['source']}"
             else:

@@ -38,6 +38,7 @@ from torch import nn
 from distillery.errors import ConfigError, DistilleryError
 from distillery.fileio import (
     DamagedFileError,
+    add_to_finished,
     disk_errors,
     fsync_dir,
     fsync_tree,
@@ -205,6 +206,18 @@ class TeacherStore:
                 raise self._unwritable(exc) from exc
             raise
         return self.path(key)
+
+    def add_card(self, key: str, text: str) -> Path:
+        """Write ``README.md`` (the teacher's model card) into the finished entry of ``key`` and add it to
+        the entry's checksums; the entry stays loadable whenever the process stops."""
+        entry = self.path(key)
+        try:
+            add_to_finished(entry, "README.md", text)
+        except DamagedFileError as exc:
+            raise DamagedTeacherError(entry, exc.path, exc.problem) from None
+        except OSError as exc:
+            raise self._unwritable(exc) from None
+        return entry / "README.md"
 
     def quarantine(self, key: str) -> Path:
         """Move the (damaged) entry of ``key`` to ``root/.damaged/<key>-<time>`` and return that path;

@@ -281,7 +281,13 @@ class ClassificationTask(BaseTask):
         if t.checkpoint is not None:
 
             def load() -> tuple[nn.Module, str]:
-                model = self._build(t.model, data)
+                # a teacher-cache entry holds an ensemble (members.<k>.*): rebuild as many members
+                keys = read_header(t.checkpoint, "teacher.checkpoint")
+                members = {k.split(".")[1] for k in keys if k.startswith("members.")}
+                if keys and members and all(k.startswith("members.") for k in keys):
+                    model = Ensemble([self._build(t.model, data) for _ in members])
+                else:
+                    model = self._build(t.model, data)
                 load_weights(model, t.checkpoint, "teacher.checkpoint")  # a clear error for a wrong file
                 return self._teacher_module(model), str(Path(t.checkpoint))
 

@@ -27,7 +27,11 @@ class FrozenTeacherConfig(StrictModel):
         None,
         description="train the teacher on the labelled split first (reused from the cache by config hash)",
     )
-    checkpoint: str | None = Field(None, description="safetensors weights of `model`")
+    checkpoint: str | None = Field(
+        None,
+        description="safetensors weights of `model` (or of an ensemble of them: a teacher-cache entry's "
+        "model.safetensors, every member loaded)",
+    )
     precompute: bool | None = Field(
         None,
         description="compute teacher outputs once per training example (null: whenever the student's "
@@ -58,7 +62,9 @@ class FrozenTeacherConfig(StrictModel):
             )
         if self.ensemble > 1 and self.checkpoint is not None:
             raise ValueError(
-                "conflicting fields: teacher.ensemble > 1 needs teacher.train (members are trained)"
+                "conflicting fields: teacher.ensemble > 1 needs teacher.train (members are trained); a "
+                "checkpoint of an ensemble (a teacher-cache entry) loads all its members with the default "
+                "teacher.ensemble=1"
             )
         return self
 

@@ -66,7 +66,9 @@ def prepare_user_data(cfg: LMRunConfig) -> dict[str, Any]:
 def _text(cfg: LMRunConfig) -> dict[str, Any]:
     d = cfg.data
     field = d.fields.text
-    docs = documents(column(load_table(d.train, "data.train", [field]), field), "data.train", field)
+    docs = documents(
+        column(load_table(d.train, "data.train", [field], text=[field]), field), "data.train", field
+    )
     train_rows, carved = _carve(len(docs), cfg)
     train_docs = [docs[i] for i in train_rows]
     tokenizer = d.tokenizer.build(train_docs)
@@ -89,7 +91,7 @@ def _text(cfg: LMRunConfig) -> dict[str, Any]:
 def _eval_text(source: TableSource, where: str, field: str, tokenizer: Any, cfg: LMRunConfig) -> TokenDataset:
     """A validation or test file of text, packed; a streamed one is read up to ``max_eval_blocks``."""
     d = cfg.data
-    table = load_table(source, where, [field])
+    table = load_table(source, where, [field], text=[field])
     if source.streaming:
         blocks = list(stream_blocks(table, field, tokenizer, d.seq_len, where, d.max_eval_blocks))
         return TokenDataset(blocks, pad_id=special_ids(tokenizer)[0]) if blocks else []
@@ -106,7 +108,7 @@ def _check_blocks(sets: dict[str, Any]) -> None:
 def _streamed_text(cfg: LMRunConfig) -> dict[str, Any]:
     d = cfg.data
     field = d.fields.text
-    table = load_table(d.train, "data.train", [field])
+    table = load_table(d.train, "data.train", [field], text=[field])
     head = {split: getattr(d, split) for split in SPLITS if not isinstance(getattr(d, split), TableSource)}
     n_head = sum(head.values())
     rows = list(table.take(n_head)) if n_head else []
@@ -188,10 +190,10 @@ def _prompts(cfg: LMRunConfig) -> dict[str, Any]:
         needed = [d.fields.messages]
     if ref_field is not None and ref_field not in needed:
         needed.append(ref_field)
-    tables = {"train": load_table(d.train, "data.train", needed)}
+    tables = {"train": load_table(d.train, "data.train", needed, text=needed)}
     for split in SPLITS:
         if isinstance(getattr(d, split), TableSource):
-            tables[split] = load_table(getattr(d, split), f"data.{split}", needed)
+            tables[split] = load_table(getattr(d, split), f"data.{split}", needed, text=needed)
 
     tokenizer = d.tokenizer.build("") if d.tokenizer.kind == "pretrained" else None
     render, bos_text = None, None
