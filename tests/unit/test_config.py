@@ -38,7 +38,8 @@ def test_unknown_component_name_lists_valid_names():
     msg = _error(["loss.focal.weight=1"])
     assert (
         "loss.focal: unknown loss 'focal'" in msg
-        and "valid: ce, dkd, forward_kl, hint, jsd, kd, nkd, reverse_kl, skew_kl, skew_reverse_kl, tvd, uskd"
+        and "valid: attention_kl, attention_scores, attention_transfer, ce, cka, dkd, features, forward_kl, hint, "
+        "jsd, kd, nkd, relation_kl, reverse_kl, rkd_angle, rkd_distance, skew_kl, skew_reverse_kl, sp, tvd, uskd"
         in msg
     )
     msg = _error(["student.name=resnet"])

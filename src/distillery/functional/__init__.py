@@ -4,6 +4,12 @@ Conventions shared by every logit function are documented in :mod:`distillery.fu
 """
 
 from distillery.functional._fused import composed_gradients
+from distillery.functional.attention import (
+    attention_kl,
+    attention_score_mse,
+    self_relation_kl,
+    value_relation_kl,
+)
 from distillery.functional.chunked import (
     chunked_cross_entropy_from_hidden,
     chunked_kd_from_hidden,
@@ -20,29 +26,45 @@ from distillery.functional.divergences import (
 )
 from distillery.functional.dkd import dkd_loss
 from distillery.functional.ensemble import mean_probability_logits
-from distillery.functional.features import hint_loss
+from distillery.functional.features import attention_transfer, feature_distance, hint_loss
 from distillery.functional.kd import kd_loss
 from distillery.functional.nkd import nkd_loss
 from distillery.functional.paced import paced_weights
+from distillery.functional.relations import (
+    linear_cka_loss,
+    rkd_angle,
+    rkd_distance,
+    similarity_preserving,
+)
 from distillery.functional.uskd import uskd_loss
 
 __all__ = [
+    "attention_kl",
+    "attention_score_mse",
+    "attention_transfer",
     "chunked_cross_entropy_from_hidden",
     "chunked_kd_from_hidden",
     "composed_gradients",
     "cross_entropy",
     "dkd_loss",
+    "feature_distance",
     "forward_kl",
     "generalized_jsd",
     "hint_loss",
     "kd_loss",
+    "linear_cka_loss",
     "mean_probability_logits",
     "nkd_loss",
     "paced_weights",
     "reverse_kl",
+    "rkd_angle",
+    "rkd_distance",
+    "self_relation_kl",
     "should_chunk",
+    "similarity_preserving",
     "skew_kl",
     "skew_reverse_kl",
     "total_variation",
     "uskd_loss",
+    "value_relation_kl",
 ]

@@ -39,6 +39,13 @@ from distillery.losses.logit import (
     USKDLoss,
 )
 from distillery.losses.objective import Objective
+from distillery.losses.representation import (
+    REPRESENTATION_LOSSES,
+    SignalPair,
+    SignalTerm,
+    SignalTermConfig,
+    signal_pairs,
+)
 
 # short name -> (config model, module class)
 LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
@@ -54,6 +61,7 @@ LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
     "nkd": (NKDConfig, NKDLoss),
     "uskd": (USKDConfig, USKDLoss),
     "hint": (HintConfig, HintLoss),
+    **REPRESENTATION_LOSSES,
 }
 
 # The union of every term config, told apart by its `name` field.
@@ -62,16 +70,20 @@ LossTermConfig = Annotated[
 ]
 
 
-def build_loss(cfg: TermConfig) -> LossTerm:
-    """The module for one configured term."""
+def build_loss(cfg: TermConfig, label: str | None = None) -> LossTerm:
+    """The module for one configured term (``label``: its name in the ``loss`` section, under which a
+    representation term finds its signals; default: the term's name)."""
     _, cls = LOSSES[cfg.name]
+    if isinstance(cfg, SignalTermConfig):
+        pairs = len(cfg.student_signals())
+        return cls(label=label or cfg.name, pairs=pairs, **cfg.hyperparameters())
     return cls(**cfg.hyperparameters())
 
 
 def build_objective(terms: Mapping[str, TermConfig]) -> Objective:
     """An :class:`Objective` from ``{label: term config}`` (the ``loss`` section of a run config)."""
     return Objective(
-        {label: build_loss(cfg) for label, cfg in terms.items()},
+        {label: build_loss(cfg, label) for label, cfg in terms.items()},
         weights={label: cfg.weight for label, cfg in terms.items()},
         warmup_epochs={label: cfg.warmup_epochs for label, cfg in terms.items()},
         windows={label: (cfg.from_epoch, cfg.until_epoch) for label, cfg in terms.items()},
@@ -93,6 +105,9 @@ __all__ = [
     "NKDLoss",
     "Objective",
     "ReverseKLLoss",
+    "SignalPair",
+    "SignalTerm",
+    "SignalTermConfig",
     "SkewKLLoss",
     "SkewReverseKLLoss",
     "TVDLoss",
@@ -100,4 +115,5 @@ __all__ = [
     "USKDLoss",
     "build_loss",
     "build_objective",
+    "signal_pairs",
 ]

@@ -31,7 +31,7 @@ from distillery.data.text.tokenizer import same_tokenizer
 from distillery.errors import ConfigError
 from distillery.eval import classification_metrics, predict_logits
 from distillery.fileio import is_local_source
-from distillery.losses import build_objective
+from distillery.losses import build_objective, signal_pairs
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models import ClassifierAdapter, Ensemble, build_model, count_parameters
 from distillery.models.hub import check_model_dir, from_pretrained
@@ -51,6 +51,7 @@ from distillery.tasks.base import (
 )
 from distillery.tasks.classification.arms import ArmSetup, build_arm, model_inputs
 from distillery.tasks.classification.config import ClassificationConfig
+from distillery.tasks.classification.signals import tap_arm
 from distillery.teachers import CachedTeacher, FrozenTeacher
 from distillery.train import fit
 
@@ -186,6 +187,7 @@ class ClassificationTask(BaseTask):
         self.teacher_adapter = self.adapter  # another batch key when the teacher has its own tokenizer
         self._teachers: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules built as the teacher
         check_model_files(cfg)
+        self._signals_checked = False
         self.user: UserData | None = None
         if isinstance(cfg.data, FilesDataConfig):
             self.dataset = cfg.data.title()
@@ -271,6 +273,7 @@ class ClassificationTask(BaseTask):
     # ---- teacher ----------------------------------------------------------------------------------
 
     def teacher(self, data: SeedData) -> TeacherSpec | None:
+        self._check_signals(data)
         if self.source != "frozen":
             return None
         t, seed = self.cfg.teacher, data.seed
@@ -325,6 +328,25 @@ class ClassificationTask(BaseTask):
             cache=t.cache,
             cache_dir=t.cache_dir,
         )
+
+    def _check_signals(self, data: SeedData) -> None:
+        """The representation terms' module paths and signal shapes, checked on untrained models of
+        the configured architectures before anything trains (a wrong path is an error at once, not
+        after the teacher and the baseline have trained)."""
+        pairs = signal_pairs(self.cfg.loss)
+        if not pairs or self._signals_checked:
+            return
+        t = self.cfg.teacher
+        if self.source == "frozen":
+            network = self._build(t.model, data)
+        else:  # snapshot: the teacher is an earlier generation of the student
+            network = self._build(self.cfg.student, data, "student")
+        student = self._build(self.cfg.student, data, "student")
+        train_set = data.splits.distillation_set() if len(data.splits.transfer) else data.splits.labelled
+        example = train_set.get_batch(torch.arange(min(2, len(train_set))))
+        setup = ArmSetup(student, self.adapter, None, lambda m: m)
+        tap_arm(setup, network, pairs, example, self.teacher_adapter, data.seed)
+        self._signals_checked = True
 
     def _frozen_teacher(self, data: SeedData, module: nn.Module):
         """The seed's teacher for the `frozen` source: built once (outputs precomputed when allowed)."""
@@ -434,6 +456,17 @@ class ClassificationTask(BaseTask):
                 previous = trained[BASELINE if k == 1 else f"gen-{k - 1}"]
                 arm_teacher = FrozenTeacher(copy.deepcopy(previous), self.adapter)
             setup = build_arm(cfg, splits, data.seed, init_state, train_cfg, len(train_set), arm_teacher)
+            pairs = signal_pairs(cfg.loss)
+            if pairs:  # representation terms: read the named layers, project where the shapes differ
+                network = teacher if self.source == "frozen" else arm_teacher.module
+                example = train_set.get_batch(torch.arange(min(2, len(train_set))))
+                setup, projectors = tap_arm(setup, network, pairs, example, self.teacher_adapter, data.seed)
+                for key, text in projectors.items():
+                    self.context.console.print(
+                        f"  seed {data.seed} {name}: projector {key}: {text} (trained with the student, not exported)",
+                        markup=False,
+                        highlight=False,
+                    )
         job = ArmJob(
             model=setup.model,
             train_set=train_set,
@@ -448,6 +481,9 @@ class ClassificationTask(BaseTask):
         if setup.members:
             job.record = self._member_records(setup, data)
             job.save_extra = _save_stacked
+        if name != BASELINE and signal_pairs(cfg.loss):
+            described = dict(projectors)
+            job.record = lambda model, final: {"projectors": described}
         return job
 
     def combined_arms(

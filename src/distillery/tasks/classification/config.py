@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from distillery.configbase import StrictModel
 from distillery.data import DataConfig, FilesDataConfig, ImageDataConfig
-from distillery.losses import LOSSES
+from distillery.losses import LOSSES, SignalTermConfig
 from distillery.models import NUMBER_MODELS, TEXT_MODELS, TEXT_MODELS_HELP, ModelConfig, named_model
 from distillery.models.exits import ExitConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig
@@ -216,6 +216,23 @@ class ClassificationConfig(DistillationConfigBase):
                 f"conflicting fields: teacher.exits.hint_at={hint_at!r} adds hint projections, but no loss term "
                 "trains them; add a `hint` term (e.g. loss.hint={weight: 1.0}) or drop hint_at"
             )
+        signal_terms = [label for label, term in self.loss.items() if isinstance(term, SignalTermConfig)]
+        if signal_terms and source not in ("frozen", "snapshot"):
+            raise ValueError(
+                f"conflicting fields: loss.{signal_terms[0]} ({self.loss[signal_terms[0]].name}) matches the layers "
+                f"of the student and a teacher network, but teacher.source={source}; use teacher.source=frozen "
+                "(or snapshot)"
+            )
+        if signal_terms and source == "frozen" and self.teacher.precompute:
+            raise ValueError(
+                f"conflicting fields: teacher.precompute=true stores the teacher's logits only, but "
+                f"loss.{signal_terms[0]} needs its layers on every batch; set teacher.precompute=null (or false)"
+            )
+        if signal_terms and source == "frozen" and self.teacher.ensemble > 1:
+            raise ValueError(
+                f"conflicting fields: loss.{signal_terms[0]} reads one teacher network's layers, but "
+                f"teacher.ensemble={self.teacher.ensemble}; set teacher.ensemble=1"
+            )
         self._models_fit_the_data()
         if source == "frozen" and self.teacher.precompute and not self.train.augment.is_identity():
             raise ValueError(
@@ -275,6 +292,8 @@ class ClassificationConfig(DistillationConfigBase):
     def teacher_precomputed(self) -> bool:
         if self.teacher is None or self.teacher.source != "frozen":
             return False
+        if any(isinstance(term, SignalTermConfig) for term in self.loss.values()):
+            return False  # representation terms read the teacher's layers on every batch
         if self.teacher.precompute is None:
             return self.train.augment.is_identity()
         return self.teacher.precompute
