@@ -209,12 +209,17 @@ REPLACED_SECTIONS = ("loss",)
 
 def merge_configs(base: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
     """``derived`` over ``base``: mappings merge key by key, other values replace. ``loss`` is always
-    replaced, and so is ``teacher`` when the derived recipe names another ``source``."""
+    replaced, and so is ``teacher`` when the derived recipe names another ``source``, and ``student``
+    when it names another model (``name``: an MLP's fields do not apply to a CNN)."""
     replaced = [k for k in REPLACED_SECTIONS if k in derived]
     b_teacher, d_teacher = base.get("teacher"), derived.get("teacher")
     if isinstance(b_teacher, dict) and isinstance(d_teacher, dict):
         if "source" in d_teacher and d_teacher["source"] != b_teacher.get("source", "frozen"):
             replaced.append("teacher")
+    b_student, d_student = base.get("student"), derived.get("student")
+    if isinstance(b_student, dict) and isinstance(d_student, dict):
+        if "name" in d_student and d_student["name"] != b_student.get("name"):
+            replaced.append("student")
     kept = {k: v for k, v in base.items() if k not in replaced}
     return deep_merge(kept, derived)
 

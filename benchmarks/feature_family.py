@@ -1,0 +1,190 @@
+"""Representation signals on one CNN teacher and one smaller CNN student, paired over seeds.
+
+Protocol (as `logit_family.py`): one teacher per seed (the `fashion-mnist-kd` teacher, trained on the
+labelled split, cached), one student architecture (a CNN with 8 and 16 channels, ~9k parameters) from
+the same initial weights in every arm, the same number of steps; the CE student trains on the
+labelled split, every other arm on the labelled split plus the unlabelled transfer set (cross-entropy
+on labelled rows only, the signal on every row). Arms: CE; KD (0.5 CE + 0.5 forward KL, T 2); CE +
+FitNets hint, attention transfer, RKD (distance + angle), similarity-preserving, linear CKA; and KD +
+each signal. The signals' layers and weights are those of the shipped recipes
+(`fashion-mnist-fitnet`, `-at`, `-rkd`) and of the papers (see SIGNALS). Differences are paired to the
+CE student per seed; `better` counts seeds where the arm is strictly better.
+
+    python benchmarks/feature_family.py                    # Fashion-MNIST if installed, else digits
+    python benchmarks/feature_family.py --steps 600 --seeds 0 1 2 3 4
+    python benchmarks/feature_family.py --quick            # a smoke test of the script (a minute)
+
+Writes ``benchmarks/results/feature_family-<dataset>.json`` (every number) and ``.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+import distillery as ds
+from distillery.data.fashion_mnist import find_files
+from distillery.report.summary import fmt, mean_std, paired_difference
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASE_RECIPE = {"fashion_mnist": "fashion-mnist-kd", "digits": "digits-kd"}
+STUDENT = {
+    "fashion_mnist": {"name": "cnn", "channels": [8, 16], "pool_every": 1, "pool_to": 7, "dropout": 0.1},
+    "digits": {"name": "cnn", "channels": [8, 16], "pool_every": 1, "pool_to": 4, "dropout": 0.1},
+}
+# teacher overrides on digits: one CNN of the same layout as Fashion-MNIST's (the digits-kd teacher
+# is an ensemble of two, and representation terms read one network)
+TEACHER = {
+    "fashion_mnist": [],
+    "digits": [
+        "teacher.ensemble=1",
+        'teacher.model={"name": "cnn", "channels": [32, 64], "pool_every": 1, "pool_to": 4, "dropout": 0.3}',
+    ],
+}
+METRICS = ("accuracy", "ece", "nll", "agreement")
+KD = {"ce": {"weight": 0.5}, "forward_kl": {"weight": 0.5, "temperature": 2.0}}
+# signal -> loss terms. Layers of both CNNs: body.1 = first conv block (ReLU), body.4 = second conv
+# block (ReLU, before pooling), body.6 = the flattened penultimate features. Weights: FitNets 100
+# (RepDistiller's beta for its MSE hint), AT 1000 / 2 (the paper's beta = 1000, halved as in its code),
+# RKD 25 + 50 (the paper's), SP 3000 (the paper's gamma for CIFAR), CKA 10 (ours: 1 - CKA is in [0, 1]).
+SIGNALS = {
+    "FitNets": {"features": {"weight": 100.0, "student": "body.4", "teacher": "body.4", "projector": "conv1x1"}},
+    "AT": {"attention_transfer": {"weight": 500.0, "student": ["body.1", "body.4"], "teacher": ["body.1", "body.4"]}},
+    "RKD": {
+        "rkd_distance": {"weight": 25.0, "student": "body.6", "teacher": "body.6"},
+        "rkd_angle": {"weight": 50.0, "student": "body.6", "teacher": "body.6"},
+    },
+    "SP": {"sp": {"weight": 3000.0, "student": "body.4", "teacher": "body.4"}},
+    "CKA": {"cka": {"weight": 10.0, "student": "body.6", "teacher": "body.6"}},
+}  # fmt: skip
+
+
+def arms() -> dict[str, dict]:
+    out: dict[str, dict] = {"KD": KD}
+    for name, terms in SIGNALS.items():
+        out[f"CE + {name}"] = {"ce": {"weight": 1.0}, **terms}
+    for name, terms in SIGNALS.items():
+        out[f"KD + {name}"] = {**KD, **terms}
+    return out
+
+
+def pick_dataset(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "fashion_mnist" if find_files() is not None else "digits"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=["auto", "fashion_mnist", "digits"], default="auto")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--steps", type=int, default=1000, help="training steps of every student arm")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny step counts: checks the script, not the methods"
+    )
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and Markdown results")
+    p.add_argument(
+        "--runs", type=Path, default=Path("runs") / "benchmarks", help="root of the run directories"
+    )
+    args = p.parse_args(argv)
+
+    console = Console()
+    dataset = pick_dataset(args.dataset)
+    base = BASE_RECIPE[dataset]
+    steps = 20 if args.quick else args.steps
+    common = [
+        f"seeds={json.dumps(args.seeds)}",
+        f"output.root={args.runs}",
+        f"student={json.dumps(STUDENT[dataset])}",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        *TEACHER[dataset],
+    ]
+    if args.quick:
+        common += ["teacher.train.steps=30"]
+    console.print(
+        f"[bold]feature family[/bold] on {dataset} ({base}), seeds {args.seeds}, {steps} steps per arm"
+    )
+
+    t0 = time.perf_counter()
+    per_arm: dict[str, dict[int, dict[str, float]]] = {}
+    seconds: dict[str, float] = {}
+    teacher: dict[int, dict[str, float]] = {}
+    for i, (arm, loss) in enumerate(arms().items()):
+        overrides = [*common, f"name=feature-family-{dataset}", f"loss={json.dumps(loss)}"]
+        overrides.append(f"baseline.enabled={'true' if i == 0 else 'false'}")
+        cfg = ds.load_config(base, overrides)
+        console.rule(arm)
+        result = ds.run(cfg, console=console, progress=False)
+        if i == 0:
+            per_arm["CE"] = {s: r["metrics"] for s, r in result.arms["baseline"].items()}
+            seconds["CE"] = sum(r["seconds"] for r in result.arms["baseline"].values())
+            teacher = {s: t["metrics"] for s, t in result.teachers.items()}
+        per_arm[arm] = {s: r["metrics"] for s, r in result.arms["distilled"].items()}
+        seconds[arm] = sum(r["seconds"] for r in result.arms["distilled"].values())
+    total = time.perf_counter() - t0
+
+    ce_acc = {s: m["accuracy"] for s, m in per_arm["CE"].items()}
+    kd_acc = {s: m["accuracy"] for s, m in per_arm["KD"].items()}
+    rows = {"teacher": {k: mean_std([m[k] for m in teacher.values()]) for k in ("accuracy", "ece", "nll")}}
+    for arm, by_seed in per_arm.items():
+        stats = {k: mean_std([m[k] for m in by_seed.values() if k in m]) for k in METRICS}
+        acc = {s: m["accuracy"] for s, m in by_seed.items()}
+        if arm != "CE":
+            stats["delta_vs_ce"] = paired_difference(acc, ce_acc)
+        if arm.startswith("KD + "):
+            stats["delta_vs_kd"] = paired_difference(acc, kd_acc)
+        stats["train_seconds_per_seed"] = seconds[arm] / len(by_seed)
+        rows[arm] = stats
+    record = {
+        "benchmark": "feature_family",
+        "dataset": dataset,
+        "base_recipe": base,
+        "seeds": args.seeds,
+        "steps": steps,
+        "quick": args.quick,
+        "student": STUDENT[dataset],
+        "arms": arms(),
+        "results": rows,
+        "per_seed": {"teacher": teacher, **per_arm},
+        "seconds": total,
+        "command": "python benchmarks/feature_family.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    table = markdown(rows, len(args.seeds))
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"feature_family-{dataset}" + ("-quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str))
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    console.print(f"total {total:.0f}s; wrote {args.out / stem}.json and .md")
+    return 0
+
+
+def markdown(rows: dict, n_seeds: int) -> str:
+    lines = [
+        "| student trained with | accuracy % | Δ acc vs CE (paired) | better | Δ acc vs KD (paired) | better "
+        "| ECE % | NLL | agreement % | train s / seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, s in rows.items():
+        cells = []
+        for key in ("delta_vs_ce", "delta_vs_kd"):
+            d = s.get(key)
+            strictly = None if d is None else sum(v > 0 for v in d["per_seed"].values())
+            cells += ["-", "-"] if d is None else [fmt(d, signed=True), f"{strictly}/{n_seeds}"]
+        agree = fmt(s["agreement"], 1) if "agreement" in s else "-"
+        secs = f"{s['train_seconds_per_seed']:.0f}" if "train_seconds_per_seed" in s else "-"
+        lines.append(
+            f"| {arm} | {fmt(s['accuracy'])} | {' | '.join(cells)} | {fmt(s['ece'])} | {fmt(s['nll'], 3)} "
+            f"| {agree} | {secs} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
