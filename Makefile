@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean bench-setup
+.PHONY: setup demo test lint clean bench-setup encoders-setup
 
 # torch first (the local CPU wheel), then everything else under the constraints file,
 # so that no dependency can pull a CUDA build of torch.
@@ -28,9 +28,13 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
-# The benchmark-only extra (TRL, for benchmarks/trl_comparison.py), under the same constraints.
+# The benchmark-only extra (TRL, for benchmarks/trl_comparison.py) and the sentence encoders
+# (all-MiniLM-L6-v2, sentence-transformers), under the same constraints.
 bench-setup: setup
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,bench,encoders]"
+
+encoders-setup: setup
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,encoders]"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -19,6 +19,7 @@ import threading
 import traceback
 
 from rich.console import Console
+from rich.markup import escape
 
 from distillery.errors import DistilleryError
 
@@ -204,12 +205,12 @@ def _rank() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     ns = parser.parse_args(_flags_first(list(sys.argv[1:] if argv is None else argv)))
-    console = Console()
+    console = Console(emoji=False)  # ":-1:" in a signal name is not an emoji code
     if not console.is_terminal:  # logs and pipes: wide enough for the result table
-        console = Console(width=120)
+        console = Console(width=120, emoji=False)
     # never re-wrap paths in error messages; under DDP, user errors are printed by rank 0 only
-    err = Console(stderr=True, soft_wrap=True)
-    once = Console(stderr=True, soft_wrap=True, quiet=_rank() != 0 and not ns.debug)
+    err = Console(stderr=True, soft_wrap=True, emoji=False)
+    once = Console(stderr=True, soft_wrap=True, emoji=False, quiet=_rank() != 0 and not ns.debug)
     if ns.command is None:
         parser.print_help()
         return 2
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except DistilleryError as exc:
         if ns.debug:
             traceback.print_exc()
-        once.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+        once.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True, highlight=False)
         if exc.exit_code in (130, 143):
             once.print("resume with the same command and --resume")
         return exc.exit_code
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.debug:
             traceback.print_exc()
         err.print(
-            f"[bold red]error:[/bold red] {exc.strerror} while writing {exc.filename or 'a file'}; free some space, "
+            f"[bold red]error:[/bold red] {exc.strerror} while writing {escape(str(exc.filename or 'a file'))}; free some space, "
             "then continue with the same command and --resume (completed arms and checkpoints are kept)",
             markup=True,
             highlight=False,

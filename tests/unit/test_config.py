@@ -179,7 +179,7 @@ def test_overriding_the_teacher_source_starts_a_fresh_teacher_section():
 
 
 def test_unknown_task_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"task: unknown task 'vision'; valid: classification, lm"):
+    with pytest.raises(ConfigError, match=r"task: unknown task 'vision'; valid: classification, encoder, lm"):
         load_config("digits-kd", ["task=vision"])
     with pytest.raises(ConfigError, match=r"task: expected a task name, got \[1\]"):
         load_config("digits-kd", ["task=[1]"])

@@ -83,7 +83,7 @@ def evaluate_run(
     cfg = read_run_config(root)
     if data is not None:
         cfg = with_test_data(cfg, data)
-    console = console or Console()
+    console = console or Console(emoji=False)
     context = RunContext(accelerator=make_accelerator(), console=console, progress=False, run_dir=root)
     task = task_class(cfg.task)(cfg, context)
     result = RunResult(run_dir=root, config=cfg, task=task)

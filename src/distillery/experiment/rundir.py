@@ -297,7 +297,7 @@ def start_run(
     check_processes(cfg, acc.num_processes)
     progress_interval()  # a bad DISTILLERY_PROGRESS_EVERY fails now, not at the first progress line
     main = acc.is_main_process
-    console = console or Console(quiet=not main)
+    console = console or Console(quiet=not main, emoji=False)
     if not main:
         console.quiet = True
     # the loop draws a live bar on a terminal and plain lines elsewhere (logs, CI, SLURM)

@@ -42,7 +42,7 @@ from distillery.models import count_parameters
 from distillery.tasks import RunConfigBase, RunContext, Task, TeacherSpec, task_class
 from distillery.tasks.base import BASELINE
 from distillery.teachers import DamagedTeacherError, TeacherStore, teacher_key, training_code_version
-from distillery.train import fit
+from distillery.train import FitResult, fit
 from distillery.train.trackers import Trackers
 
 
@@ -285,24 +285,27 @@ def _run(
                     highlight=False,
                 )
             job = task.arm(arm, data, teacher, init_state, trained)
-            fitted = fit(
-                job.model,
-                job.train_set,
-                job.objective,
-                job.train,
-                teacher=job.teacher,
-                adapter=job.adapter,
-                seed=seed,
-                run_dir=arm_dir,
-                evaluate=job.evaluate,
-                resume=resume,
-                accelerator=acc,
-                progress=context.progress,
-                label=f"seed {seed} {arm}",
-                tensorboard=cfg.output.tensorboard,
-                trackers=trackers.scoped(f"seed-{seed}/{arm}"),
-                batch_transform=job.batch_transform,
-            )
+            if job.train is None:  # an arm evaluated as it was built (e.g. a layer-dropped encoder)
+                fitted = FitResult(model=job.model.to(acc.device), steps=0)
+            else:
+                fitted = fit(
+                    job.model,
+                    job.train_set,
+                    job.objective,
+                    job.train,
+                    teacher=job.teacher,
+                    adapter=job.adapter,
+                    seed=seed,
+                    run_dir=arm_dir,
+                    evaluate=job.evaluate,
+                    resume=resume,
+                    accelerator=acc,
+                    progress=context.progress,
+                    label=f"seed {seed} {arm}",
+                    tensorboard=cfg.output.tensorboard,
+                    trackers=trackers.scoped(f"seed-{seed}/{arm}"),
+                    batch_transform=job.batch_transform,
+                )
             student = job.export(fitted.model)
             # the test split, once, after training (evaluation during training saw the validation split)
             final = (

@@ -29,8 +29,7 @@ from torch import Tensor
 
 from distillery import functional as DF
 from distillery.losses.base import LossInputs, LossTerm, TermConfig
-
-TOKEN_MASK = "token_mask"  # feature name of the [B, L] mask of real (non-padding) tokens
+from distillery.models.features import TOKEN_MASK  # the [B, L] mask of real (non-padding) tokens
 
 Projector = Literal["auto", "none", "linear", "conv1x1", "mlp"]
 

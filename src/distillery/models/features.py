@@ -33,6 +33,8 @@ from distillery.capture import Capture, unwrap_model
 from distillery.errors import ConfigError
 from distillery.models.adapters import ClassifierAdapter, ModelOutput
 
+TOKEN_MASK = "token_mask"  # the feature holding the [B, L] mask of real tokens (see losses.representation)
+
 
 def _tensor_of(value: Any, path: str) -> Tensor:
     """The tensor a module returned (the first element of a tuple, as Hugging Face layers return)."""
@@ -190,4 +192,122 @@ def describe_projector(module: nn.Module) -> str:
     return f"{kind} {linears[0].in_features} -> {linears[-1].out_features} ({params:,} parameters)"
 
 
-__all__ = ["FeatureTap", "TapAdapter", "build_projector", "describe_projector", "signal_shapes"]
+class EncoderTap(nn.Module):
+    """A Hugging Face encoder plus its named signals (:class:`distillery.models.encoder.EncoderSignals`:
+    ``hidden:k``, ``attention:k``, ``q:k``, ``pooled``, ...) read on every forward pass, projected where
+    asked, and the ``[B, L]`` mask of real tokens as the feature ``token_mask``.
+
+    Args:
+        model: the encoder (``AutoModel``; BERT family).
+        signals: feature name -> signal name.
+        projectors: feature name -> module applied to that signal (student side).
+        pooling, normalize: how ``pooled`` is formed.
+        detach: record the signals without their graph (teachers).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        signals: Mapping[str, str],
+        projectors: Mapping[str, nn.Module] | None = None,
+        *,
+        pooling: str = "mean",
+        normalize: bool = False,
+        detach: bool = False,
+    ) -> None:
+        from distillery.models.encoder import EncoderSignals
+
+        super().__init__()
+        self.model = model
+        self.signals = dict(signals)
+        self.projectors = nn.ModuleDict({_slot(k): m for k, m in (projectors or {}).items()})
+        self.pooling, self.normalize, self.detach = pooling, normalize, detach
+        self._features: dict[str, Tensor] = {}
+        EncoderSignals(
+            model, sorted(set(self.signals.values())), pooling=pooling
+        ).remove()  # checks the names
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        from distillery.models.encoder import EncoderSignals
+
+        names = sorted(set(self.signals.values()))
+        with EncoderSignals(
+            self.model, names, detach=self.detach, pooling=self.pooling, normalize=self.normalize
+        ) as sig:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            read = sig.read()
+            tokens = sig.attention_mask
+        feats = {}
+        for name, signal in self.signals.items():
+            slot = _slot(name)
+            feats[name] = self.projectors[slot](read[signal]) if slot in self.projectors else read[signal]
+        feats[TOKEN_MASK] = tokens
+        self._features = feats
+        return out.last_hidden_state
+
+    def take_features(self) -> dict[str, Tensor]:
+        feats, self._features = self._features, {}
+        return feats
+
+
+class EncoderAdapter:
+    """Batches ``{"input_ids", "attention_mask", "index"}`` of unlabelled sentences: one row per sentence
+    (no target: -100), the signals of an :class:`EncoderTap` as features, no logits."""
+
+    input_key = "input_ids"
+    target_key = None
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return ("input_ids", "attention_mask")
+
+    def rows(self, batch) -> tuple[Tensor, Tensor]:
+        n = batch["input_ids"].shape[0]
+        device = batch["input_ids"].device
+        return torch.full((n,), -100, dtype=torch.long, device=device), torch.ones(
+            n, dtype=torch.bool, device=device
+        )
+
+    def batch_size(self, batch) -> int:
+        return int(batch["input_ids"].shape[0])
+
+    def forward(self, model: nn.Module, batch) -> ModelOutput:
+        model(batch["input_ids"], batch.get("attention_mask"))
+        tap = unwrap_model(model)
+        feats = tap.take_features() if isinstance(tap, EncoderTap) else {}
+        return ModelOutput(logits=None, features=feats)
+
+
+def token_projector(
+    kind: str, student: tuple[int, ...], teacher: tuple[int, ...], what: str
+) -> nn.Module | None:
+    """A projector of the last (width) dim, for encoder signals ``[B, H]`` or ``[B, L, H]`` whose other
+    dims already agree; None when the shapes match (``auto``/``none``)."""
+    if student == teacher and kind in ("auto", "none"):
+        return None
+    if student[:-1] != teacher[:-1] or kind == "none" or kind == "conv1x1":
+        raise ConfigError(
+            f"{what}: the student signal has shape {list(student)} and the teacher's {list(teacher)}; "
+            + (
+                "a projector maps the width (last dim) only: choose signals of the same kind"
+                if student[:-1] != teacher[:-1]
+                else "set projector: auto (or linear / mlp)"
+            )
+        )
+    s, t = student[-1], teacher[-1]
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(s, max(s, t)), nn.ReLU(), nn.Linear(max(s, t), t))
+    return nn.Linear(s, t)
+
+
+__all__ = [
+    "TOKEN_MASK",
+    "EncoderAdapter",
+    "EncoderTap",
+    "FeatureTap",
+    "TapAdapter",
+    "build_projector",
+    "describe_projector",
+    "signal_shapes",
+    "token_projector",
+]

@@ -20,11 +20,13 @@ from distillery.tasks.base import (
     TeacherSpec,
 )
 from distillery.tasks.classification import ClassificationTask
+from distillery.tasks.encoder import EncoderTask
 from distillery.tasks.lm import LMTask
 
 # task name (the `task:` key of a config) -> task class
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
+    "encoder": EncoderTask,
     "lm": LMTask,
 }
 DEFAULT_TASK = "classification"

@@ -260,7 +260,7 @@ class ArmJob:
     model: nn.Module
     train_set: Any
     objective: Objective
-    train: TrainConfig
+    train: TrainConfig | None  # None: the arm is evaluated as built, without training
     teacher: Any = None
     adapter: Any = None
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None

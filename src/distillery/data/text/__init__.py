@@ -12,6 +12,8 @@
   (chat templates, prompt masking, validation/test rows carved from the training rows).
 - :mod:`~distillery.data.text.stream`: plain text streamed and packed on the fly.
 - :mod:`~distillery.data.text.verifiers`: exact-match, regular-expression and user-function verifiers.
+- :mod:`~distillery.data.text.wordnet`: WordNet 3.0 synsets (words, definitions, usage examples, the 45
+  lexicographer files as labels) and its sentences as unlabelled text, from local files.
 
 ``transformers`` and ``tokenizers`` are imported only when a tokenizer is built or loaded.
 """
@@ -56,6 +58,7 @@ from distillery.data.text.verifiers import (
     VerifierConfig,
     build_verifier,
 )
+from distillery.data.text.wordnet import Synset, find_wordnet, load_synsets, wordnet_sentences
 
 __all__ = [
     "AUSTEN_SHA256",
@@ -71,6 +74,7 @@ __all__ = [
     "PromptResponse",
     "RegexVerifier",
     "StreamedBlocks",
+    "Synset",
     "TextSplits",
     "TextStream",
     "TokenDataset",
@@ -86,9 +90,11 @@ __all__ = [
     "conversation",
     "encode_examples",
     "encode_pair",
+    "find_wordnet",
     "lm_datasets",
     "load_austen",
     "load_jsonl",
+    "load_synsets",
     "load_tokenizer",
     "pack_documents",
     "pack_tokens",
@@ -103,5 +109,6 @@ __all__ = [
     "tokenizer_cache_root",
     "train_tokenizer",
     "verify",
+    "wordnet_sentences",
     "write_jsonl",
 ]
