@@ -145,7 +145,7 @@ def test_an_interrupted_encoder_run_resumes_with_the_finished_arms(env):
             },
             None,  # same heads (4 vs 2 differ): an error naming both shapes
         ),
-        ({"student": {"init_from_teacher_layers": [0, 7]}}, "layers"),
+        ({"student": {"init_from_teacher_layers": [0, 7]}}, "the teacher has 4 layers"),
         ({"teacher": {"model": "/no/such/encoder"}}, "/no/such/encoder"),
     ],
 )

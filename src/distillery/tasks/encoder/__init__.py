@@ -41,6 +41,9 @@ from distillery.tasks.encoder.data import EncoderSeedData, build_sets, seed_data
 from distillery.teachers import FrozenTeacher
 
 PROJECTOR_SEED = 4099
+# (teacher source, pooling, normalize, max_length, hash of the sentences) -> embeddings: a pretrained
+# teacher is never trained, so a process that runs several configs (a benchmark) encodes each set once
+_TEACHER_EMBEDDINGS: dict[tuple, torch.Tensor] = {}
 
 
 class EncoderTask(BaseTask):
@@ -70,14 +73,19 @@ class EncoderTask(BaseTask):
 
     def _new_student(self) -> nn.Module:
         s = self.cfg.student
-        return student_from_teacher(
-            self.teacher_model,
-            layers=s.init_from_teacher_layers,
-            num_layers=s.num_layers,
-            hidden_size=s.hidden_size,
-            num_attention_heads=s.num_attention_heads,
-            intermediate_size=s.intermediate_size,
-        )
+        try:
+            return student_from_teacher(
+                self.teacher_model,
+                layers=s.init_from_teacher_layers,
+                num_layers=s.num_layers,
+                hidden_size=s.hidden_size,
+                num_attention_heads=s.num_attention_heads,
+                intermediate_size=s.intermediate_size,
+            )
+        except ConfigError as exc:
+            raise ConfigError(
+                f"student (init_from_teacher_layers={s.init_from_teacher_layers}): {exc}"
+            ) from None
 
     def _check_student_and_signals(self) -> None:
         student = self._new_student()
@@ -225,7 +233,14 @@ class EncoderTask(BaseTask):
 
     def _encode(self, model: nn.Module, sentences: list[str]) -> torch.Tensor:
         t = self.cfg.teacher
-        return encode(
+        key = None
+        if (
+            model is self.teacher_model
+        ):  # the frozen teacher's embeddings, reused by later runs of this process
+            key = (self.source, t.pooling, t.normalize, self.cfg.data.max_length, hash(tuple(sentences)))
+            if key in _TEACHER_EMBEDDINGS:
+                return _TEACHER_EMBEDDINGS[key]
+        out = encode(
             model,
             self.tokenizer,
             sentences,
@@ -234,6 +249,9 @@ class EncoderTask(BaseTask):
             pooling=t.pooling,
             normalize=t.normalize,
         )
+        if key is not None:
+            _TEACHER_EMBEDDINGS[key] = out
+        return out
 
     def _teacher_pairs(self, data: EncoderSeedData, key: str, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         if key not in data.cache:
