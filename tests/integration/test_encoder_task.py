@@ -205,3 +205,28 @@ def test_the_real_teacher_resolves_and_a_short_run_keeps_most_of_its_retrieval(t
     assert teacher["params"] == 22_713_216  # all-MiniLM-L6-v2 as AutoModel loads it
     assert teacher["mrr"]["mean"] > 30  # a real, trained encoder: far above chance (~5% over 100 synsets)
     assert student["mrr"]["mean"] > 0.5 * teacher["mrr"]["mean"]  # half the layers keep much of it
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "txt"])
+def test_an_encoder_learns_from_the_users_sentence_files(env, fmt):
+    tmp_path, teacher = env
+    rng = random.Random(1)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(120)]
+    path = tmp_path / f"sentences.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"sentence": s}) + "\n" for s in sentences))
+    elif fmt == "csv":
+        path.write_text("sentence\n" + "".join(s + "\n" for s in sentences))
+    else:
+        path.write_text("".join(s + "\n" for s in sentences))
+    field = "text" if fmt == "txt" else "sentence"
+    data = {"name": "files", "train": {"path": str(path)}, "text_field": field, "held_out": 30,
+            "fidelity_pairs": 20, "validation_pairs": 5, "max_length": 16}  # fmt: skip
+    out = tmp_path / "run"
+    assert (
+        main(["run", str(_config(tmp_path, teacher, data=data)), f"output.dir={out}", "--no-progress"]) == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert "fidelity" in summary["models"]["distilled"] and "mrr" not in summary["models"]["distilled"]
+    assert summary["models"]["distilled"]["fidelity"]["n"] == 1

@@ -94,14 +94,16 @@ def summarize(result) -> dict[str, Any]:
                 paired_by_arm[arm][m.key] = stats
     trained = [a for a in task.arms() if a != BASELINE and a in paired_by_arm]
     main_arm = trained[-1] if trained else None
-    headline = task.metrics[0].key
+    # the first of the task's metrics that the arms report (an encoder run on plain text has no MRR)
+    reported = [r["metrics"] for by_seed in result.arms.values() for r in by_seed.values()]
+    headline = next((m.key for m in task.metrics if any(m.key in r for r in reported)), task.metrics[0].key)
     per_seed = []
     for seed in cfg.seeds:
         row: dict[str, Any] = {"seed": seed}
-        if seed in result.teachers:
+        if seed in result.teachers and headline in result.teachers[seed]["metrics"]:
             row[TEACHER] = result.teachers[seed]["metrics"][headline]
         for arm, by_seed in result.arms.items():
-            if seed in by_seed:
+            if seed in by_seed and headline in by_seed[seed]["metrics"]:
                 row[arm] = by_seed[seed]["metrics"][headline]
         per_seed.append(row)
     config = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else {}  # any config-like object
@@ -148,9 +150,14 @@ def table(task, summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _metric(task, key: str | None):
+    """The task's metric named ``key`` (the first one if there is none of that name)."""
+    return next((m for m in task.metrics if m.key == key), task.metrics[0])
+
+
 def paired_lines(task, summary: dict[str, Any]) -> list[str]:
     """One sentence per compared arm: its paired difference to the baseline on the headline metric."""
-    headline = task.metrics[0]
+    headline = _metric(task, summary.get("headline"))
     baseline = summary["models"].get(BASELINE, {}).get("label", "baseline")
     unit = " points" if headline.unit == "%" else ""
     lines = []
@@ -197,23 +204,32 @@ def write_report(result) -> None:
     """``summary.json``, ``report.md`` and ``learning_curves.png`` in the run directory."""
     cfg, task, s, run_dir = result.config, result.task, result.summary, result.run_dir
     write_atomic(run_dir / "summary.json", json.dumps(s, indent=2))
-    headline = task.metrics[0]
     curves = {
         s["models"][arm]["label"]: [r.get("history", []) for r in by_seed.values()]
         for arm, by_seed in result.arms.items()
         if by_seed
     }
-    has_curves = any(headline.key in rec for runs in curves.values() for run in runs for rec in run)
+    # the curves of the first task metric evaluated during training (the headline, when it is)
+    in_history = [
+        m
+        for m in task.metrics
+        if any(m.key in rec for runs in curves.values() for run in runs for rec in run)
+    ]
+    headline = _metric(task, s.get("headline"))
+    curve = in_history[0] if in_history else headline
+    has_curves = bool(in_history)
     if has_curves:
         ref = (
-            {"teacher (test)": s["models"][TEACHER][headline.key]["mean"]} if TEACHER in s["models"] else None
+            {"teacher (test)": s["models"][TEACHER][curve.key]["mean"]}
+            if TEACHER in s["models"] and curve.key in s["models"][TEACHER]
+            else None
         )
         learning_curves(
             curves,
             run_dir / "learning_curves.png",
-            metric=headline.key,
+            metric=curve.key,
             reference=ref,
-            title=f"{cfg.name}: validation {headline.key} during training",
+            title=f"{cfg.name}: validation {curve.key} during training",
         )
     lines = [f"# {cfg.name}", ""]
     if cfg.description:
@@ -243,7 +259,7 @@ def write_report(result) -> None:
             "",
             "## Learning curves",
             "",
-            f"![validation {headline.key} during training](learning_curves.png)",
+            f"![validation {curve.key} during training](learning_curves.png)",
             "",
             "Evaluated on the validation split carved from the training data; the tables above are the test "
             "split, evaluated once after training.",

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from distillery.configbase import StrictModel
+from distillery.data.tables import TableSource
 from distillery.losses import LOSSES, LossTermConfig, SignalTermConfig
 from distillery.models.encoder import parse_signal
 from distillery.tasks.base import DistillationConfigBase, EvalConfig
@@ -21,11 +22,24 @@ class EncoderDataConfig(StrictModel):
     its own example sentence among all of theirs), ``probe_train`` + ``probe_test`` give the linear
     probe (a definition's lexicographer category, 45 classes), and ``fidelity_pairs`` pairs of their
     sentences give the fidelity. ``austen``: sentences of the built-in novels (fidelity only).
+    ``files``: the user's sentences (``train``, ``text_field``): ``held_out`` of them (fixed by
+    ``split_seed``) give the fidelity pairs, the rest is the training pool (fidelity only).
     """
 
-    name: Literal["wordnet", "austen"] = Field(
+    name: Literal["wordnet", "austen", "files"] = Field(
         "wordnet",
-        description="wordnet: glosses and examples (needs wordnet-base); austen: the built-in novels",
+        description="wordnet: glosses and examples (needs wordnet-base); austen: the built-in novels; files: the "
+        "user's sentences (data.train, data.text_field)",
+    )
+    train: TableSource | None = Field(
+        None,
+        description="files: the sentences (JSONL, CSV, Parquet, text, a save_to_disk folder or a hub id)",
+    )
+    text_field: str = Field("text", min_length=1, description="files: the field holding a sentence")
+    held_out: int = Field(
+        1000,
+        ge=4,
+        description="files: sentences held out from training (fixed by split_seed): the fidelity pairs",
     )
     root: str | None = Field(
         None, description="wordnet: the folder holding data.noun (null: the usual places)"
@@ -48,6 +62,18 @@ class EncoderDataConfig(StrictModel):
     )
     max_length: int = Field(64, ge=4, description="tokens kept per sentence")
     split_seed: int = Field(0, description="seed of the held-out synsets and pairs (fixed over run seeds)")
+
+    @model_validator(mode="after")
+    def _files(self) -> EncoderDataConfig:
+        if self.name == "files" and self.train is None:
+            raise ValueError(
+                "data.name=files needs data.train: the file (or folder, or hub id) of your sentences"
+            )
+        if self.name != "files" and self.train is not None:
+            raise ValueError(
+                f"conflicting fields: data.train is for data.name=files, but data.name={self.name}; set data.name=files"
+            )
+        return self
 
 
 class EncoderTeacherConfig(StrictModel):

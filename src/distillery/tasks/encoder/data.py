@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distillery.data.tables import load_table
 from distillery.data.text import load_synsets, split_austen
+from distillery.data.text.user import column, documents
 from distillery.errors import ConfigError
 from distillery.tasks.encoder.config import EncoderDataConfig
 
@@ -68,6 +70,23 @@ def austen_sentences(text: str) -> list[str]:
 def build_sets(cfg: EncoderDataConfig) -> tuple[list[str], HeldOut]:
     """``(training pool, held-out sets)`` of ``cfg`` (deterministic in ``split_seed``)."""
     rng = random.Random(cfg.split_seed)
+    if cfg.name == "files":
+        field = cfg.text_field
+        table = load_table(cfg.train, "data.train", [field], text=[field])
+        sentences = list(
+            dict.fromkeys(t.strip() for t in documents(column(table, field), "data.train", field))
+        )
+        if len(sentences) < cfg.held_out + 8:
+            raise ConfigError(
+                f"data.train: {len(sentences)} distinct sentences, but data.held_out={cfg.held_out} are held out and "
+                "training needs at least 8 more; give more sentences or lower data.held_out"
+            )
+        order = list(range(len(sentences)))
+        rng.shuffle(order)
+        held = [sentences[i] for i in order[: cfg.held_out]]
+        pool = [sentences[i] for i in order[cfg.held_out :]]
+        note = "retrieval and the linear probe need WordNet (data.name=wordnet): not measured on your files"
+        return pool, HeldOut(pairs=_pairs(held, cfg.fidelity_pairs, rng), note=note)
     if cfg.name == "austen":
         splits = split_austen()
         pool = list(dict.fromkeys(s for doc in splits.train for s in austen_sentences(doc)))
