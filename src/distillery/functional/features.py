@@ -61,29 +61,10 @@ def hint_loss(
         >>> hint_loss(s, t, mask=torch.tensor([True, False]), reduction="none")
         tensor([2., 0.])
     """
-    check_reduction(reduction)
-    if student_features.shape != teacher_features.shape:
-        raise ValueError(
-            f"student features {tuple(student_features.shape)} and teacher features "
-            f"{tuple(teacher_features.shape)} must have the same shape; project the student's features "
-            "to the teacher's width first"
-        )
-    if student_features.dim() < 1 or student_features.shape[-1] == 0:
-        raise ValueError(f"features need a non-empty last (feature) dim; got {tuple(student_features.shape)}")
-    lead = student_features.shape[:-1]
-    dtype = compute_dtype(student_features)
-    s = student_features.reshape(-1, student_features.shape[-1]).to(dtype)  # (N, F)
-    t = teacher_features.reshape(-1, teacher_features.shape[-1]).to(dtype)  # (N, F)
-    index = None
-    if mask is not None:
-        if mask.shape != lead:
-            raise ValueError(
-                f"mask has shape {tuple(mask.shape)}; expected the features' leading shape {tuple(lead)}"
-            )
-        index = mask.reshape(-1).to(bool).nonzero().squeeze(-1)
-        s, t = s.index_select(0, index), t.index_select(0, index)
-    per_row = (s - t).square().mean(-1)  # (N,)
-    return reduce_rows(per_row, index, lead, reduction, num_valid)
+    # the "mse" distance of feature_distance: the same checks, rows and reductions
+    return feature_distance(
+        student_features, teacher_features, kind="mse", mask=mask, reduction=reduction, num_valid=num_valid
+    )
 
 
 def feature_distance(
