@@ -122,7 +122,8 @@ def _cmd_recipes(console: Console) -> int:
     table.add_column("what it does")
     table.add_column("time")
     for r in list_recipes():
-        table.add_row(r.name + (" (default)" if r.name == DEFAULT_RECIPE else ""), r.description, r.duration)
+        name = r.name + (" (default)" if r.name == DEFAULT_RECIPE else "")
+        table.add_row(escape(name), escape(r.description), escape(r.duration))  # ".[encoders]" is not markup
     console.print(table)
     return 0
 
@@ -150,11 +151,12 @@ def _cmd_losses(ns: argparse.Namespace, console: Console) -> int:
         cfg, module = LOSSES[name]
         doc = (cfg.__doc__ or module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
         params = [
-            f"{key} = {field.default!r}" + (f": {field.description}" if field.description else "")
+            f"{key} = {'(required)' if field.is_required() else repr(field.default)}"
+            + (f": {field.description}" if field.description else "")
             for key, field in cfg.model_fields.items()
             if key != "name" and (key not in shared or ns.name is not None)
         ]
-        table.add_row(name, doc, "\n".join(params))
+        table.add_row(escape(name), escape(doc), escape("\n".join(params)))
     console.print(table)
     if ns.name is None:
         console.print(
