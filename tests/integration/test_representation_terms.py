@@ -257,3 +257,24 @@ def test_token_terms_pass_the_token_mask_and_relation_heads():
         feats = {f"{name}.0": s, "token_mask": tokens}
         inputs = LossInputs(None, torch.zeros(b, dtype=torch.long), rows, None, feats, {f"{name}.0": t})
         assert objective(inputs)[name].item() == pytest.approx(want.item(), rel=1e-6), name
+
+
+def test_hidden_states_of_hugging_face_layers_are_read_by_path_and_projected_token_by_token():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bert(hidden, layers):
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=2 * hidden, num_labels=3)  # fmt: skip
+        return BertForSequenceClassification(config)
+
+    student, teacher = bert(8, 1), bert(16, 2)
+    ids = torch.randint(0, 40, (3, 5))
+    s = signal_shapes(student, ["bert.encoder.layer.0"], ids)["bert.encoder.layer.0"]
+    t = signal_shapes(teacher, ["bert.encoder.layer.1"], ids)["bert.encoder.layer.1"]
+    assert s == (3, 5, 8) and t == (3, 5, 16)  # a layer's tuple output: its hidden states
+    proj = build_projector("auto", s, t, "loss.features")
+    assert isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) == (8, 16)
+    tap = FeatureTap(student, {"features.0": "bert.encoder.layer.0"}, {"features.0": proj})
+    tap(ids)
+    assert tap.take_features()["features.0"].shape == (3, 5, 16)

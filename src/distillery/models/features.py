@@ -13,7 +13,8 @@ training starts, so the optimizer sees their parameters from the first step:
 ==========  =========================================================================
 kind        maps the student's ``[B, ...]`` signal to the teacher's shape
 ==========  =========================================================================
-linear      ``[B, F_s] -> [B, F_t]`` (any other shape is flattened per sample first)
+linear      ``[B, F_s] -> [B, F_t]``; token states ``[B, L, H_s] -> [B, L, H_t]`` position by position; other
+            shapes are flattened per sample first
 conv1x1     ``[B, C_s, H, W] -> [B, C_t, H, W]`` (a 1x1 convolution, FitNets' regressor)
 mlp         ``Linear -> ReLU -> Linear`` on flattened samples, hidden width ``max(F_s, F_t)``
 auto        none when the shapes already match, else conv1x1 for maps of the same H x W, else linear
@@ -160,6 +161,7 @@ def build_projector(
         )
     if kind == "auto":
         kind = "conv1x1" if len(s) == 3 and len(t) == 3 and s[1:] == t[1:] else "linear"
+    # (for [B, L, H] token states of the same length, linear and mlp map the width token by token)
     if kind == "conv1x1":
         if not (len(s) == 3 and len(t) == 3 and s[1:] == t[1:]):
             raise ConfigError(
@@ -167,6 +169,9 @@ def build_projector(
                 f"shape {list(student)} and the teacher's {list(teacher)}; use linear, or layers of the same size"
             )
         return nn.Conv2d(s[0], t[0], kernel_size=1, bias=False)
+    if len(s) == 2 and len(t) == 2 and s[0] == t[0] and kind in ("linear", "mlp"):
+        # token states [B, L, H_s] -> [B, L, H_t]: one map of the width, shared by the positions (TinyBERT's W_h)
+        return token_projector(kind, tuple(student), tuple(teacher), what)
     f_s, f_t = math.prod(s), math.prod(t)
     if kind == "linear":
         layers: list[nn.Module] = [nn.Linear(f_s, f_t)]
