@@ -83,13 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=["auto", "fashion_mnist", "digits"], default="auto")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--steps", type=int, default=1000, help="training steps of every student arm")
+    p.add_argument("--steps", type=int, default=600, help="training steps of every student arm")
     p.add_argument(
         "--quick", action="store_true", help="tiny step counts: checks the script, not the methods"
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and Markdown results")
     p.add_argument(
         "--runs", type=Path, default=Path("runs") / "benchmarks", help="root of the run directories"
+    )
+    p.add_argument(
+        "--from-runs",
+        action="store_true",
+        help="build the table from the finished runs under --runs (an interrupted benchmark's completed arms)",
     )
     args = p.parse_args(argv)
 
@@ -112,28 +117,32 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     t0 = time.perf_counter()
-    per_arm: dict[str, dict[int, dict[str, float]]] = {}
-    seconds: dict[str, float] = {}
-    teacher: dict[int, dict[str, float]] = {}
-    for i, (arm, loss) in enumerate(arms().items()):
-        overrides = [*common, f"name=feature-family-{dataset}", f"loss={json.dumps(loss)}"]
-        overrides.append(f"baseline.enabled={'true' if i == 0 else 'false'}")
-        cfg = ds.load_config(base, overrides)
-        console.rule(arm)
-        result = ds.run(cfg, console=console, progress=False)
-        if i == 0:
-            per_arm["CE"] = {s: r["metrics"] for s, r in result.arms["baseline"].items()}
-            seconds["CE"] = sum(r["seconds"] for r in result.arms["baseline"].values())
-            teacher = {s: t["metrics"] for s, t in result.teachers.items()}
-        per_arm[arm] = {s: r["metrics"] for s, r in result.arms["distilled"].items()}
-        seconds[arm] = sum(r["seconds"] for r in result.arms["distilled"].values())
-    total = time.perf_counter() - t0
+    if args.from_runs:
+        per_arm, seconds, teacher = collect(args.runs / f"feature-family-{dataset}", base, common)
+    else:
+        per_arm, seconds, teacher = {}, {}, {}
+        for i, (arm, loss) in enumerate(arms().items()):
+            overrides = [*common, f"name=feature-family-{dataset}", f"loss={json.dumps(loss)}"]
+            overrides.append(f"baseline.enabled={'true' if i == 0 else 'false'}")
+            cfg = ds.load_config(base, overrides)
+            console.rule(arm)
+            result = ds.run(cfg, console=console, progress=False)
+            if i == 0:
+                per_arm["CE"] = {s: r["metrics"] for s, r in result.arms["baseline"].items()}
+                seconds["CE"] = sum(r["seconds"] for r in result.arms["baseline"].values())
+                teacher = {s: t["metrics"] for s, t in result.teachers.items()}
+            per_arm[arm] = {s: r["metrics"] for s, r in result.arms["distilled"].items()}
+            seconds[arm] = sum(r["seconds"] for r in result.arms["distilled"].values())
+    total = time.perf_counter() - t0 if not args.from_runs else sum(seconds.values())
+    missing = [arm for arm in arms() if arm not in per_arm]
 
     ce_acc = {s: m["accuracy"] for s, m in per_arm["CE"].items()}
     kd_acc = {s: m["accuracy"] for s, m in per_arm["KD"].items()}
     rows = {"teacher": {k: mean_std([m[k] for m in teacher.values()]) for k in ("accuracy", "ece", "nll")}}
     for arm, by_seed in per_arm.items():
         stats = {k: mean_std([m[k] for m in by_seed.values() if k in m]) for k in METRICS}
+        if arm.startswith("KD + ") and "KD" not in per_arm:
+            continue
         acc = {s: m["accuracy"] for s, m in by_seed.items()}
         if arm != "CE":
             stats["delta_vs_ce"] = paired_difference(acc, ce_acc)
@@ -152,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         "arms": arms(),
         "results": rows,
         "per_seed": {"teacher": teacher, **per_arm},
+        "arms_not_run": missing,
         "seconds": total,
+        "seconds_note": "sum of the arms' training times" if args.from_runs else "wall time of the script",
         "command": "python benchmarks/feature_family.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     table = markdown(rows, len(args.seeds))
@@ -163,6 +174,42 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.md").write_text(table + "\n")
     console.print(f"total {total:.0f}s; wrote {args.out / stem}.json and .md")
     return 0
+
+
+def collect(folder: Path, base: str, common: list[str]):
+    """Per-arm metrics of the finished runs in ``folder`` (``summary.json`` written), matched to the arms
+    by their resolved ``loss`` section; the newest run of an arm counts."""
+    import yaml
+
+    wanted = {}
+    for arm, loss in arms().items():
+        cfg = ds.load_config(base, [*common, f"loss={json.dumps(loss)}"])
+        wanted[arm] = cfg.model_dump(mode="json")["loss"]
+    per_arm: dict[str, dict[int, dict[str, float]]] = {}
+    seconds: dict[str, float] = {}
+    teacher: dict[int, dict[str, float]] = {}
+    for run in sorted(folder.iterdir()):
+        if not (run / "summary.json").is_file():
+            continue
+        loss = yaml.safe_load((run / "config.yaml").read_text())["loss"]
+        arm = next((a for a, w in wanted.items() if w == loss), None)
+        if arm is None:
+            continue
+        seeds = sorted(run.glob("seed-*"))
+        records = {int(d.name[5:]): json.loads((d / "distilled" / "result.json").read_text()) for d in seeds}
+        per_arm[arm] = {s: r["metrics"] for s, r in records.items()}
+        seconds[arm] = sum(r["seconds"] for r in records.values())
+        if all((d / "baseline" / "result.json").is_file() for d in seeds):
+            base_records = {
+                int(d.name[5:]): json.loads((d / "baseline" / "result.json").read_text()) for d in seeds
+            }
+            per_arm["CE"] = {s: r["metrics"] for s, r in base_records.items()}
+            seconds["CE"] = sum(r["seconds"] for r in base_records.values())
+            teacher = {
+                int(d.name[5:]): json.loads((d / "teacher.json").read_text())["metrics"] for d in seeds
+            }
+    order = ["CE", *arms()]
+    return {a: per_arm[a] for a in order if a in per_arm}, seconds, teacher
 
 
 def markdown(rows: dict, n_seeds: int) -> str:
