@@ -118,6 +118,7 @@ def test_every_shipped_recipe_validates():
     assert {r.name for r in recipes} >= {"digits-kd", "fashion-mnist-kd"}
     for r in recipes:
         assert r.description and r.duration, f"{r.path} must open with two comment lines"
+        assert "TIME" not in r.duration, f"{r.path}: its header needs the measured time"
         cfg = validate_config(read_recipe(r.path), source=str(r.path))
         assert cfg.name == r.name, f"{r.path}: name must match the file name"
         assert resolve_recipe(r.name) == r.path
