@@ -278,3 +278,9 @@ def test_hidden_states_of_hugging_face_layers_are_read_by_path_and_projected_tok
     tap = FeatureTap(student, {"features.0": "bert.encoder.layer.0"}, {"features.0": proj})
     tap(ids)
     assert tap.take_features()["features.0"].shape == (3, 5, 16)
+
+
+def test_a_language_model_run_refuses_representation_terms(tmp_path, capsys):
+    assert main(["run", "lm-kd", "loss.sp={student: a, teacher: b}", f"output.dir={tmp_path / 'r'}"]) == 2
+    assert "loss.sp (sp) is a representation term" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -186,8 +186,26 @@ def _every_term():
     }
 
 
-def test_every_registered_term_supports_row_weights():
-    assert all(cls.supports_row_weight for _, cls in LOSSES.values())
+def test_every_registered_term_over_logits_or_hints_supports_row_weights():
+    from distillery.losses.representation import REPRESENTATION_LOSSES
+
+    assert all(
+        cls.supports_row_weight for name, (_, cls) in LOSSES.items() if name not in REPRESENTATION_LOSSES
+    )
+
+
+def test_a_representation_term_given_row_weights_is_refused_not_ignored():
+    from distillery.losses import build_objective
+    from distillery.losses.representation import FeaturesConfig
+
+    objective = build_objective({"features": FeaturesConfig(student="a", teacher="b")})
+    feats = {"features.0": torch.zeros(2, 3)}
+    inputs = LossInputs(
+        None, torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.bool), None, feats, feats
+    )
+    inputs.row_weight = torch.ones(2)
+    with pytest.raises(ValueError, match="cannot weight their rows"):
+        objective(inputs)
 
 
 @pytest.mark.parametrize("name", sorted(_every_term()))

@@ -11,7 +11,7 @@ from distillery.data.tables import TableSource
 from distillery.data.text.arithmetic import ArithmeticConfig
 from distillery.data.text.tokenizer import BYTE_VOCAB_SIZE, TokenizerConfig
 from distillery.data.text.verifiers import VerifierConfig, verifier_shorthand
-from distillery.losses import LOSSES
+from distillery.losses import LOSSES, SignalTermConfig
 from distillery.models.causal_lm import CausalLMConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig
 from distillery.train.config import TrainConfig
@@ -283,6 +283,13 @@ class LMRunConfig(DistillationConfigBase):
             raise ValueError(
                 f"conflicting fields: loss.{users[0]} needs a teacher, but `teacher` is not set; add a teacher "
                 "section (a teacher to train first: see configs/lm-teacher.yaml) or train with `ce` only"
+            )
+        signals = [label for label, term in self.loss.items() if isinstance(term, SignalTermConfig)]
+        if signals:
+            raise ValueError(
+                f"loss.{signals[0]} ({self.loss[signals[0]].name}) is a representation term, read from the layers of "
+                "a classifier (task: classification) or an encoder (task: encoder); language-model runs distil over "
+                "token logits (ce, forward_kl, reverse_kl, jsd, ...)"
             )
         hints = [label for label, term in self.loss.items() if term.name == "hint"]
         if hints:
