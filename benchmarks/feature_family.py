@@ -13,6 +13,7 @@ CE student per seed; `better` counts seeds where the arm is strictly better.
     python benchmarks/feature_family.py                    # Fashion-MNIST if installed, else digits
     python benchmarks/feature_family.py --steps 600 --seeds 0 1 2 3 4
     python benchmarks/feature_family.py --quick            # a smoke test of the script (a minute)
+    python benchmarks/feature_family.py --resume           # run only the arms the saved JSON lacks
 
 Writes ``benchmarks/results/feature_family-<dataset>.json`` (every number) and ``.md`` (the table).
 """
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="build the table from the finished runs under --runs (an interrupted benchmark's completed arms)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the arms already in the saved JSON (same dataset, seeds, steps, student) and run the others",
+    )
     args = p.parse_args(argv)
 
     console = Console()
@@ -120,24 +126,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_runs:
         per_arm, seconds, teacher = collect(args.runs / f"feature-family-{dataset}", base, common)
     else:
-        per_arm, seconds, teacher = {}, {}, {}
-        for i, (arm, loss) in enumerate(arms().items()):
+        per_arm, seconds, teacher, earlier = {}, {}, {}, 0.0
+        if args.resume:
+            per_arm, seconds, teacher, earlier = resume(args, dataset, steps)
+            todo = [a for a in arms() if a not in per_arm]
+            console.print(f"resuming: {len(per_arm)} arms kept; to run: {todo or 'none'}")
+        for arm, loss in arms().items():
+            if arm in per_arm:
+                continue
             overrides = [*common, f"name=feature-family-{dataset}", f"loss={json.dumps(loss)}"]
-            overrides.append(f"baseline.enabled={'true' if i == 0 else 'false'}")
+            overrides.append(f"baseline.enabled={'false' if 'CE' in per_arm else 'true'}")
             cfg = ds.load_config(base, overrides)
             console.rule(arm)
             result = ds.run(cfg, console=console, progress=False)
-            if i == 0:
+            if "CE" not in per_arm:
                 per_arm["CE"] = {s: r["metrics"] for s, r in result.arms["baseline"].items()}
                 seconds["CE"] = sum(r["seconds"] for r in result.arms["baseline"].values())
                 teacher = {s: t["metrics"] for s, t in result.teachers.items()}
             per_arm[arm] = {s: r["metrics"] for s, r in result.arms["distilled"].items()}
             seconds[arm] = sum(r["seconds"] for r in result.arms["distilled"].values())
-    total = time.perf_counter() - t0 if not args.from_runs else sum(seconds.values())
-    missing = [arm for arm in arms() if arm not in per_arm]
+            write(args, argv, console, dataset, base, steps, per_arm, seconds, teacher,
+                  earlier + time.perf_counter() - t0)  # fmt: skip
+    total = earlier + time.perf_counter() - t0 if not args.from_runs else sum(seconds.values())
+    write(args, argv, console, dataset, base, steps, per_arm, seconds, teacher, total)
+    return 0
 
+
+def write(args, argv, console, dataset, base, steps, per_arm, seconds, teacher, total) -> None:
+    """The JSON and the table of the arms run so far (rewritten after every arm)."""
+    per_arm = {a: per_arm[a] for a in ["CE", *arms()] if a in per_arm}
+    missing = [arm for arm in arms() if arm not in per_arm]
     ce_acc = {s: m["accuracy"] for s, m in per_arm["CE"].items()}
-    kd_acc = {s: m["accuracy"] for s, m in per_arm["KD"].items()}
+    kd_acc = {s: m["accuracy"] for s, m in per_arm.get("KD", {}).items()}
     rows = {"teacher": {k: mean_std([m[k] for m in teacher.values()]) for k in ("accuracy", "ece", "nll")}}
     for arm, by_seed in per_arm.items():
         stats = {k: mean_std([m[k] for m in by_seed.values() if k in m]) for k in METRICS}
@@ -165,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": total,
         "seconds_note": "sum of the arms' training times" if args.from_runs else "wall time of the script",
         "command": "python benchmarks/feature_family.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "earlier_commands": getattr(args, "earlier_commands", []),
     }
     table = markdown(rows, len(args.seeds))
     print(table)
@@ -173,7 +194,28 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str))
     (args.out / f"{stem}.md").write_text(table + "\n")
     console.print(f"total {total:.0f}s; wrote {args.out / stem}.json and .md")
-    return 0
+
+
+def resume(args, dataset: str, steps: int):
+    """Per-arm metrics, training seconds, teacher metrics and wall time of the saved JSON, when it was run
+    on the same dataset, seeds, steps and student (else an error naming the mismatch)."""
+    path = args.out / f"feature_family-{dataset}{'-quick' if args.quick else ''}.json"
+    if not path.is_file():
+        return {}, {}, {}, 0.0
+    saved = json.loads(path.read_text())
+    now = {"dataset": dataset, "seeds": args.seeds, "steps": steps, "student": STUDENT[dataset]}
+    differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if differ:
+        raise SystemExit(
+            f"--resume: {path} was run with other settings ({differ}: saved, now); "
+            "rerun without --resume or with the saved settings"
+        )
+    per_seed = {k: {int(s): m for s, m in v.items()} for k, v in saved["per_seed"].items()}
+    teacher = per_seed.pop("teacher")
+    n = len(args.seeds)
+    seconds = {a: saved["results"][a]["train_seconds_per_seed"] * n for a in per_seed}
+    args.earlier_commands = [*saved.get("earlier_commands", []), saved["command"]]
+    return per_seed, seconds, teacher, float(saved.get("seconds", 0.0))
 
 
 def collect(folder: Path, base: str, common: list[str]):
