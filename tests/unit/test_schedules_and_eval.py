@@ -6,7 +6,7 @@ import torch
 
 from distillery.eval import agreement, classification_metrics, expected_calibration_error
 from distillery.train.config import ScheduleConfig
-from distillery.train.schedules import lr_multipliers
+from distillery.train.schedules import cosine_schedule, lr_multipliers, warmup_then_constant
 
 
 def test_warmup_then_cosine_to_min():
@@ -86,3 +86,32 @@ def test_paired_wins_follow_the_metric_direction_and_ties_are_not_wins():
     )  # fmt: skip
     paired = summarize(result)["paired_distilled_minus_baseline"]["ppl"]
     assert paired["better"] == 1 and paired["wins"] == 1 and paired["mean"] == 0.0  # wins: raw a > b count
+
+
+@pytest.mark.parametrize("total,warm", [(1, 0), (5, 0), (10, 3), (7, 7)])
+def test_cosine_schedule_is_dinos_per_iteration_schedule(total, warm):
+
+    base, final, start = 0.5, 0.01, 0.1
+    got = cosine_schedule(base, final, total, warmup_steps=warm, warmup_start=start)
+    want = []
+    for i in range(warm):  # np.linspace(start, base, warm)
+        want.append(start + (base - start) * (i / (warm - 1) if warm > 1 else 0.0))
+    n = total - warm
+    for i in range(n):
+        want.append(final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)))
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+    assert len(got) == total
+
+
+def test_momentum_and_weight_decay_schedules_move_the_right_way():
+
+    m = cosine_schedule(0.996, 1.0, 100)
+    assert m[0] == 0.996 and np.all(np.diff(m) > 0) and m[-1] < 1.0
+    wd = cosine_schedule(0.04, 0.4, 50)
+    assert wd[0] == pytest.approx(0.04) and np.all(np.diff(wd) > 0)
+    temp = warmup_then_constant(0.04, 0.07, 30, 100)
+    assert temp[0] == 0.04 and temp[29] == pytest.approx(0.07) and np.all(temp[29:] == 0.07)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        warmup_then_constant(0.04, 0.07, 30, 10)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        cosine_schedule(1.0, 0.0, 5, warmup_steps=6)

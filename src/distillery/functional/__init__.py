@@ -36,22 +36,37 @@ from distillery.functional.relations import (
     rkd_distance,
     similarity_preserving,
 )
+from distillery.functional.self_supervised import (
+    byol_loss,
+    data2vec_loss,
+    data2vec_targets,
+    dino_loss,
+    ibot_patch_loss,
+    koleo_loss,
+    update_center,
+)
 from distillery.functional.uskd import uskd_loss
 
 __all__ = [
     "attention_kl",
     "attention_score_mse",
     "attention_transfer",
+    "byol_loss",
     "chunked_cross_entropy_from_hidden",
     "chunked_kd_from_hidden",
     "composed_gradients",
     "cross_entropy",
+    "data2vec_loss",
+    "data2vec_targets",
+    "dino_loss",
     "dkd_loss",
     "feature_distance",
     "forward_kl",
     "generalized_jsd",
     "hint_loss",
+    "ibot_patch_loss",
     "kd_loss",
+    "koleo_loss",
     "linear_cka_loss",
     "mean_probability_logits",
     "nkd_loss",
@@ -65,6 +80,7 @@ __all__ = [
     "skew_kl",
     "skew_reverse_kl",
     "total_variation",
+    "update_center",
     "uskd_loss",
     "value_relation_kl",
 ]
