@@ -5,7 +5,8 @@
   pairs -- how well the student keeps the teacher's ranking of pairs (the usual STS-style score, with
   the teacher's similarities standing in for human judgements).
 * :func:`retrieval`: mean reciprocal rank and recall@k of the right document among all documents.
-* :func:`linear_probe`: accuracy of a logistic regression on standardised embeddings.
+* :func:`linear_probe` (from :mod:`distillery.eval.probes`): accuracy of a logistic regression on
+  standardised embeddings.
 * :func:`encode_speed`: sentences per second of the model's forward pass.
 
 The metric functions are pure: embeddings and labels in, numbers out.
@@ -18,11 +19,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillery.eval.probes import linear_probe
 from distillery.models.encoder import pool
 
 
@@ -98,12 +99,6 @@ def encode(
     return torch.cat(out)  # (N, H)
 
 
-def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(x, Tensor):
-        return x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
 def _rows_cosine(a: Tensor, b: Tensor) -> Tensor:
     return F.cosine_similarity(a.double(), b.double(), dim=-1)  # (N,)
 
@@ -177,50 +172,6 @@ def retrieval(query_emb: Tensor, doc_emb: Tensor, ks: Sequence[int] = (1,)) -> d
     for k in ks:
         out[f"recall@{k}"] = float((ranks <= k).double().mean())
     return out
-
-
-def linear_probe(
-    train_emb: Tensor,
-    train_labels: Tensor,
-    test_emb: Tensor,
-    test_labels: Tensor,
-    seed: int = 0,
-    max_iter: int = 2000,
-    C: float = 1.0,
-) -> float:
-    """Test accuracy (a fraction in [0, 1]) of a logistic regression trained on frozen embeddings.
-
-    Features are standardised with the training set's mean and standard deviation
-    (``StandardScaler``), then scikit-learn's ``LogisticRegression`` (L-BFGS, multinomial over all
-    classes, L2 penalty ``C``) is fitted; ``max_iter`` is enough for 45 classes on standardised
-    features.
-
-    Args:
-        train_emb: ``[N, H]`` training embeddings.
-        train_labels: ``[N]`` integer (or string) class labels.
-        test_emb: ``[M, H]`` test embeddings.
-        test_labels: ``[M]`` their labels.
-        seed: the classifier's ``random_state``.
-        max_iter: L-BFGS iterations at most.
-        C: inverse regularisation strength.
-
-    Example:
-        >>> x = torch.cat([torch.randn(40, 4) - 3, torch.randn(40, 4) + 3])
-        >>> y = torch.tensor([0] * 40 + [1] * 40)
-        >>> linear_probe(x[::2], y[::2], x[1::2], y[1::2])
-        1.0
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    labels_train = (
-        train_labels.cpu().numpy() if isinstance(train_labels, Tensor) else np.asarray(train_labels)
-    )
-    labels_test = test_labels.cpu().numpy() if isinstance(test_labels, Tensor) else np.asarray(test_labels)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, C=C, random_state=seed))
-    probe.fit(_numpy(train_emb), labels_train)
-    return float((probe.predict(_numpy(test_emb)) == labels_test).mean())
 
 
 def encode_speed(
