@@ -1,0 +1,171 @@
+"""Networks of self-supervised distillation: backbones that return embeddings, and their heads.
+
+* :class:`ViTBackbone`: a small Vision Transformer from a config (Hugging Face ``ViTModel``: saved
+  and loaded with ``save_pretrained`` / ``from_pretrained``), with a mask token for masked image
+  modelling and position embeddings interpolated for crops of other sizes; it returns the [CLS]
+  embedding and the patch tokens.
+* :class:`CNNBackbone`: the convolutional body of :class:`~distillery.models.cnn.SmallCNN`.
+* :class:`DINOHead`: DINO's projection head, an MLP to an L2-normalised bottleneck and a
+  weight-normalised linear layer to K prototypes ("Emerging Properties in Self-Supervised Vision
+  Transformers"); :class:`MLPHead`: BYOL's projector and predictor (Linear, BatchNorm, ReLU, Linear).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from distillery.configbase import StrictModel
+from distillery.errors import ConfigError
+from distillery.models.cnn import SmallCNN
+
+
+class ViTConfig(StrictModel):
+    """A small Vision Transformer."""
+
+    name: Literal["vit"] = "vit"
+    patch_size: int = Field(
+        4, ge=1, description="side of a square patch in pixels; must divide the image side"
+    )
+    depth: int = Field(4, ge=1, description="transformer blocks")
+    width: int = Field(64, ge=8, description="embedding width")
+    heads: int = Field(4, ge=1, description="attention heads (must divide width)")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP width as a multiple of the embedding width")
+
+
+class ViTBackbone(nn.Module):
+    """``forward(x, mask=None) -> [B, 1 + P, D]`` tokens ([CLS] first, after the final layer norm);
+    ``embed(x)`` is the [CLS] embedding ``[B, D]``. ``mask`` ``[B, P]`` (True = masked) replaces those
+    patches' embeddings with the learnt mask token before the blocks."""
+
+    def __init__(self, cfg: ViTConfig, image_size: int, channels: int) -> None:
+        super().__init__()
+        from transformers import ViTConfig as HFViTConfig
+        from transformers import ViTModel
+
+        if image_size % cfg.patch_size:
+            raise ConfigError(
+                f"model.patch_size={cfg.patch_size} does not divide the image side {image_size}; choose a divisor "
+                f"of {image_size}"
+            )
+        if cfg.width % cfg.heads:
+            raise ConfigError(f"model.heads={cfg.heads} does not divide model.width={cfg.width}")
+        hf = HFViTConfig(
+            image_size=image_size,
+            patch_size=cfg.patch_size,
+            num_channels=channels,
+            hidden_size=cfg.width,
+            num_hidden_layers=cfg.depth,
+            num_attention_heads=cfg.heads,
+            intermediate_size=round(cfg.mlp_ratio * cfg.width),
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        self.vit = ViTModel(hf, add_pooling_layer=False, use_mask_token=True)
+        self.image_size, self.patch_size, self.width = image_size, cfg.patch_size, cfg.width
+
+    @property
+    def embed_dim(self) -> int:
+        return self.width
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, output_hidden_states: bool = False):
+        out = self.vit(
+            pixel_values=x,
+            bool_masked_pos=mask,
+            interpolate_pos_encoding=x.shape[-1] != self.image_size or x.shape[-2] != self.image_size,
+            output_hidden_states=output_hidden_states,
+        )
+        return (out.last_hidden_state, out.hidden_states) if output_hidden_states else out.last_hidden_state
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.forward(x)[:, 0]
+
+
+class CNNBackbone(nn.Module):
+    """The body of a :class:`SmallCNN` (convolutions, pooling, flatten): ``embed(x) -> [B, D]``."""
+
+    def __init__(self, channels: list[int], in_channels: int, pool_every: int = 1, pool_to: int = 1) -> None:
+        super().__init__()
+        cnn = SmallCNN(in_channels, 1, channels, pool_every=pool_every, dropout=0.0, pool_to=pool_to)
+        self.body = cnn.body
+        self.out_dim = channels[-1] * pool_to * pool_to
+
+    @property
+    def embed_dim(self) -> int:
+        return self.out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x.contiguous(memory_format=torch.channels_last))
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.forward(x)
+
+
+class DINOHead(nn.Module):
+    """MLP (GELU) -> L2-normalised bottleneck -> weight-normalised linear layer to ``out_dim`` logits.
+
+    As DINO's ``DINOHead``: hidden layers and the bottleneck are initialised with a truncated normal
+    (std 0.02) and zero biases; the last layer has no bias, its weight norm ``g`` starts at 1 and,
+    with ``norm_last_layer`` (the default), stays 1 (not trained). ``last_layer_parameters()`` lists
+    what DINO freezes during the first epoch.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 256,
+        bottleneck_dim: int = 64,
+        layers: int = 3,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        if layers == 1:
+            self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            mods: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(layers - 2):
+                mods += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            mods.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*mods)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        last = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        nn.init.trunc_normal_(last.weight, std=0.02)
+        self.last_layer = nn.utils.parametrizations.weight_norm(last)
+        with torch.no_grad():
+            self.last_layer.parametrizations.weight.original0.fill_(1.0)
+        if norm_last_layer:
+            self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.last_layer.parameters() if p.requires_grad]
+
+
+class MLPHead(nn.Module):
+    """BYOL's projector and predictor: Linear -> BatchNorm -> ReLU -> Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+__all__ = ["CNNBackbone", "DINOHead", "MLPHead", "ViTBackbone", "ViTConfig"]
