@@ -55,6 +55,7 @@ from distillery.losses.representation import (
     SimilarityPreservingLoss,
     signal_pairs,
 )
+from distillery.losses.self_supervised import SELF_SUPERVISED_LOSSES, DINOLoss, SelfSupervisedTermConfig
 
 # short name -> (config model, module class)
 LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
@@ -71,6 +72,7 @@ LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
     "uskd": (USKDConfig, USKDLoss),
     "hint": (HintConfig, HintLoss),
     **REPRESENTATION_LOSSES,
+    **SELF_SUPERVISED_LOSSES,
 }
 
 # The union of every term config, told apart by its `name` field.
@@ -107,6 +109,7 @@ __all__ = [
     "AttentionTransferLoss",
     "CKALoss",
     "CrossEntropyLoss",
+    "DINOLoss",
     "DKDLoss",
     "FeaturesLoss",
     "ForwardKLLoss",
@@ -122,6 +125,7 @@ __all__ = [
     "RKDDistanceLoss",
     "RelationKLLoss",
     "ReverseKLLoss",
+    "SelfSupervisedTermConfig",
     "SignalPair",
     "SignalTerm",
     "SignalTermConfig",

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -21,7 +22,11 @@ from torch.nn import functional as F
 
 from distillery.configbase import StrictModel
 from distillery.errors import ConfigError
+from distillery.models.adapters import ModelOutput
 from distillery.models.cnn import SmallCNN
+
+SSL_OUT = "ssl.out"  # the head outputs of every view, [V, B, K] (read by the self-supervised loss terms)
+GLOBAL_VIEWS, LOCAL_VIEWS = "global_views", "local_views"  # batch keys: [G, B, C, S, S], [L, B, C, s, s]
 
 
 class ViTConfig(StrictModel):
@@ -168,4 +173,76 @@ class MLPHead(nn.Module):
         return self.net(x)
 
 
-__all__ = ["CNNBackbone", "DINOHead", "MLPHead", "ViTBackbone", "ViTConfig"]
+class SSLNetwork(nn.Module):
+    """A backbone and a head: ``forward(views) -> [V, B, K]`` for a list of view batches ``[B, C, S, S]``.
+
+    Consecutive views of the same size run through the backbone as one batch (DINO's
+    ``MultiCropWrapper``: one pass for the global crops, one for the local ones).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views: Sequence[Tensor]) -> Tensor:
+        out: list[Tensor] = []
+        i = 0
+        while i < len(views):
+            j = i
+            while j < len(views) and views[j].shape == views[i].shape:
+                j += 1
+            group = torch.cat(list(views[i:j]))
+            out.extend(self.head(self.backbone.embed(group)).chunk(j - i))
+            i = j
+        return torch.stack(out)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The backbone's embedding ``[B, D]`` of images ``[B, C, H, W]`` (what the probes read)."""
+        return self.backbone.embed(x)
+
+
+class SSLAdapter:
+    """Batches with the views of :func:`distillery.data.views.make_views` (``global_views``,
+    ``local_views``); one row per image. ``views="all"`` (the student) runs the network on every view,
+    ``"global"`` (the teacher) on the global ones; the outputs are ``features[SSL_OUT]``."""
+
+    target_key = "y"
+
+    def __init__(self, views: Literal["all", "global"] = "all") -> None:
+        self.views = views
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return (GLOBAL_VIEWS, LOCAL_VIEWS) if self.views == "all" else (GLOBAL_VIEWS,)
+
+    def batch_size(self, batch: Mapping[str, Tensor]) -> int:
+        return int(batch[GLOBAL_VIEWS].shape[1])
+
+    def rows(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(target [B], mask [B])``: every image is a row; labels, when the batch has them, are unused."""
+        b = self.batch_size(batch)
+        device = batch[GLOBAL_VIEWS].device
+        target = batch.get(self.target_key)
+        if target is None:
+            target = torch.full((b,), -100, dtype=torch.long, device=device)
+        return target, torch.ones(b, dtype=torch.bool, device=device)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> ModelOutput:
+        views = list(batch[GLOBAL_VIEWS].unbind(0))
+        if self.views == "all":
+            views += list(batch[LOCAL_VIEWS].unbind(0))
+        return ModelOutput(logits=None, features={SSL_OUT: model(views)})
+
+
+__all__ = [
+    "GLOBAL_VIEWS",
+    "LOCAL_VIEWS",
+    "SSL_OUT",
+    "CNNBackbone",
+    "DINOHead",
+    "MLPHead",
+    "SSLAdapter",
+    "SSLNetwork",
+    "ViTBackbone",
+    "ViTConfig",
+]

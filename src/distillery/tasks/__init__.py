@@ -22,12 +22,14 @@ from distillery.tasks.base import (
 from distillery.tasks.classification import ClassificationTask
 from distillery.tasks.encoder import EncoderTask
 from distillery.tasks.lm import LMTask
+from distillery.tasks.ssl import SSLTask
 
 # task name (the `task:` key of a config) -> task class
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "encoder": EncoderTask,
     "lm": LMTask,
+    "ssl": SSLTask,
 }
 DEFAULT_TASK = "classification"
 

@@ -56,7 +56,7 @@ from torch import nn
 
 from distillery.configbase import StrictModel
 from distillery.errors import ConfigError
-from distillery.losses import LossTermConfig, Objective
+from distillery.losses import LossTermConfig, Objective, SelfSupervisedTermConfig
 from distillery.train.config import TrainConfig
 from distillery.train.trackers import TRACKERS, check_trackers
 
@@ -165,6 +165,20 @@ class DistillationConfigBase(RunConfigBase):
     """A run whose objective is a named set of loss terms (``loss:``)."""
 
     loss: dict[str, LossTermConfig] = Field(default_factory=lambda: {"ce": {"name": "ce"}}, min_length=1)
+    # self-supervised terms (dino, ...) need multi-view batches and a copy of the student as teacher
+    self_supervised_terms: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _self_supervised_terms_where_they_run(self) -> DistillationConfigBase:
+        if self.self_supervised_terms:
+            return self
+        found = [label for label, term in self.loss.items() if isinstance(term, SelfSupervisedTermConfig)]
+        if found:
+            raise ValueError(
+                f"loss.{found[0]} ({self.loss[found[0]].name}) is a self-supervised term: it needs views of "
+                f"unlabelled images and an EMA teacher of the student; use task: ssl (this is task: {self.task})"
+            )
+        return self
 
     @field_validator("loss", mode="before")
     @classmethod

@@ -102,9 +102,8 @@ class EMATeacher(BaseTeacher):
         self.module.eval()
         with torch.no_grad():
             out = self.adapter.forward(self.module, batch)
-        return TeacherOutput(
-            logits=out.logits.float(), features={k: v.float() for k, v in out.features.items()}
-        )
+        logits = None if out.logits is None else out.logits.float()  # self-supervised heads: features only
+        return TeacherOutput(logits=logits, features={k: v.float() for k, v in out.features.items()})
 
     def update(self, student: nn.Module, step: int) -> None:
         ema_update(self.module, student, self.momentum_at(step))

@@ -1,0 +1,115 @@
+"""The config of a self-supervised self-distillation run (``task: ssl``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from distillery.configbase import StrictModel
+from distillery.data import ImageDataConfig
+from distillery.data.views import ViewsConfig
+from distillery.losses import LossTermConfig, SelfSupervisedTermConfig
+from distillery.models.ssl import ViTConfig
+from distillery.tasks.base import DistillationConfigBase, EvalConfig
+
+
+class SSLCNNConfig(StrictModel):
+    """The convolutional body of the small CNN as a backbone (no classifier head)."""
+
+    name: Literal["cnn"] = "cnn"
+    channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, description="conv widths")
+    pool_every: int = Field(1, ge=1, description="max-pool after every this many conv layers")
+    pool_to: int = Field(1, ge=1, description="adaptive average pooling to this side before flattening")
+
+
+Backbone = Annotated[ViTConfig | SSLCNNConfig, Field(discriminator="name")]
+
+
+class HeadConfig(StrictModel):
+    """DINO's projection head."""
+
+    out_dim: int = Field(1024, ge=2, description="number of prototypes K (DINO: 65536)")
+    hidden_dim: int = Field(256, ge=1, description="width of the MLP's hidden layers (DINO: 2048)")
+    bottleneck_dim: int = Field(64, ge=1, description="width of the L2-normalised bottleneck (DINO: 256)")
+    layers: int = Field(3, ge=1, description="linear layers before the bottleneck's normalisation")
+    norm_last_layer: bool = Field(True, description="keep the last layer's weight norm at 1 (DINO's default)")
+
+
+class SSLModelConfig(StrictModel):
+    backbone: Backbone = Field(default_factory=SSLCNNConfig, description="vit or cnn")
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+
+class SSLTeacherConfig(StrictModel):
+    """The teacher: an EMA copy of the student (DINO, iBOT, data2vec, BYOL)."""
+
+    source: Literal["ema"] = "ema"
+    momentum: float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at the start (DINO: 0.996)")
+    momentum_end: float | None = Field(
+        1.0, ge=0.0, le=1.0, description="cosine-ramp the momentum to this value (DINO: 1.0); null = constant"
+    )
+
+
+class SSLEvalConfig(EvalConfig):
+    knn_k: int = Field(20, ge=1, description="neighbours of the weighted k-NN probe (DINO: 20)")
+    knn_temperature: float = Field(0.07, gt=0.0, description="temperature of the k-NN vote weights (DINO: 0.07)")
+    few_labels: int | float = Field(
+        0.01,
+        gt=0,
+        description="labelled images of the few-label probes: a fraction (< 1) of the training split or a count "
+        "(class-balanced, fixed per seed)",
+    )
+    validation_bank: int = Field(
+        5000, ge=1, description="training images whose embeddings the k-NN probe searches during training"
+    )
+    probe_max_iter: int = Field(1000, ge=1, description="L-BFGS iterations of the linear probe at most")
+
+    @field_validator("few_labels")
+    @classmethod
+    def _fraction(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and not value < 1.0:
+            raise ValueError(f"a fraction of the training split must be < 1 (or give a count); got {value}")
+        return value
+
+
+class SSLRunConfig(DistillationConfigBase):
+    """A run of ``task: ssl``: a student learns from an EMA copy of itself on views of unlabelled images.
+
+    The images are the training split of ``data`` (labels unused in training); the probes use its
+    labels: k-NN and a linear probe on frozen embeddings with all of them, and with ``eval.few_labels``
+    of them. The ``baseline`` arm is the randomly initialised network, evaluated without training.
+    """
+
+    self_supervised_terms: ClassVar[bool] = True
+
+    task: Literal["ssl"] = "ssl"
+    data: ImageDataConfig = Field(default_factory=ImageDataConfig)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    model: SSLModelConfig = Field(default_factory=SSLModelConfig)
+    teacher: SSLTeacherConfig = Field(default_factory=SSLTeacherConfig)
+    eval: SSLEvalConfig = Field(default_factory=SSLEvalConfig)
+    loss: dict[str, LossTermConfig] = Field(default_factory=lambda: {"dino": {"name": "dino"}}, min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SSLRunConfig:
+        others = [label for label, term in self.loss.items() if not isinstance(term, SelfSupervisedTermConfig)]
+        if others:
+            raise ValueError(
+                f"loss.{others[0]} ({self.loss[others[0]].name}) is not a self-supervised term; task: ssl trains on "
+                "unlabelled views with dino (more methods follow)"
+            )
+        if self.views.global_crops < 2 and self.views.local_crops == 0:
+            raise ValueError(
+                f"views: global_crops={self.views.global_crops} and no local crops leave DINO no pair of different "
+                "views; use global_crops=2 (DINO's) or add local_crops"
+            )
+        if self.data.transfer not in (0, None):
+            raise ValueError(
+                "data.transfer: a self-supervised run trains on the whole training split without labels; set "
+                "data.labelled to the number of training images and leave transfer at 0"
+            )
+        return self
+
+
+__all__ = ["HeadConfig", "SSLCNNConfig", "SSLEvalConfig", "SSLModelConfig", "SSLRunConfig", "SSLTeacherConfig"]

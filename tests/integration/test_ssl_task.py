@@ -1,0 +1,114 @@
+"""The self-supervised task end to end on digits: CLI runs of DINO with a CNN and a ViT backbone, the
+untrained baseline arm, the probes, the collapse signs during training, saved backbones, resume, and
+the errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distillery.cli import main
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    cfg = {
+        "task": "ssl",
+        "name": "ssl-test",
+        "seeds": [0],
+        "data": {"name": "digits"},
+        "views": {"global_crops": 2, "local_crops": 2, "local_size": 4, "blur_sigma": [0.1, 1.0]},
+        "model": {"backbone": {"name": "cnn", "channels": [8, 16]},
+                  "head": {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16}},
+        "train": {"steps": 8, "batch_size": 32, "eval_every": 4, "optimizer": {"name": "adamw", "lr": 0.001}},
+        "eval": {"validation_bank": 200},
+        "baseline": {"enabled": True},
+    }  # fmt: skip
+    for key, value in changes.items():
+        cfg[key] = value
+    path = tmp_path / "ssl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.integration
+def test_a_dino_run_trains_probes_and_reports(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(_config(tmp_path)), f"output.dir={out}", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "ssl" and summary["headline"] == "knn"
+    for arm in ("baseline", "distilled"):
+        for key in ("knn", "probe", "knn_few", "probe_few"):
+            value = summary["models"][arm][key]["mean"]
+            assert 0 <= value <= 100, (arm, key)
+    # a random CNN already separates digits well above chance (10%): the probes measure something
+    assert summary["models"]["baseline"]["probe"]["mean"] > 50
+    base = json.loads((out / "seed-0" / "baseline" / "result.json").read_text())
+    dist = json.loads((out / "seed-0" / "distilled" / "result.json").read_text())
+    assert base["steps"] == 0 and dist["steps"] == 8
+    assert [h["step"] for h in dist["history"]] == [4, 8]
+    for h in dist["history"]:
+        assert 0 <= h["teacher_entropy"] <= 1 + 1e-6 and h["embedding_std"] > 0 and "knn" in h
+    # training moved the student away from its initial weights
+    from safetensors.torch import load_file
+
+    w0 = load_file(out / "seed-0" / "baseline" / "student.safetensors")
+    w1 = load_file(out / "seed-0" / "distilled" / "student.safetensors")
+    assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+@pytest.mark.integration
+def test_a_vit_backbone_with_masks_saves_a_folder_transformers_loads(tmp_path):
+    from transformers import ViTModel
+
+    out = tmp_path / "run"
+    changes = {
+        "model": {"backbone": {"name": "vit", "patch_size": 2, "depth": 2, "width": 16, "heads": 2},
+                  "head": {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16}},
+        "views": {"global_crops": 2, "local_crops": 0, "mask": "block", "patch_size": 2},
+        "train": {"steps": 4, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 0.001}},
+        "baseline": {"enabled": False},
+    }  # fmt: skip
+    assert main(["run", str(_config(tmp_path, **changes)), f"output.dir={out}", "--no-progress"]) == 0
+    vit = ViTModel.from_pretrained(out / "seed-0" / "distilled" / "backbone", add_pooling_layer=False)
+    assert vit.config.patch_size == 2 and vit.config.num_hidden_layers == 2
+    assert vit(pixel_values=torch.rand(2, 1, 8, 8)).last_hidden_state.shape == (2, 17, 16)
+
+
+@pytest.mark.integration
+def test_an_interrupted_ssl_run_resumes_to_the_same_numbers(tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(tmp_path)
+    assert main(["run", str(cfg), f"output.dir={out}", "--no-progress"]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    (out / "seed-0" / "distilled" / "result.json").unlink()  # as if stopped before it finished
+    assert main(["run", str(cfg), f"output.dir={out}", "--resume", "--no-progress"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["models"]["distilled"]["knn"] == first["models"]["distilled"]["knn"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"views": {"global_crops": 0, "local_crops": 4}}, "local_crops=4 with global_crops=0"),
+        ({"views": {"global_size": 16}}, "views.global_size=16 is larger than the 8x8 images"),
+        ({"views": {"mask": "block", "patch_size": 3}}, "views.patch_size=3 does not divide the global crop side 8"),
+        ({"views": {"mask_ratio": [0.2, 1.0]}}, "mask_ratio must satisfy 0 <= low <= high < 1"),
+        ({"views": {"global_crops": 1}}, "no pair of different views"),
+        ({"loss": {"dino": {"teacher_temperature": 0}}}, "loss.dino.teacher_temperature"),
+        ({"teacher": {"momentum": 1.5}}, "teacher.momentum"),
+        ({"loss": {"kd": {}}}, "loss.kd (kd) is not a self-supervised term"),
+        ({"data": {"name": "digits", "transfer": 100}}, "data.transfer"),
+        ({"model": {"backbone": {"name": "vit", "patch_size": 3}}}, "model.patch_size=3 does not divide"),
+    ],
+)  # fmt: skip
+def test_bad_ssl_settings_are_user_errors_and_write_nothing(tmp_path, capsys, changes, message):
+    out = tmp_path / "run"
+    assert main(["run", str(_config(tmp_path, **changes)), f"output.dir={out}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err, err
+    assert not out.exists()
