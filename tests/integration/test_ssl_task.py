@@ -51,13 +51,37 @@ def test_a_dino_run_trains_probes_and_reports(tmp_path):
     assert base["steps"] == 0 and dist["steps"] == 8
     assert [h["step"] for h in dist["history"]] == [4, 8]
     for h in dist["history"]:
-        assert 0 <= h["teacher_entropy"] <= 1 + 1e-6 and h["embedding_std"] > 0 and "knn" in h
+        assert 0 <= h["teacher_entropy"] <= 1 + 1e-6 and 0 <= h["teacher_mean_entropy"] <= 1 + 1e-6
+        assert h["teacher_mean_entropy"] >= h["teacher_entropy"] - 1e-6  # the mean is never less spread
+        assert h["embedding_std"] > 0 and "knn" in h
     # training moved the student away from its initial weights
     from safetensors.torch import load_file
 
     w0 = load_file(out / "seed-0" / "baseline" / "student.safetensors")
     w1 = load_file(out / "seed-0" / "distilled" / "student.safetensors")
     assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+@pytest.mark.integration
+def test_the_last_layer_stays_frozen_for_its_epochs(tmp_path):
+    """freeze_last_layer_epochs covering the whole run: the prototypes (the weight-normalised last layer)
+    end where they started, while the rest of the network trained."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    head = {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16, "freeze_last_layer_epochs": 5.0}
+    changes = {"model": {"backbone": {"name": "cnn", "channels": [8, 16]}, "head": head}}
+    assert main(["run", str(_config(tmp_path, **changes)), f"output.dir={out}", "--no-progress"]) == 0
+
+    def prototypes(state):
+        g = state["head.last_layer.parametrizations.weight.original0"]
+        v = state["head.last_layer.parametrizations.weight.original1"]
+        return g * v / v.norm(dim=1, keepdim=True)
+
+    w0 = load_file(out / "seed-0" / "baseline" / "student.safetensors")
+    w1 = load_file(out / "seed-0" / "distilled" / "student.safetensors")
+    torch.testing.assert_close(prototypes(w1), prototypes(w0))
+    assert not torch.equal(w0["head.mlp.0.weight"], w1["head.mlp.0.weight"])
 
 
 @pytest.mark.integration

@@ -74,3 +74,21 @@ def test_dino_head_normalised_last_layer():
 def test_dino_head_one_layer_and_mlp_head():
     assert DINOHead(8, 4, layers=1, bottleneck_dim=6)(torch.randn(2, 8)).shape == (2, 4)
     assert MLPHead(8, 5, hidden_dim=12)(torch.randn(3, 8)).shape == (3, 5)
+
+
+def test_cnn_backbone_with_batch_norm_and_the_network_groups_views_by_size():
+    from distillery.models.ssl import SSLAdapter, SSLNetwork
+
+    torch.manual_seed(0)
+    net = SSLNetwork(CNNBackbone([8, 16], in_channels=1, batch_norm=True), DINOHead(16, 10, 16, 8)).eval()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    g1, g2, l1 = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8), torch.rand(3, 1, 4, 4)
+    out = net([g1, g2, l1])
+    assert out.shape == (3, 3, 10)
+    torch.testing.assert_close(out[2], net([l1])[0])  # each view's output is its own
+    torch.testing.assert_close(out[0], net([g1])[0])
+    batch = {"global_views": torch.stack([g1, g2]), "local_views": l1[None]}
+    assert SSLAdapter("all").forward(net, batch).features["ssl.out"].shape == (3, 3, 10)
+    assert SSLAdapter("global").forward(net, batch).features["ssl.out"].shape == (2, 3, 10)
+    target, mask = SSLAdapter().rows(batch)
+    assert target.tolist() == [-100] * 3 and mask.all()

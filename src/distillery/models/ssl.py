@@ -91,12 +91,30 @@ class ViTBackbone(nn.Module):
 
 
 class CNNBackbone(nn.Module):
-    """The body of a :class:`SmallCNN` (convolutions, pooling, flatten): ``embed(x) -> [B, D]``."""
+    """Convolutions (3x3, ReLU, optionally batch norm), max-pooling, global pooling, flatten:
+    ``embed(x) -> [B, D]``. Without batch norm it is the body of :class:`SmallCNN`."""
 
-    def __init__(self, channels: list[int], in_channels: int, pool_every: int = 1, pool_to: int = 1) -> None:
+    def __init__(
+        self,
+        channels: list[int],
+        in_channels: int,
+        pool_every: int = 1,
+        pool_to: int = 1,
+        batch_norm: bool = False,
+    ) -> None:
         super().__init__()
-        cnn = SmallCNN(in_channels, 1, channels, pool_every=pool_every, dropout=0.0, pool_to=pool_to)
-        self.body = cnn.body
+        if batch_norm:
+            layers: list[nn.Module] = []
+            width = in_channels
+            for i, c in enumerate(channels):
+                layers += [nn.Conv2d(width, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+                if (i + 1) % pool_every == 0 and i + 1 < len(channels):
+                    layers.append(nn.MaxPool2d(2))
+                width = c
+            self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(pool_to), nn.Flatten())
+        else:
+            cnn = SmallCNN(in_channels, 1, channels, pool_every=pool_every, dropout=0.0, pool_to=pool_to)
+            self.body = cnn.body
         self.out_dim = channels[-1] * pool_to * pool_to
 
     @property

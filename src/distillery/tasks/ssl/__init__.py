@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from distillery.data import ArrayDataset, ClassificationData, load_classification_data, stratified_sample
 from distillery.data.views import make_views
 from distillery.eval.probes import knn_accuracy, linear_probe
-from distillery.losses import build_objective
+from distillery.losses import DINOLoss, build_objective
 from distillery.models.ssl import (
     GLOBAL_VIEWS,
     LOCAL_VIEWS,
@@ -98,7 +98,7 @@ class SSLTask(BaseTask):
         c, h, _ = shape
         if isinstance(b, ViTConfig):
             return ViTBackbone(b, image_size=self.cfg.views.sizes(h)[0], channels=c)
-        return CNNBackbone(b.channels, c, pool_every=b.pool_every, pool_to=b.pool_to)
+        return CNNBackbone(b.channels, c, pool_every=b.pool_every, pool_to=b.pool_to, batch_norm=b.batch_norm)
 
     def new_student(self, data: SSLSeedData) -> nn.Module:
         backbone = self._backbone(data.data.input_shape)
@@ -136,8 +136,16 @@ class SSLTask(BaseTask):
             student, t.momentum, momentum_end=t.momentum_end, total_steps=steps, adapter=SSLAdapter("global")
         )
         views, seed = self.cfg.views, data.seed
+        frozen_until = round(
+            self.cfg.model.head.freeze_last_layer_epochs * len(data.train) / self.cfg.train.batch_size
+        )
+        now = {"step": 0}
+        if frozen_until > 0:  # DINO's cancel_gradients_last_layer: no gradient reaches the prototypes
+            for p in student.head.last_layer_parameters():
+                p.register_hook(lambda g: torch.zeros_like(g) if now["step"] < frozen_until else g)
 
         def add_views(batch: dict[str, Tensor], model: nn.Module, step: int) -> dict[str, Tensor]:
+            now["step"] = step
             v = make_views(batch["x"], batch["index"], step, seed, views)
             return {**batch, GLOBAL_VIEWS: v.global_views, LOCAL_VIEWS: v.local_views}
 
@@ -149,7 +157,9 @@ class SSLTask(BaseTask):
             teacher=ema,
             adapter=SSLAdapter("all"),
             batch_transform=add_views,
-            evaluate=(lambda m: self._validation(m, data, ema.module)) if data.data.validation is not None else None,
+            evaluate=(lambda m: self._validation(m, data, ema.module))
+            if data.data.validation is not None
+            else None,
         )
 
     # ---- evaluation ---------------------------------------------------------------------------------
@@ -166,19 +176,27 @@ class SSLTask(BaseTask):
         try:
             with torch.no_grad():
                 for start in range(0, len(x), self.cfg.eval.batch_size):
-                    out.append(model.embed(self._centre_view(x[start : start + self.cfg.eval.batch_size])).float())
+                    out.append(
+                        model.embed(self._centre_view(x[start : start + self.cfg.eval.batch_size])).float()
+                    )
         finally:
             model.train(was)
         return torch.cat(out)
 
-    def _validation(self, model: nn.Module, data: SSLSeedData, teacher: nn.Module) -> dict[str, float]:
+    def _validation(
+        self, model: nn.Module, data: SSLSeedData, teacher: nn.Module, objective=None
+    ) -> dict[str, float]:
         d = data.data
         bank = d.labelled.subset(data.bank)
         e = self.cfg.eval
         z_bank, z_val = self._embed(model, bank.x), self._embed(model, d.validation.x)
         knn = knn_accuracy(z_bank, bank.y, z_val, d.validation.y, k=e.knn_k, temperature=e.knn_temperature)
         x = self._centre_view(d.validation.x[:512])
-        return {"knn": 100.0 * knn, **collapse_signs(self._embed(model, x), teacher, x)}
+        terms = [] if objective is None else objective.terms.values()
+        dino = next((t for t in terms if isinstance(t, DINOLoss)), None)
+        center = None if dino is None else dino.center
+        temperature = 1.0 if dino is None else dino.teacher_temperature  # after its warm-up
+        return {"knn": 100.0 * knn, **collapse_signs(self._embed(model, x), teacher, x, center, temperature)}
 
     def evaluate(
         self, model: nn.Module, data: SSLSeedData, split: str, teacher: nn.Module | None = None
@@ -194,10 +212,13 @@ class SSLTask(BaseTask):
         seed = self.cfg.data.split_seed
         return {
             "knn": 100.0 * knn_accuracy(z_train, train_y, z_test, d.test.y, **knn),
-            "probe": 100.0 * linear_probe(z_train, train_y, z_test, d.test.y, seed=seed, max_iter=e.probe_max_iter),
+            "probe": 100.0
+            * linear_probe(z_train, train_y, z_test, d.test.y, seed=seed, max_iter=e.probe_max_iter),
             "knn_few": 100.0 * knn_accuracy(z_train[few], train_y[few], z_test, d.test.y, **knn),
             "probe_few": 100.0
-            * linear_probe(z_train[few], train_y[few], z_test, d.test.y, seed=seed, max_iter=e.probe_max_iter),
+            * linear_probe(
+                z_train[few], train_y[few], z_test, d.test.y, seed=seed, max_iter=e.probe_max_iter
+            ),
         }
 
     def save(self, student: nn.Module, arm_dir: Path, data: SSLSeedData) -> None:
@@ -209,22 +230,40 @@ class SSLTask(BaseTask):
             backbone.vit.save_pretrained(arm_dir / "backbone")
 
 
-def collapse_signs(embeddings: Tensor, teacher: nn.Module, x: Tensor) -> dict[str, float]:
-    """Two signs of collapse: ``teacher_entropy``, the entropy of the teacher head's mean softmax output
-    on images ``x`` divided by its maximum log K (near 0 when one prototype takes every image), and
-    ``embedding_std``, the mean over dimensions of the standard deviation of the L2-normalised
-    ``embeddings`` across images (near 0 when every image maps to one point; about 1/sqrt(D) for
-    embeddings spread over the sphere)."""
+def collapse_signs(
+    embeddings: Tensor, teacher: nn.Module, x: Tensor, center: Tensor | None = None, temperature: float = 1.0
+) -> dict[str, float]:
+    """Signs of collapse on images ``x``, from the teacher's sharpened distribution
+    ``softmax((g_t(x) - center) / temperature)`` over its K prototypes and the student's ``embeddings``:
+
+    * ``teacher_entropy``: the mean entropy of one image's distribution, over log K: near 1 when every
+      output is uniform (the collapse that sharpening prevents);
+    * ``teacher_mean_entropy``: the entropy of the mean distribution over log K: near 0 when one
+      prototype takes every image (the collapse that centring prevents);
+    * ``embedding_std``: the mean over dimensions of the standard deviation of the L2-normalised
+      embeddings across images: near 0 when every image maps to one point.
+    """
     z = nn.functional.normalize(embeddings, dim=-1)
     was = teacher.training
     teacher.eval()
     try:
         with torch.no_grad():
-            p = teacher([x]).squeeze(0).float().softmax(-1).mean(0)
+            out = teacher([x]).squeeze(0).float()
     finally:
         teacher.train(was)
-    entropy = float(-(p * p.clamp_min(1e-12).log()).sum())
-    return {"teacher_entropy": entropy / math.log(p.shape[-1]), "embedding_std": float(z.std(0).mean())}
+    if center is not None and center.numel():
+        out = out - center.to(out)
+    p = (out / temperature).softmax(-1)
+    log_k = math.log(p.shape[-1])
+
+    def entropy(q: Tensor) -> Tensor:
+        return -(q * q.clamp_min(1e-12).log()).sum(-1)
+
+    return {
+        "teacher_entropy": float(entropy(p).mean()) / log_k,
+        "teacher_mean_entropy": float(entropy(p.mean(0))) / log_k,
+        "embedding_std": float(z.std(0).mean()),
+    }
 
 
 __all__ = ["SSLTask", "collapse_signs"]

@@ -21,6 +21,7 @@ class SSLCNNConfig(StrictModel):
     channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, description="conv widths")
     pool_every: int = Field(1, ge=1, description="max-pool after every this many conv layers")
     pool_to: int = Field(1, ge=1, description="adaptive average pooling to this side before flattening")
+    batch_norm: bool = Field(True, description="batch norm after every convolution (as in ResNets)")
 
 
 Backbone = Annotated[ViTConfig | SSLCNNConfig, Field(discriminator="name")]
@@ -34,6 +35,9 @@ class HeadConfig(StrictModel):
     bottleneck_dim: int = Field(64, ge=1, description="width of the L2-normalised bottleneck (DINO: 256)")
     layers: int = Field(3, ge=1, description="linear layers before the bottleneck's normalisation")
     norm_last_layer: bool = Field(True, description="keep the last layer's weight norm at 1 (DINO's default)")
+    freeze_last_layer_epochs: float = Field(
+        0.0, ge=0.0, description="the last layer gets no gradient for this many epochs (DINO: 1)"
+    )
 
 
 class SSLModelConfig(StrictModel):
@@ -53,7 +57,9 @@ class SSLTeacherConfig(StrictModel):
 
 class SSLEvalConfig(EvalConfig):
     knn_k: int = Field(20, ge=1, description="neighbours of the weighted k-NN probe (DINO: 20)")
-    knn_temperature: float = Field(0.07, gt=0.0, description="temperature of the k-NN vote weights (DINO: 0.07)")
+    knn_temperature: float = Field(
+        0.07, gt=0.0, description="temperature of the k-NN vote weights (DINO: 0.07)"
+    )
     few_labels: int | float = Field(
         0.01,
         gt=0,
@@ -93,7 +99,9 @@ class SSLRunConfig(DistillationConfigBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> SSLRunConfig:
-        others = [label for label, term in self.loss.items() if not isinstance(term, SelfSupervisedTermConfig)]
+        others = [
+            label for label, term in self.loss.items() if not isinstance(term, SelfSupervisedTermConfig)
+        ]
         if others:
             raise ValueError(
                 f"loss.{others[0]} ({self.loss[others[0]].name}) is not a self-supervised term; task: ssl trains on "
@@ -112,4 +120,11 @@ class SSLRunConfig(DistillationConfigBase):
         return self
 
 
-__all__ = ["HeadConfig", "SSLCNNConfig", "SSLEvalConfig", "SSLModelConfig", "SSLRunConfig", "SSLTeacherConfig"]
+__all__ = [
+    "HeadConfig",
+    "SSLCNNConfig",
+    "SSLEvalConfig",
+    "SSLModelConfig",
+    "SSLRunConfig",
+    "SSLTeacherConfig",
+]
