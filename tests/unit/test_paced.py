@@ -188,10 +188,10 @@ def _every_term():
 
 def test_every_registered_term_over_logits_or_hints_supports_row_weights():
     from distillery.losses.representation import REPRESENTATION_LOSSES
+    from distillery.losses.self_supervised import SELF_SUPERVISED_LOSSES
 
-    assert all(
-        cls.supports_row_weight for name, (_, cls) in LOSSES.items() if name not in REPRESENTATION_LOSSES
-    )
+    others = set(REPRESENTATION_LOSSES) | set(SELF_SUPERVISED_LOSSES)  # terms over signals or views
+    assert all(cls.supports_row_weight for name, (_, cls) in LOSSES.items() if name not in others)
 
 
 def test_a_representation_term_given_row_weights_is_refused_not_ignored():
