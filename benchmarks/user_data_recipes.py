@@ -66,7 +66,7 @@ def run_recipe(name: str, runs: Path, console: Console) -> dict:
         "labels": {k: models[k]["label"] for k in ("teacher", "baseline", "distilled")},
         "params": {k: models[k]["params"] for k in ("teacher", "baseline", "distilled")},
         "metrics": metrics,
-        "run_dir": str(result.run_dir),
+        "run_dir": f"{result.run_dir.parent.name}/{result.run_dir.name}",  # under --runs
         "seconds": seconds,
     }
 
