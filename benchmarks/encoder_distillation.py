@@ -40,7 +40,7 @@ import torch
 from rich.console import Console
 
 import distillery as ds
-from distillery.report.summary import fmt, mean_std, paired_difference
+from distillery.report.summary import fmt, mean_std, paired_difference, saved_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("mrr", "recall_at_1", "probe", "fidelity", "speedup")
@@ -180,23 +180,18 @@ def main(argv: list[str] | None = None) -> int:
                 per_arm[ST][seed], seconds[ST] = metrics, [*seconds[ST], secs]
                 console.print(f"  seed {seed} {ST}: MRR {metrics.get('mrr', float('nan')):.2f} ({secs:.0f}s)")
         write(args, stem, teacher, per_arm, seconds, steps, earlier + time.perf_counter() - t0, argv, chosen)
+    if not chosen and per_arm:  # resumed with nothing left to run: the saved table, rewritten
+        write(args, stem, teacher, per_arm, seconds, steps, earlier, argv, chosen)
     return 0
 
 
 def resume(args, stem: str, steps: int):
     """Teacher metrics, per-arm metrics and seconds, and the wall time of the arms in the saved JSON, when
     it was run with the same seeds, steps, batch and learning rate (else an error naming the mismatch)."""
-    path = args.out / f"{stem}.json"
-    if not path.is_file():
-        return {}, {}, {}, 0.0
-    saved = json.loads(path.read_text())
     now = {"seeds": args.seeds, "steps": steps, "batch": args.batch, "lr": args.lr}
-    differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-    if differ:
-        raise SystemExit(
-            f"--resume: {path} was run with other settings ({differ}: saved, now); "
-            "rerun without --resume or with the saved settings"
-        )
+    saved = saved_record(args.out / f"{stem}.json", now)
+    if saved is None:
+        return {}, {}, {}, 0.0
     per_seed = {k: {int(s): m for s, m in v.items()} for k, v in saved["per_seed"].items()}
     teacher = per_seed.pop("teacher")
     secs = saved.get("seconds_per_seed", {})

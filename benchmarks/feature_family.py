@@ -30,7 +30,7 @@ from rich.console import Console
 
 import distillery as ds
 from distillery.data.fashion_mnist import find_files
-from distillery.report.summary import fmt, mean_std, paired_difference
+from distillery.report.summary import fmt, mean_std, paired_difference, saved_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE_RECIPE = {"fashion_mnist": "fashion-mnist-kd", "digits": "digits-kd"}
@@ -199,17 +199,10 @@ def write(args, argv, console, dataset, base, steps, per_arm, seconds, teacher, 
 def resume(args, dataset: str, steps: int):
     """Per-arm metrics, training seconds, teacher metrics and wall time of the saved JSON, when it was run
     on the same dataset, seeds, steps and student (else an error naming the mismatch)."""
-    path = args.out / f"feature_family-{dataset}{'-quick' if args.quick else ''}.json"
-    if not path.is_file():
-        return {}, {}, {}, 0.0
-    saved = json.loads(path.read_text())
     now = {"dataset": dataset, "seeds": args.seeds, "steps": steps, "student": STUDENT[dataset]}
-    differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-    if differ:
-        raise SystemExit(
-            f"--resume: {path} was run with other settings ({differ}: saved, now); "
-            "rerun without --resume or with the saved settings"
-        )
+    saved = saved_record(args.out / f"feature_family-{dataset}{'-quick' if args.quick else ''}.json", now)
+    if saved is None:
+        return {}, {}, {}, 0.0
     per_seed = {k: {int(s): m for s, m in v.items()} for k, v in saved["per_seed"].items()}
     teacher = per_seed.pop("teacher")
     n = len(args.seeds)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -34,3 +36,23 @@ def fmt(stat: dict[str, float], digits: int = 2, signed: bool = False) -> str:
     if stat["n"] == 1:
         return f"{stat['mean']:{sign}.{digits}f}"
     return f"{stat['mean']:{sign}.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def saved_record(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON record of an earlier benchmark run at ``path`` (None when there is none), checked to
+    have been run with the same ``settings`` (its top-level keys): resuming a benchmark only adds arms
+    that are comparable to the saved ones.
+
+    Raises:
+        SystemExit: a saved value differs from ``settings`` (both are named).
+    """
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    differ = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    if differ:
+        raise SystemExit(
+            f"--resume: {path} was run with other settings ({differ}: saved, now); "
+            "rerun without --resume or with the saved settings"
+        )
+    return saved
