@@ -96,3 +96,29 @@ def test_missing_outputs_and_other_tasks_are_errors():
 
     with pytest.raises(ConfigError, match=r"loss.dino \(dino\) is a self-supervised term.*task: ssl"):
         ds.load_config("digits-kd", ['loss={"dino": {}}'])
+
+
+def test_the_term_reports_the_entropy_of_its_targets():
+    """Collapse signs: equal teacher outputs for every image are uniform targets once centred (per-image
+    entropy 1, in units of log K); one prototype far ahead for every image, with the centre not yet
+    caught up, gives one-hot targets (both entropies near 0)."""
+    term = DINOLoss(center_momentum=0.9)
+    same = torch.ones(2, 6, 8)
+    term.center = torch.ones(8)
+    term(_inputs(torch.randn(3, 6, 8), same))
+    assert term.targets_entropy["teacher_entropy"] == pytest.approx(1.0)
+    assert term.targets_entropy["teacher_mean_entropy"] == pytest.approx(1.0)
+    term = DINOLoss(center_momentum=0.9)
+    one = torch.zeros(2, 6, 8)
+    one[..., 3] = 5.0
+    term(_inputs(torch.randn(3, 6, 8), one))
+    assert (
+        term.targets_entropy["teacher_entropy"] < 0.01 and term.targets_entropy["teacher_mean_entropy"] < 0.01
+    )
+    # images that pick different prototypes: sharp per image, spread on average
+    term = DINOLoss(center_momentum=0.9)
+    spread = torch.zeros(2, 8, 8)
+    spread[:, torch.arange(8), torch.arange(8)] = 5.0
+    term(_inputs(torch.randn(3, 8, 8), spread))
+    assert term.targets_entropy["teacher_entropy"] < 0.01
+    assert term.targets_entropy["teacher_mean_entropy"] == pytest.approx(1.0, abs=1e-3)

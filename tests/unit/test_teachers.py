@@ -161,3 +161,21 @@ def test_teacher_keys_include_the_code_version_and_torch(monkeypatch):
     )
     monkeypatch.setattr(store, "training_code_version", lambda: "another-version")
     assert store.teacher_key(payload) != key
+
+
+def test_ema_teacher_with_batch_statistics_normalises_with_the_batch():
+    """DINO's and BYOL's teachers run in training mode: batch norm uses the batch's statistics (the
+    EMA of running statistics lags far behind at momenta near 1). The default uses running statistics."""
+    import torch
+    from torch import nn
+
+    from distillery.models import ClassifierAdapter
+    from distillery.teachers.ema import EMATeacher
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    batch = {"x": torch.randn(16, 3) * 5 + 2, "y": torch.zeros(16, dtype=torch.long)}
+    running = EMATeacher(net, 0.99, adapter=ClassifierAdapter())(batch).logits
+    batchwise = EMATeacher(net, 0.99, adapter=ClassifierAdapter(), batch_statistics=True)(batch).logits
+    torch.testing.assert_close(batchwise.mean(0), torch.zeros(4), atol=1e-5, rtol=0)  # normalised per batch
+    assert running.mean(0).abs().max() > 0.1  # running stats at their initial values: not normalised

@@ -16,6 +16,7 @@ code, where one step is one batch.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -84,6 +85,8 @@ class DINOLoss(LossTerm):
         self.warmup_epochs = teacher_temperature_warmup_epochs
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(0))  # sized [K] at the first batch
+        # entropies of the last batch's targets (collapse signs, read by the task's validation)
+        self.targets_entropy: dict[str, float] = {}
 
     def teacher_temperature_at(self, epoch: float) -> float:
         """The teacher temperature at (fractional) ``epoch``: linear warm-up, then constant."""
@@ -108,13 +111,15 @@ class DINOLoss(LossTerm):
         student, teacher = inputs.student_features[SSL_OUT], inputs.teacher_features[SSL_OUT].detach()
         if self.center.numel() == 0:
             self.center = torch.zeros(teacher.shape[-1], dtype=torch.float32, device=teacher.device)
+        temperature = self.teacher_temperature_at(inputs.epoch)
         local = DF.dino_loss(
             student,
             teacher,
             self.center,
             student_temperature=self.student_temperature,
-            teacher_temperature=self.teacher_temperature_at(inputs.epoch),
+            teacher_temperature=temperature,
         )
+        self.targets_entropy = _targets_entropy(teacher, self.center, temperature)
         if self.training:
             self.center = DF.update_center(
                 self.center, teacher, momentum=self.center_momentum, all_reduce=_all_reduce_sum
@@ -129,6 +134,22 @@ class DINOLoss(LossTerm):
             f"student_temperature={self.student_temperature}, teacher_temperature={self.teacher_temperature}, "
             f"center_momentum={self.center_momentum}"
         )
+
+
+def _targets_entropy(teacher: Tensor, center: Tensor, temperature: float) -> dict[str, float]:
+    """Entropies of the targets DINO trains on, over log K: the mean per-image entropy (near 1: every
+    target uniform) and the entropy of the mean target (near 0: one prototype takes every image)."""
+    with torch.no_grad():
+        p = ((teacher.reshape(-1, teacher.shape[-1]).float() - center) / temperature).softmax(-1)
+        log_k = math.log(p.shape[-1])
+
+        def entropy(q: Tensor) -> Tensor:
+            return -(q * q.clamp_min(1e-12).log()).sum(-1)
+
+        return {
+            "teacher_entropy": float(entropy(p).mean()) / log_k,
+            "teacher_mean_entropy": float(entropy(p.mean(0))) / log_k,
+        }
 
 
 SELF_SUPERVISED_LOSSES = {"dino": (DINOConfig, DINOLoss)}

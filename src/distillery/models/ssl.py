@@ -133,8 +133,9 @@ class DINOHead(nn.Module):
 
     As DINO's ``DINOHead``: hidden layers and the bottleneck are initialised with a truncated normal
     (std 0.02) and zero biases; the last layer has no bias, its weight norm ``g`` starts at 1 and,
-    with ``norm_last_layer`` (the default), stays 1 (not trained). ``last_layer_parameters()`` lists
-    what DINO freezes during the first epoch.
+    with ``norm_last_layer`` (the default), stays 1 (not trained). ``batch_norm`` adds batch norm after
+    the hidden layers (DINO's ``use_bn_in_head``, for convolutional backbones). ``last_layer_parameters()``
+    lists what DINO freezes during the first epoch.
     """
 
     def __init__(
@@ -145,14 +146,16 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 64,
         layers: int = 3,
         norm_last_layer: bool = True,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if layers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
         else:
-            mods: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            bn = (lambda: [nn.BatchNorm1d(hidden_dim)]) if batch_norm else list
+            mods: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), *bn(), nn.GELU()]
             for _ in range(layers - 2):
-                mods += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+                mods += [nn.Linear(hidden_dim, hidden_dim), *bn(), nn.GELU()]
             mods.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*mods)
         for m in self.modules():

@@ -72,6 +72,9 @@ class EMATeacher(BaseTeacher):
             ``total_steps`` (BYOL/DINO's schedule); else it is constant.
         total_steps: length of the ramp.
         adapter: how to call the network on a batch.
+        batch_statistics: run the teacher in training mode (batch norm normalises with the batch's own
+            statistics), as DINO's and BYOL's code do; the default, evaluation mode, uses the running
+            statistics, which an EMA of the student's lags far behind at momenta near 1.
     """
 
     def __init__(
@@ -82,8 +85,10 @@ class EMATeacher(BaseTeacher):
         momentum_end: float | None = None,
         total_steps: int = 0,
         adapter=None,
+        batch_statistics: bool = False,
     ) -> None:
         self.module = copy.deepcopy(student).float().eval().requires_grad_(False)
+        self.batch_statistics = batch_statistics
         self.momentum = momentum
         self.momentum_end = momentum_end
         self.schedule = (
@@ -99,7 +104,7 @@ class EMATeacher(BaseTeacher):
         return self.schedule[min(step, len(self.schedule)) - 1]
 
     def __call__(self, batch: Mapping[str, Tensor], student_output=None) -> TeacherOutput:
-        self.module.eval()
+        self.module.train(self.batch_statistics)
         with torch.no_grad():
             out = self.adapter.forward(self.module, batch)
         logits = None if out.logits is None else out.logits.float()  # self-supervised heads: features only

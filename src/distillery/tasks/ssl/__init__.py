@@ -17,7 +17,6 @@ deviation of the L2-normalised embeddings (near 0: every image maps to one point
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +103,13 @@ class SSLTask(BaseTask):
         backbone = self._backbone(data.data.input_shape)
         h = self.cfg.model.head
         head = DINOHead(
-            backbone.embed_dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.layers, h.norm_last_layer
+            backbone.embed_dim,
+            h.out_dim,
+            h.hidden_dim,
+            h.bottleneck_dim,
+            h.layers,
+            h.norm_last_layer,
+            h.batch_norm,
         )
         return SSLNetwork(backbone, head)
 
@@ -133,7 +138,12 @@ class SSLTask(BaseTask):
         t = self.cfg.teacher
         steps = self.cfg.train.total_steps(len(data.train))
         ema = EMATeacher(
-            student, t.momentum, momentum_end=t.momentum_end, total_steps=steps, adapter=SSLAdapter("global")
+            student,
+            t.momentum,
+            momentum_end=t.momentum_end,
+            total_steps=steps,
+            adapter=SSLAdapter("global"),
+            batch_statistics=True,  # as DINO's teacher: batch norm on the batch's statistics
         )
         views, seed = self.cfg.views, data.seed
         frozen_until = round(
@@ -157,7 +167,7 @@ class SSLTask(BaseTask):
             teacher=ema,
             adapter=SSLAdapter("all"),
             batch_transform=add_views,
-            evaluate=(lambda m: self._validation(m, data, ema.module))
+            evaluate=(lambda m: self._validation(m, data, objective))
             if data.data.validation is not None
             else None,
         )
@@ -183,27 +193,26 @@ class SSLTask(BaseTask):
             model.train(was)
         return torch.cat(out)
 
-    def _validation(
-        self, model: nn.Module, data: SSLSeedData, teacher: nn.Module, objective=None
-    ) -> dict[str, float]:
+    def _validation(self, model: nn.Module, data: SSLSeedData, objective=None) -> dict[str, float]:
+        """k-NN accuracy on the validation split against the bank, and the collapse signs: the entropies
+        of the last training batch's DINO targets and the spread of the validation embeddings."""
         d = data.data
         bank = d.labelled.subset(data.bank)
         e = self.cfg.eval
         z_bank, z_val = self._embed(model, bank.x), self._embed(model, d.validation.x)
         knn = knn_accuracy(z_bank, bank.y, z_val, d.validation.y, k=e.knn_k, temperature=e.knn_temperature)
-        x = self._centre_view(d.validation.x[:512])
-        terms = [] if objective is None else objective.terms.values()
-        dino = next((t for t in terms if isinstance(t, DINOLoss)), None)
-        center = None if dino is None else dino.center
-        temperature = 1.0 if dino is None else dino.teacher_temperature  # after its warm-up
-        return {"knn": 100.0 * knn, **collapse_signs(self._embed(model, x), teacher, x, center, temperature)}
+        out = {"knn": 100.0 * knn, "embedding_std": embedding_spread(z_val)}
+        for term in [] if objective is None else objective.terms.values():
+            if isinstance(term, DINOLoss):
+                out.update(term.targets_entropy)
+        return out
 
     def evaluate(
         self, model: nn.Module, data: SSLSeedData, split: str, teacher: nn.Module | None = None
     ) -> dict[str, float]:
         d = data.data
         if split == "validation":
-            return self._validation(model, data, model)
+            return self._validation(model, data)
         e = self.cfg.eval
         train_x, train_y = d.labelled.x, d.labelled.y
         z_train, z_test = self._embed(model, train_x), self._embed(model, d.test.x)
@@ -230,40 +239,10 @@ class SSLTask(BaseTask):
             backbone.vit.save_pretrained(arm_dir / "backbone")
 
 
-def collapse_signs(
-    embeddings: Tensor, teacher: nn.Module, x: Tensor, center: Tensor | None = None, temperature: float = 1.0
-) -> dict[str, float]:
-    """Signs of collapse on images ``x``, from the teacher's sharpened distribution
-    ``softmax((g_t(x) - center) / temperature)`` over its K prototypes and the student's ``embeddings``:
-
-    * ``teacher_entropy``: the mean entropy of one image's distribution, over log K: near 1 when every
-      output is uniform (the collapse that sharpening prevents);
-    * ``teacher_mean_entropy``: the entropy of the mean distribution over log K: near 0 when one
-      prototype takes every image (the collapse that centring prevents);
-    * ``embedding_std``: the mean over dimensions of the standard deviation of the L2-normalised
-      embeddings across images: near 0 when every image maps to one point.
-    """
-    z = nn.functional.normalize(embeddings, dim=-1)
-    was = teacher.training
-    teacher.eval()
-    try:
-        with torch.no_grad():
-            out = teacher([x]).squeeze(0).float()
-    finally:
-        teacher.train(was)
-    if center is not None and center.numel():
-        out = out - center.to(out)
-    p = (out / temperature).softmax(-1)
-    log_k = math.log(p.shape[-1])
-
-    def entropy(q: Tensor) -> Tensor:
-        return -(q * q.clamp_min(1e-12).log()).sum(-1)
-
-    return {
-        "teacher_entropy": float(entropy(p).mean()) / log_k,
-        "teacher_mean_entropy": float(entropy(p.mean(0))) / log_k,
-        "embedding_std": float(z.std(0).mean()),
-    }
+def embedding_spread(embeddings: Tensor) -> float:
+    """The mean over dimensions of the standard deviation of the L2-normalised ``embeddings`` across
+    images: near 0 when every image maps to one point (SimSiam's collapse sign)."""
+    return float(nn.functional.normalize(embeddings, dim=-1).std(0).mean())
 
 
-__all__ = ["SSLTask", "collapse_signs"]
+__all__ = ["SSLTask", "embedding_spread"]

@@ -35,6 +35,7 @@ class HeadConfig(StrictModel):
     bottleneck_dim: int = Field(64, ge=1, description="width of the L2-normalised bottleneck (DINO: 256)")
     layers: int = Field(3, ge=1, description="linear layers before the bottleneck's normalisation")
     norm_last_layer: bool = Field(True, description="keep the last layer's weight norm at 1 (DINO's default)")
+    batch_norm: bool = Field(False, description="batch norm after the hidden layers (DINO's use_bn_in_head)")
     freeze_last_layer_epochs: float = Field(
         0.0, ge=0.0, description="the last layer gets no gradient for this many epochs (DINO: 1)"
     )
