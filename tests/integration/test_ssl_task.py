@@ -136,3 +136,44 @@ def test_bad_ssl_settings_are_user_errors_and_write_nothing(tmp_path, capsys, ch
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err, err
     assert not out.exists()
+
+
+HEALTHY = {
+    "model": {"backbone": {"name": "cnn", "channels": [16, 32]},
+              "head": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32}},
+    "train": {"steps": 60, "batch_size": 64, "eval_every": 60, "clip_grad_norm": 3.0,
+              "optimizer": {"name": "adamw", "lr": 0.0005}, "schedule": {"warmup_ratio": 0.1}},
+    "loss": {"dino": {"teacher_temperature": 0.02}},
+    "baseline": {"enabled": False},
+}  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("dino", "collapses"),
+    [
+        ({"teacher_temperature": 0.02}, False),
+        ({"teacher_temperature": 0.1, "center_momentum": 1.0}, True),  # no sharpening, no centring
+    ],
+    ids=["centred-and-sharpened", "neither"],
+)
+def test_a_collapsing_run_says_so_and_a_healthy_one_does_not(tmp_path, capsys, dino, collapses):
+    out = tmp_path / "run"
+    cfg = _config(tmp_path, **{**HEALTHY, "loss": {"dino": dino}})
+    assert main(["run", str(cfg), f"output.dir={out}", "--no-progress"]) == 0
+    console = capsys.readouterr().out
+    record = json.loads((out / "seed-0" / "distilled" / "result.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    report = (out / "report.md").read_text()
+    signs = record["history"][-1]
+    information = signs["teacher_mean_entropy"] - signs["teacher_entropy"]
+    if collapses:
+        assert information < 0.02
+        assert len(record["warnings"]) == 1 and "collapsed" in record["warnings"][0]
+        assert summary["models"]["distilled"]["warnings"] == [f"seed 0: {record['warnings'][0]}"]
+        assert "**Warning, self-distilled**: seed 0: collapsed" in report
+        assert "warning" in console and "collapsed" in console
+    else:
+        assert information > 0.1  # the targets tell the images apart
+        assert record["warnings"] == [] and "warnings" not in summary["models"]["distilled"]
+        assert "Warning" not in report and "collapsed" not in console

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from distillery.errors import ConfigError
@@ -347,6 +348,8 @@ def _run(
             )
             for line in task.arm_lines(record):
                 console.print(line)
+            for warning in record.get("warnings", []):
+                console.print(f"  [bold yellow]warning[/]: seed {seed} {arm}: {escape(warning)}")
         for arm, record in task.combined_arms(data, trained, records).items():
             records[arm] = {"seed": seed, "arm": arm, **record}
             result.arms.setdefault(arm, {})

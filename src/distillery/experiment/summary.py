@@ -73,6 +73,9 @@ def summarize(result) -> dict[str, Any]:
         members = _aggregate_members(records)
         if members is not None:
             models[arm]["members"] = members
+        warnings = [f"seed {r['seed']}: {w}" for r in records for w in r.get("warnings", [])]
+        if warnings:  # what a task found wrong with a trained arm (a collapsed self-supervised run)
+            models[arm]["warnings"] = warnings
     paired_by_arm: dict[str, Any] = {}
     base = result.arms.get(BASELINE)
     if base:
@@ -244,6 +247,9 @@ def write_report(result) -> None:
     lines += _markdown(*table(task, s))
     for line in paired_lines(task, s):
         lines += ["", f"**{line[0].upper() + line[1:]}.**"]
+    for m in s["models"].values():
+        for warning in m.get("warnings", []):
+            lines += ["", f"**Warning, {m['label']}**: {warning}."]
     for section in task.sections(s):
         lines += ["", f"### {section.title}", "", *_markdown(section.headers, section.rows)]
     per_seed = s[f"per_seed_{headline.key}"]

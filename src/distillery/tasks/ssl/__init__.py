@@ -159,6 +159,12 @@ class SSLTask(BaseTask):
             v = make_views(batch["x"], batch["index"], step, seed, views)
             return {**batch, GLOBAL_VIEWS: v.global_views, LOCAL_VIEWS: v.local_views}
 
+        last: dict[str, float] = {}  # the latest validation: the collapse verdict reads it
+
+        def validate(model: nn.Module) -> dict[str, float]:
+            last.update(self._validation(model, data, objective))
+            return dict(last)
+
         return ArmJob(
             model=student,
             train_set=data.train,
@@ -167,9 +173,8 @@ class SSLTask(BaseTask):
             teacher=ema,
             adapter=SSLAdapter("all"),
             batch_transform=add_views,
-            evaluate=(lambda m: self._validation(m, data, objective))
-            if data.data.validation is not None
-            else None,
+            evaluate=validate if data.data.validation is not None else None,
+            record=lambda model, final: {"warnings": [w for w in [collapse_verdict(last)] if w]},
         )
 
     # ---- evaluation ---------------------------------------------------------------------------------
@@ -239,10 +244,40 @@ class SSLTask(BaseTask):
             backbone.vit.save_pretrained(arm_dir / "backbone")
 
 
+# below this (in units of log K) the teacher's targets say next to nothing about which image they are for
+COLLAPSE_INFORMATION = 0.02
+
+
+def collapse_verdict(signs: dict[str, float]) -> str | None:
+    """A sentence when the collapse signs of a validation say the run collapsed, else None.
+
+    The information the targets carry about the image is the entropy of the mean target minus the mean
+    entropy of one image's target (the mutual information between image and prototype, in units of
+    log K). Near 0, every image gets the same target: uniform ones (per-image entropy near 1: not enough
+    sharpening) or one prototype for all (near 0: not enough centring), or any distribution in between.
+    """
+    if "teacher_entropy" not in signs or "teacher_mean_entropy" not in signs:
+        return None
+    per_image, mean = signs["teacher_entropy"], signs["teacher_mean_entropy"]
+    if mean - per_image >= COLLAPSE_INFORMATION:
+        return None
+    kind = (
+        "uniform targets: sharpen more (a lower teacher temperature)"
+        if per_image > 0.9
+        else "one prototype for every image: centre more (a lower center_momentum)"
+        if per_image < 0.1
+        else "the same target for every image"
+    )
+    return (
+        f"collapsed: the teacher's targets no longer depend on the image (entropy {per_image:.3f} per image, "
+        f"{mean:.3f} of the mean target, in units of log K): {kind}"
+    )
+
+
 def embedding_spread(embeddings: Tensor) -> float:
     """The mean over dimensions of the standard deviation of the L2-normalised ``embeddings`` across
     images: near 0 when every image maps to one point (SimSiam's collapse sign)."""
     return float(nn.functional.normalize(embeddings, dim=-1).std(0).mean())
 
 
-__all__ = ["SSLTask", "embedding_spread"]
+__all__ = ["COLLAPSE_INFORMATION", "SSLTask", "collapse_verdict", "embedding_spread"]
