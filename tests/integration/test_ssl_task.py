@@ -177,3 +177,12 @@ def test_a_collapsing_run_says_so_and_a_healthy_one_does_not(tmp_path, capsys, d
         assert information > 0.1  # the targets tell the images apart
         assert record["warnings"] == [] and "warnings" not in summary["models"]["distilled"]
         assert "Warning" not in report and "collapsed" not in console
+
+
+@pytest.mark.integration
+def test_the_digits_dino_recipe_runs_through_the_cli(tmp_path):
+    out = tmp_path / "run"
+    args = ["seeds=[0]", "train.steps=20", "train.eval_every=10", f"output.dir={out}", "--no-progress"]
+    assert main(["run", "digits-dino", *args]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["models"]) == {"baseline", "distilled"} and summary["task"] == "ssl"
