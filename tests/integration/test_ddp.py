@@ -149,3 +149,31 @@ def test_launches_do_not_need_a_port_picked_in_advance(tmp_path):
                                              tmp_path), outs))  # fmt: skip
     first, second = (load_file(str(out)) for out in outs)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.integration
+def test_self_supervised_run_under_two_processes_matches_one_process(tmp_path):
+    """DINO on digits: the views (a function of seed, image id and step), the centre (all-reduced over
+    processes), the EMA teacher and the student match one process with the same global batch. The
+    backbone has no batch norm here: per-process batch statistics would differ from the global batch's
+    (DINO uses SyncBatchNorm on GPUs for that)."""
+    from safetensors.torch import load_file as load
+
+    quick = ["seeds=[0]", "train.steps=12", "train.eval_every=6", "model.backbone.batch_norm=false",
+             "baseline.enabled=false", "--no-progress"]  # fmt: skip
+    launch(["-m", "distillery", "run", "digits-dino", f"output.dir={tmp_path / 'ddp'}", *quick], tmp_path)
+    run_one_process(["run", "digits-dino", f"output.dir={tmp_path / 'one'}", *quick], tmp_path)
+    arm = Path("seed-0") / "distilled"
+    ddp, one = (
+        load(tmp_path / "ddp" / arm / "student.safetensors"),
+        load(tmp_path / "one" / arm / "student.safetensors"),
+    )
+    assert ddp.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    ddp_rec = json.loads((tmp_path / "ddp" / arm / "result.json").read_text())
+    one_rec = json.loads((tmp_path / "one" / arm / "result.json").read_text())
+    for a, b in zip(ddp_rec["history"], one_rec["history"]):  # the centre shows in the target entropies
+        assert a["teacher_entropy"] == pytest.approx(b["teacher_entropy"], rel=1e-4)
+        assert a["teacher_mean_entropy"] == pytest.approx(b["teacher_mean_entropy"], rel=1e-4)
+    assert ddp_rec["metrics"]["knn"] == pytest.approx(one_rec["metrics"]["knn"], abs=0.5)

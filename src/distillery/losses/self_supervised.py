@@ -137,18 +137,19 @@ class DINOLoss(LossTerm):
 
 
 def _targets_entropy(teacher: Tensor, center: Tensor, temperature: float) -> dict[str, float]:
-    """Entropies of the targets DINO trains on, over log K: the mean per-image entropy (near 1: every
-    target uniform) and the entropy of the mean target (near 0: one prototype takes every image)."""
+    """Entropies of the targets DINO trains on, over log K and over the whole batch of every process:
+    the mean per-image entropy (near 1: every target uniform) and the entropy of the mean target (near
+    0: one prototype takes every image)."""
     with torch.no_grad():
         p = ((teacher.reshape(-1, teacher.shape[-1]).float() - center) / temperature).softmax(-1)
         log_k = math.log(p.shape[-1])
-
-        def entropy(q: Tensor) -> Tensor:
-            return -(q * q.clamp_min(1e-12).log()).sum(-1)
-
+        per_row = -(p * p.clamp_min(1e-12).log()).sum(-1)
+        sums = _all_reduce_sum(torch.cat([per_row.sum()[None], p.sum(0), p.new_tensor([p.shape[0]])]))
+        n = sums[-1].clamp_min(1.0)
+        mean = sums[1:-1] / n
         return {
-            "teacher_entropy": float(entropy(p).mean()) / log_k,
-            "teacher_mean_entropy": float(entropy(p.mean(0))) / log_k,
+            "teacher_entropy": float(sums[0] / n) / log_k,
+            "teacher_mean_entropy": float(-(mean * mean.clamp_min(1e-12).log()).sum()) / log_k,
         }
 
 
