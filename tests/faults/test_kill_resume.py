@@ -216,3 +216,24 @@ def test_two_processes_sigkill_and_sigterm_then_resume_are_identical(tmp_path):
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
         assert_identical(outcome(run_dir), reference)
         TALLY["kills survived identical"] += 1
+
+
+@pytest.mark.integration
+def test_a_self_supervised_run_killed_mid_training_resumes_identical(tmp_path, cache):
+    """DINO: the views (drawn from seed, image id and step), the EMA teacher, the centre (a buffer of
+    the objective) and the last-layer freeze all come back on resume: the student ends bit-identical."""
+    args = ["digits-dino", "seeds=[0]", "train.steps=12", "train.eval_every=6", "train.log_every=1",
+            "train.checkpoint_every=3", "baseline.enabled=false", "--no-progress"]  # fmt: skip
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert distillery([*args, f"output.dir={ref_dir}"], cache).returncode == 0
+    killed = distillery([*args, f"output.dir={run_dir}"], cache, fault=("step", 8))
+    assert killed.returncode != 0 and not (run_dir / "summary.json").exists()
+    resumed = distillery([*args, f"output.dir={run_dir}", "--resume"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(str(ref_dir / "seed-0" / "distilled" / "student.safetensors"))
+    b = load_file(str(run_dir / "seed-0" / "distilled" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (
+        json.loads((d / "seed-0" / "distilled" / "result.json").read_text()) for d in (ref_dir, run_dir)
+    )
+    assert ra["metrics"] == rb["metrics"] and ra["history"] == rb["history"]
