@@ -128,6 +128,11 @@ def test_an_interrupted_ssl_run_resumes_to_the_same_numbers(tmp_path):
         ({"loss": {"kd": {}}}, "loss.kd (kd) is not a self-supervised term"),
         ({"data": {"name": "digits", "transfer": 100}}, "data.transfer"),
         ({"model": {"backbone": {"name": "vit", "patch_size": 3}}}, "model.patch_size=3 does not divide"),
+        ({"loss": {"byol": {}}}, "loss.byol needs BYOL's projector and predictor"),
+        ({"loss": {"dino": {}, "byol": {}}}, "loss has both dino and byol"),
+        ({"model": {"head": {"kind": "mlp"}}}, "loss.dino compares distributions over prototypes"),
+        ({"model": {"head": {"kind": "mlp", "freeze_last_layer_epochs": 1}, "predictor": {}}, "loss": {"byol": {}}},
+         "freeze_last_layer_epochs freezes DINO's prototypes"),
     ],
 )  # fmt: skip
 def test_bad_ssl_settings_are_user_errors_and_write_nothing(tmp_path, capsys, changes, message):
@@ -186,3 +191,23 @@ def test_the_digits_dino_recipe_runs_through_the_cli(tmp_path):
     assert main(["run", "digits-dino", *args]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["models"]) == {"baseline", "distilled"} and summary["task"] == "ssl"
+
+
+@pytest.mark.integration
+def test_a_byol_run_trains_a_predictor_against_the_ema_projector(tmp_path):
+    out = tmp_path / "run"
+    changes = {
+        "model": {"backbone": {"name": "cnn", "channels": [8, 16]}, "head": {"kind": "mlp", "out_dim": 16, "hidden_dim": 32},
+                  "predictor": {"hidden_dim": 32}},
+        "loss": {"byol": {}},
+        "views": {"global_crops": 2, "local_crops": 0},
+    }  # fmt: skip
+    assert main(["run", str(_config(tmp_path, **changes)), f"output.dir={out}", "--no-progress"]) == 0
+    dist = json.loads((out / "seed-0" / "distilled" / "result.json").read_text())
+    assert dist["steps"] == 8 and 0 <= dist["metrics"]["knn"] <= 100
+    assert "teacher_entropy" not in dist["history"][-1] and dist["history"][-1]["embedding_std"] > 0
+    assert dist["warnings"] == []  # no targets' entropies to judge a collapse by
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "seed-0" / "distilled" / "student.safetensors")
+    assert any(k.startswith("predictor.") for k in weights)

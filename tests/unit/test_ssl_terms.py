@@ -122,3 +122,24 @@ def test_the_term_reports_the_entropy_of_its_targets():
     term(_inputs(torch.randn(3, 8, 8), spread))
     assert term.targets_entropy["teacher_entropy"] < 0.01
     assert term.targets_entropy["teacher_mean_entropy"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_byol_term_averages_both_directions_of_every_pair_of_views():
+    from distillery.losses import LOSSES
+    from distillery.models.ssl import SSL_PRED
+
+    _, cls = LOSSES["byol"]
+    g = torch.Generator().manual_seed(5)
+    pred, target = torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, 4, generator=g)
+    inputs = LossInputs(
+        student_logits=None,
+        target=torch.full((6,), -100),
+        mask=torch.ones(6, dtype=torch.bool),
+        student_features={SSL_PRED: pred},
+        teacher_features={SSL_OUT: target},
+    )
+    want = (DF.byol_loss(pred[1], target[0]) + DF.byol_loss(pred[0], target[1])) / 2
+    torch.testing.assert_close(cls()(inputs), want)
+    torch.testing.assert_close(cls()(inputs, num_valid=12.0), want / 2)  # this micro-batch is half the rows
+    with pytest.raises(ValueError, match="model.predictor"):
+        cls()(_inputs(pred, target))  # no predictions: a network without a predictor

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from distillery import functional as DF
 from distillery.losses.base import LossInputs, LossTerm, TermConfig
-from distillery.models.ssl import SSL_OUT  # the head outputs of every view, [V, B, K]
+from distillery.models.ssl import SSL_OUT, SSL_PRED  # head outputs [V, B, K]; predictions [V, B, D]
 
 
 def _all_reduce_sum(x: Tensor) -> Tensor:
@@ -153,6 +153,52 @@ def _targets_entropy(teacher: Tensor, center: Tensor, temperature: float) -> dic
         }
 
 
-SELF_SUPERVISED_LOSSES = {"dino": (DINOConfig, DINOLoss)}
+class BYOLConfig(SelfSupervisedTermConfig):
+    """BYOL's normalised MSE from the student's predictions to the teacher's projections of other views."""
 
-__all__ = ["SELF_SUPERVISED_LOSSES", "SSL_OUT", "DINOConfig", "DINOLoss", "SelfSupervisedTermConfig"]
+    name: Literal["byol"] = "byol"
+
+
+class BYOLLoss(LossTerm):
+    """:func:`distillery.functional.byol_loss` between the student's prediction of view j and the
+    teacher's projection of view i, averaged over the pairs i != j (the paper's symmetrised loss for
+    two views: both directions). Each pair's value is its mean over the images; BYOL's paper sums the
+    two directions, this averages them (a factor 2 that the weight absorbs)."""
+
+    def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
+        for side, feats, key in (
+            ("student's predictions", inputs.student_features, SSL_PRED),
+            ("teacher's projections", inputs.teacher_features, SSL_OUT),
+        ):
+            if key not in feats:
+                raise ValueError(
+                    f"loss term byol needs the {side} of every view ({key!r}); it runs in task: ssl with "
+                    "model.predictor set"
+                )
+        pred, target = inputs.student_features[SSL_PRED], inputs.teacher_features[SSL_OUT].detach()
+        pairs = [
+            DF.byol_loss(pred[j], target[i])
+            for i in range(target.shape[0])
+            for j in range(pred.shape[0])
+            if i != j
+        ]
+        if not pairs:
+            raise ValueError("loss term byol needs at least two views (a view is never its own target)")
+        local = torch.stack(pairs).mean()
+        if num_valid is None:
+            return local
+        n = inputs.mask.sum().to(local.dtype)
+        return local * n / torch.as_tensor(num_valid, dtype=local.dtype, device=local.device).clamp_min(1.0)
+
+
+SELF_SUPERVISED_LOSSES = {"dino": (DINOConfig, DINOLoss), "byol": (BYOLConfig, BYOLLoss)}
+
+__all__ = [
+    "SELF_SUPERVISED_LOSSES",
+    "SSL_OUT",
+    "BYOLConfig",
+    "BYOLLoss",
+    "DINOConfig",
+    "DINOLoss",
+    "SelfSupervisedTermConfig",
+]

@@ -26,6 +26,7 @@ from distillery.models.adapters import ModelOutput
 from distillery.models.cnn import SmallCNN
 
 SSL_OUT = "ssl.out"  # the head outputs of every view, [V, B, K] (read by the self-supervised loss terms)
+SSL_PRED = "ssl.pred"  # the predictor's outputs on the head outputs of every view, [V, B, D] (BYOL)
 GLOBAL_VIEWS, LOCAL_VIEWS = "global_views", "local_views"  # batch keys: [G, B, C, S, S], [L, B, C, s, s]
 
 
@@ -195,15 +196,18 @@ class MLPHead(nn.Module):
 
 
 class SSLNetwork(nn.Module):
-    """A backbone and a head: ``forward(views) -> [V, B, K]`` for a list of view batches ``[B, C, S, S]``.
+    """A backbone, a head and optionally a predictor: ``forward(views) -> [V, B, K]`` for a list of view
+    batches ``[B, C, S, S]``; ``predict(out) -> [V, B, D]`` applies the predictor to each view's head
+    outputs (BYOL's online network; the EMA target network keeps an unused copy of it).
 
     Consecutive views of the same size run through the backbone as one batch (DINO's
     ``MultiCropWrapper``: one pass for the global crops, one for the local ones).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, predictor: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.predictor = predictor
 
     def forward(self, views: Sequence[Tensor]) -> Tensor:
         out: list[Tensor] = []
@@ -217,6 +221,12 @@ class SSLNetwork(nn.Module):
             i = j
         return torch.stack(out)
 
+    def predict(self, out: Tensor) -> Tensor:
+        """The predictor on each view's head outputs (one batch per view, as its batch norm expects)."""
+        if self.predictor is None:
+            raise ValueError("this network has no predictor (model.predictor in the config)")
+        return torch.stack([self.predictor(v) for v in out.unbind(0)])
+
     def embed(self, x: Tensor) -> Tensor:
         """The backbone's embedding ``[B, D]`` of images ``[B, C, H, W]`` (what the probes read)."""
         return self.backbone.embed(x)
@@ -225,12 +235,13 @@ class SSLNetwork(nn.Module):
 class SSLAdapter:
     """Batches with the views of :func:`distillery.data.views.make_views` (``global_views``,
     ``local_views``); one row per image. ``views="all"`` (the student) runs the network on every view,
-    ``"global"`` (the teacher) on the global ones; the outputs are ``features[SSL_OUT]``."""
+    ``"global"`` (the teacher) on the global ones; the outputs are ``features[SSL_OUT]``, and with
+    ``predict`` the predictor's outputs ``features[SSL_PRED]``."""
 
     target_key = "y"
 
-    def __init__(self, views: Literal["all", "global"] = "all") -> None:
-        self.views = views
+    def __init__(self, views: Literal["all", "global"] = "all", predict: bool = False) -> None:
+        self.views, self.predict = views, predict
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -252,13 +263,18 @@ class SSLAdapter:
         views = list(batch[GLOBAL_VIEWS].unbind(0))
         if self.views == "all":
             views += list(batch[LOCAL_VIEWS].unbind(0))
-        return ModelOutput(logits=None, features={SSL_OUT: model(views)})
+        out = model(views)
+        features = {SSL_OUT: out}
+        if self.predict:
+            features[SSL_PRED] = model.predict(out)
+        return ModelOutput(logits=None, features=features)
 
 
 __all__ = [
     "GLOBAL_VIEWS",
     "LOCAL_VIEWS",
     "SSL_OUT",
+    "SSL_PRED",
     "CNNBackbone",
     "DINOHead",
     "MLPHead",

@@ -33,6 +33,7 @@ from distillery.models.ssl import (
     LOCAL_VIEWS,
     CNNBackbone,
     DINOHead,
+    MLPHead,
     SSLAdapter,
     SSLNetwork,
     ViTBackbone,
@@ -101,17 +102,21 @@ class SSLTask(BaseTask):
 
     def new_student(self, data: SSLSeedData) -> nn.Module:
         backbone = self._backbone(data.data.input_shape)
-        h = self.cfg.model.head
-        head = DINOHead(
-            backbone.embed_dim,
-            h.out_dim,
-            h.hidden_dim,
-            h.bottleneck_dim,
-            h.layers,
-            h.norm_last_layer,
-            h.batch_norm,
-        )
-        return SSLNetwork(backbone, head)
+        h, pred = self.cfg.model.head, self.cfg.model.predictor
+        if h.kind == "mlp":
+            head: nn.Module = MLPHead(backbone.embed_dim, h.out_dim, h.hidden_dim)
+        else:
+            head = DINOHead(
+                backbone.embed_dim,
+                h.out_dim,
+                h.hidden_dim,
+                h.bottleneck_dim,
+                h.layers,
+                h.norm_last_layer,
+                h.batch_norm,
+            )
+        predictor = None if pred is None else MLPHead(h.out_dim, h.out_dim, pred.hidden_dim)
+        return SSLNetwork(backbone, head, predictor)
 
     def label(self, arm: str) -> str:
         return {BASELINE: "random init (untrained)", DISTILLED: "self-distilled"}.get(arm, arm)
@@ -150,7 +155,7 @@ class SSLTask(BaseTask):
             self.cfg.model.head.freeze_last_layer_epochs * len(data.train) / self.cfg.train.batch_size
         )
         now = {"step": 0}
-        if frozen_until > 0:  # DINO's cancel_gradients_last_layer: no gradient reaches the prototypes
+        if frozen_until > 0 and isinstance(student.head, DINOHead):  # DINO's cancel_gradients_last_layer
             for p in student.head.last_layer_parameters():
                 p.register_hook(lambda g: torch.zeros_like(g) if now["step"] < frozen_until else g)
 
@@ -171,7 +176,7 @@ class SSLTask(BaseTask):
             objective=objective,
             train=self.cfg.train,
             teacher=ema,
-            adapter=SSLAdapter("all"),
+            adapter=SSLAdapter("all", predict=self.cfg.model.predictor is not None),
             batch_transform=add_views,
             evaluate=validate if data.data.validation is not None else None,
             record=lambda model, final: {"warnings": [w for w in [collapse_verdict(last)] if w]},

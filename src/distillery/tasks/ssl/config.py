@@ -28,8 +28,11 @@ Backbone = Annotated[ViTConfig | SSLCNNConfig, Field(discriminator="name")]
 
 
 class HeadConfig(StrictModel):
-    """DINO's projection head."""
+    """The projection head: DINO's (``kind: dino``: an MLP, an L2-normalised bottleneck, then K
+    weight-normalised prototypes) or BYOL's projector (``kind: mlp``: Linear, BatchNorm, ReLU, Linear to
+    ``out_dim``)."""
 
+    kind: Literal["dino", "mlp"] = Field("dino", description="dino (prototypes) or mlp (BYOL's projector)")
     out_dim: int = Field(1024, ge=2, description="number of prototypes K (DINO: 65536)")
     hidden_dim: int = Field(256, ge=1, description="width of the MLP's hidden layers (DINO: 2048)")
     bottleneck_dim: int = Field(64, ge=1, description="width of the L2-normalised bottleneck (DINO: 256)")
@@ -41,9 +44,16 @@ class HeadConfig(StrictModel):
     )
 
 
+class PredictorConfig(StrictModel):
+    """BYOL's predictor on the student side: Linear, BatchNorm, ReLU, Linear back to the head's width."""
+
+    hidden_dim: int = Field(256, ge=1, description="hidden width (BYOL: 4096)")
+
+
 class SSLModelConfig(StrictModel):
     backbone: Backbone = Field(default_factory=SSLCNNConfig, description="vit or cnn")
     head: HeadConfig = Field(default_factory=HeadConfig)
+    predictor: PredictorConfig | None = Field(None, description="BYOL's predictor (needed by the byol term)")
 
 
 class SSLTeacherConfig(StrictModel):
@@ -106,11 +116,36 @@ class SSLRunConfig(DistillationConfigBase):
         if others:
             raise ValueError(
                 f"loss.{others[0]} ({self.loss[others[0]].name}) is not a self-supervised term; task: ssl trains on "
-                "unlabelled views with dino (more methods follow)"
+                "unlabelled views with dino or byol"
+            )
+        names = {term.name for term in self.loss.values()}
+        if names == {"dino", "byol"}:
+            raise ValueError(
+                "conflicting fields: loss has both dino and byol; they need different heads (prototypes for dino, "
+                "a projector and a predictor for byol): train one of them"
+            )
+        head, predictor = self.model.head.kind, self.model.predictor
+        if "byol" in names and (head != "mlp" or predictor is None):
+            fixes = ([] if head == "mlp" else ["model.head.kind=mlp"]) + (
+                [] if predictor is not None else ["model.predictor={hidden_dim: 256}"]
+            )
+            raise ValueError(
+                f"conflicting fields: loss.byol needs BYOL's projector and predictor, but model.head.kind={head} and "
+                f"model.predictor={'set' if predictor else 'null'}; set {' and '.join(fixes)}"
+            )
+        if head == "mlp" and self.model.head.freeze_last_layer_epochs > 0:
+            raise ValueError(
+                "conflicting fields: model.head.freeze_last_layer_epochs freezes DINO's prototypes, but "
+                "model.head.kind=mlp has none; set it to 0"
+            )
+        if "dino" in names and head != "dino":
+            raise ValueError(
+                f"conflicting fields: loss.dino compares distributions over prototypes, but model.head.kind={head}; "
+                "set model.head.kind=dino"
             )
         if self.views.global_crops < 2 and self.views.local_crops == 0:
             raise ValueError(
-                f"views: global_crops={self.views.global_crops} and no local crops leave DINO no pair of different "
+                f"views: global_crops={self.views.global_crops} and no local crops leave no pair of different "
                 "views; use global_crops=2 (DINO's) or add local_crops"
             )
         if self.data.transfer not in (0, None):
