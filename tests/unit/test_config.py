@@ -38,7 +38,7 @@ def test_unknown_component_name_lists_valid_names():
     msg = _error(["loss.focal.weight=1"])
     assert (
         "loss.focal: unknown loss 'focal'" in msg
-        and "valid: attention_kl, attention_scores, attention_transfer, ce, cka, dino, dkd, features, forward_kl, hint, "
+        and "valid: attention_kl, attention_scores, attention_transfer, byol, ce, cka, dino, dkd, features, forward_kl, hint, "
         "jsd, kd, nkd, relation_kl, reverse_kl, rkd_angle, rkd_distance, skew_kl, skew_reverse_kl, sp, tvd, uskd"
         in msg
     )
