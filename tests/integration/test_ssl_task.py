@@ -211,3 +211,35 @@ def test_a_byol_run_trains_a_predictor_against_the_ema_projector(tmp_path):
 
     weights = load_file(out / "seed-0" / "distilled" / "student.safetensors")
     assert any(k.startswith("predictor.") for k in weights)
+
+
+@pytest.mark.integration
+def test_a_random_teacher_run_learns_from_a_fixed_network_of_its_own_architecture(tmp_path):
+    """teacher.source=random: the teacher is another initialisation (seed + init_seed_offset), never
+    updated; the student still trains, and ends elsewhere than against the EMA teacher."""
+    from safetensors.torch import load_file
+
+    outs = {}
+    for source in ("random", "ema"):
+        out = tmp_path / source
+        cfg = _config(tmp_path, teacher={"source": source}, baseline={"enabled": False})
+        assert main(["run", str(cfg), f"output.dir={out}", "--no-progress"]) == 0
+        outs[source] = load_file(out / "seed-0" / "distilled" / "student.safetensors")
+        if source == "random":
+            report = (out / "report.md").read_text()
+            assert "a random, frozen teacher" in report
+    assert any(not torch.equal(outs["random"][k], outs["ema"][k]) for k in outs["ema"])
+
+
+def test_the_ema_teacher_at_momentum_one_never_moves():
+    from torch import nn
+
+    from distillery.teachers.ema import EMATeacher
+
+    net = nn.Linear(3, 2)
+    teacher = EMATeacher(net, 1.0)
+    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    teacher.update(net, 1)
+    assert all(torch.equal(before[k], v) for k, v in teacher.module.state_dict().items())

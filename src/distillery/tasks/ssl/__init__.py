@@ -125,7 +125,8 @@ class SSLTask(BaseTask):
         if arm == BASELINE:
             return "the network as initialised, without training: what the probes get from a random backbone"
         terms = ", ".join(f"{k} ({t.name})" for k, t in self.cfg.loss.items())
-        return f"trained on views of unlabelled images against an EMA teacher: {terms}"
+        teacher = "a random, frozen teacher" if self.cfg.teacher.source == "random" else "an EMA teacher"
+        return f"trained on views of unlabelled images against {teacher}: {terms}"
 
     def arm(
         self,
@@ -142,10 +143,16 @@ class SSLTask(BaseTask):
             return ArmJob(model=student, train_set=[], objective=objective, train=None)
         t = self.cfg.teacher
         steps = self.cfg.train.total_steps(len(data.train))
+        if t.source == "random":  # a fresh network of the same architecture, never updated (momentum 1)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(data.seed + t.init_seed_offset)
+                source, momentum, momentum_end = self.new_student(data), 1.0, None
+        else:
+            source, momentum, momentum_end = student, t.momentum, t.momentum_end
         ema = EMATeacher(
-            student,
-            t.momentum,
-            momentum_end=t.momentum_end,
+            source,
+            momentum,
+            momentum_end=momentum_end,
             total_steps=steps,
             adapter=SSLAdapter("global"),
             batch_statistics=True,  # as DINO's teacher: batch norm on the batch's statistics

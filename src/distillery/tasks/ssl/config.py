@@ -57,9 +57,15 @@ class SSLModelConfig(StrictModel):
 
 
 class SSLTeacherConfig(StrictModel):
-    """The teacher: an EMA copy of the student (DINO, iBOT, data2vec, BYOL)."""
+    """The teacher: an EMA copy of the student (DINO, BYOL), or a randomly initialised network of the same
+    architecture that never changes ("Random Teachers are Good Teachers")."""
 
-    source: Literal["ema"] = "ema"
+    source: Literal["ema", "random"] = Field(
+        "ema", description="ema (a moving average of the student) or random"
+    )
+    init_seed_offset: int = Field(
+        1000, description="random teacher: initialised from seed + this (the student from seed)"
+    )
     momentum: float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at the start (DINO: 0.996)")
     momentum_end: float | None = Field(
         1.0, ge=0.0, le=1.0, description="cosine-ramp the momentum to this value (DINO: 1.0); null = constant"
