@@ -112,6 +112,16 @@ class LossTerm(nn.Module):
         return inputs.teacher_logits
 
     @staticmethod
+    def _local_share(local: Tensor, rows: Tensor, num_valid: Tensor | float | None) -> Tensor:
+        """A micro-batch's mean ``local`` over its ``rows``, scaled by ``local rows / global rows``: the
+        micro-batches' values then add up to their row-weighted mean (terms over relations between rows,
+        or over views, that cannot be summed row by row)."""
+        if num_valid is None:
+            return local
+        n = rows.sum().to(local.dtype)
+        return local * n / torch.as_tensor(num_valid, dtype=local.dtype, device=local.device).clamp_min(1.0)
+
+    @staticmethod
     def _weighted(
         per_row: Tensor, inputs: LossInputs, rows: Tensor, num_valid: Tensor | float | None
     ) -> Tensor:

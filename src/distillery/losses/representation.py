@@ -138,10 +138,7 @@ class SignalTerm(LossTerm):
         rows = inputs.mask
         values = [self.value(s, t.detach(), inputs, rows) for s, t in self.pair_values(inputs)]
         local = torch.stack(values).sum()
-        if num_valid is None:
-            return local
-        n = rows.sum().to(local.dtype)
-        return local * n / torch.as_tensor(num_valid, dtype=local.dtype, device=local.device).clamp_min(1.0)
+        return self._local_share(local, rows, num_valid)
 
     def value(self, student: Tensor, teacher: Tensor, inputs: LossInputs, rows: Tensor) -> Tensor:
         """The term on one pair of signals of this micro-batch (its local mean)."""

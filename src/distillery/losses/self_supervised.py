@@ -124,10 +124,7 @@ class DINOLoss(LossTerm):
             self.center = DF.update_center(
                 self.center, teacher, momentum=self.center_momentum, all_reduce=_all_reduce_sum
             )
-        if num_valid is None:
-            return local
-        n = inputs.mask.sum().to(local.dtype)
-        return local * n / torch.as_tensor(num_valid, dtype=local.dtype, device=local.device).clamp_min(1.0)
+        return self._local_share(local, inputs.mask, num_valid)
 
     def extra_repr(self) -> str:
         return (
@@ -185,10 +182,7 @@ class BYOLLoss(LossTerm):
         if not pairs:
             raise ValueError("loss term byol needs at least two views (a view is never its own target)")
         local = torch.stack(pairs).mean()
-        if num_valid is None:
-            return local
-        n = inputs.mask.sum().to(local.dtype)
-        return local * n / torch.as_tensor(num_valid, dtype=local.dtype, device=local.device).clamp_min(1.0)
+        return self._local_share(local, inputs.mask, num_valid)
 
 
 SELF_SUPERVISED_LOSSES = {"dino": (DINOConfig, DINOLoss), "byol": (BYOLConfig, BYOLLoss)}
