@@ -213,6 +213,59 @@ def update_center(
         return center.detach() * momentum + batch_center.to(center.dtype) * (1.0 - momentum)
 
 
+def dino_target_entropies(
+    teacher: Tensor,
+    center: Tensor,
+    temperature: float,
+    *,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[float, float]:
+    r"""How much DINO's targets say about the image: two entropies, in units of :math:`\log K`.
+
+    .. math::
+
+        P_n = \mathrm{softmax}\!\left(\frac{g_t(x_n) - c}{\tau_t}\right), \qquad
+        h_{\text{image}} = \frac{1}{N \log K} \sum_{n=1}^{N} H(P_n), \qquad
+        h_{\text{mean}} = \frac{1}{\log K} H\!\left(\frac{1}{N} \sum_{n=1}^{N} P_n\right)
+
+    over every row of ``teacher`` on every process (``all_reduce`` sums a tensor across processes, as
+    in :func:`update_center`). :math:`h_{\text{image}} \to 1` when every target is uniform (too little
+    sharpening), :math:`h_{\text{mean}} \to 0` when one prototype takes every image (too little
+    centring); :math:`h_{\text{mean}} - h_{\text{image}} \ge 0` is the mutual information between image
+    and prototype, near 0 in either collapse. The two curves of DINO's Figure 7 ("Emerging Properties in
+    Self-Supervised Vision Transformers"). No gradient.
+
+    Args:
+        teacher: ``[..., K]`` teacher head outputs.
+        center: ``[K]`` the centre.
+        temperature: the teacher temperature :math:`\tau_t`.
+        all_reduce: sums a tensor across processes; None for one process.
+
+    Returns:
+        ``(h_image, h_mean)`` as Python floats in [0, 1] (up to float32 rounding).
+
+    Example:
+        >>> import torch
+        >>> h_image, h_mean = dino_target_entropies(torch.eye(4) * 50, torch.zeros(4), 1.0)
+        >>> round(h_image, 6), round(h_mean, 6)  # one-hot targets, each image its own prototype
+        (0.0, 1.0)
+        >>> [round(h, 6) for h in dino_target_entropies(torch.ones(3, 4), torch.ones(4), 0.04)]
+        [1.0, 1.0]
+    """
+    _check_temperature("temperature", temperature)
+    with torch.no_grad():
+        rows = teacher.detach().reshape(-1, teacher.shape[-1]).to(compute_dtype(teacher))
+        p = ((rows - center.to(rows)) / temperature).softmax(-1)
+        per_row = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        sums = torch.cat([per_row.sum()[None], p.sum(0), p.new_tensor([p.shape[0]])])
+        if all_reduce is not None:
+            sums = all_reduce(sums)
+        n = sums[-1].clamp_min(1.0)
+        mean = sums[1:-1] / n
+        log_k = math.log(p.shape[-1])
+        return float(sums[0] / n) / log_k, float(-(mean * mean.clamp_min(1e-30).log()).sum()) / log_k
+
+
 def data2vec_targets(
     layers: Sequence[Tensor],
     top_k: int,
@@ -402,6 +455,7 @@ __all__ = [
     "data2vec_loss",
     "data2vec_targets",
     "dino_loss",
+    "dino_target_entropies",
     "ibot_patch_loss",
     "koleo_loss",
     "update_center",

@@ -16,7 +16,6 @@ code, where one step is one batch.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -119,7 +118,10 @@ class DINOLoss(LossTerm):
             student_temperature=self.student_temperature,
             teacher_temperature=temperature,
         )
-        self.targets_entropy = _targets_entropy(teacher, self.center, temperature)
+        per_image, mean = DF.dino_target_entropies(
+            teacher, self.center, temperature, all_reduce=_all_reduce_sum
+        )
+        self.targets_entropy = {"teacher_entropy": per_image, "teacher_mean_entropy": mean}
         if self.training:
             self.center = DF.update_center(
                 self.center, teacher, momentum=self.center_momentum, all_reduce=_all_reduce_sum
@@ -131,23 +133,6 @@ class DINOLoss(LossTerm):
             f"student_temperature={self.student_temperature}, teacher_temperature={self.teacher_temperature}, "
             f"center_momentum={self.center_momentum}"
         )
-
-
-def _targets_entropy(teacher: Tensor, center: Tensor, temperature: float) -> dict[str, float]:
-    """Entropies of the targets DINO trains on, over log K and over the whole batch of every process:
-    the mean per-image entropy (near 1: every target uniform) and the entropy of the mean target (near
-    0: one prototype takes every image)."""
-    with torch.no_grad():
-        p = ((teacher.reshape(-1, teacher.shape[-1]).float() - center) / temperature).softmax(-1)
-        log_k = math.log(p.shape[-1])
-        per_row = -(p * p.clamp_min(1e-12).log()).sum(-1)
-        sums = _all_reduce_sum(torch.cat([per_row.sum()[None], p.sum(0), p.new_tensor([p.shape[0]])]))
-        n = sums[-1].clamp_min(1.0)
-        mean = sums[1:-1] / n
-        return {
-            "teacher_entropy": float(sums[0] / n) / log_k,
-            "teacher_mean_entropy": float(-(mean * mean.clamp_min(1e-12).log()).sum()) / log_k,
-        }
 
 
 class BYOLConfig(SelfSupervisedTermConfig):

@@ -17,6 +17,7 @@ from distillery.functional import (
     data2vec_loss,
     data2vec_targets,
     dino_loss,
+    dino_target_entropies,
     ibot_patch_loss,
     koleo_loss,
     update_center,
@@ -396,3 +397,35 @@ def naive_koleo(x, eps=1e-8):
         rho = math.sqrt(sum((p - q + eps) ** 2 for p, q in zip(a, xs[best])))
         total += -math.log(rho + eps)
     return total / len(xs)
+
+
+@pytest.mark.parametrize("n,k", [(1, 2), (5, 3), (12, 8)])
+@pytest.mark.parametrize("temperature", [0.04, 1.0])
+def test_target_entropies_match_the_loops(n, k, temperature):
+    g = _g("entropies", n, k, temperature)
+    t, c = _randn(g, n, k, scale=0.2), _randn(g, k, scale=0.1)
+    got = dino_target_entropies(t, c, temperature)
+    rows = [_softmax([x - ci for x, ci in zip(row, c.tolist())], temperature) for row in t.tolist()]
+
+    def h(p):
+        return -sum(q * math.log(q) for q in p if q > 0)
+
+    mean = [sum(r[j] for r in rows) / n for j in range(k)]
+    want = (sum(h(r) for r in rows) / n / math.log(k), h(mean) / math.log(k))
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert got[1] >= got[0] - 1e-12  # the mean target is never less spread than one image's
+
+
+def test_target_entropies_over_two_processes_are_those_of_the_whole_batch():
+    g = _g("entropies-ddp")
+    t, c = _randn(g, 7, 5), _randn(g, 5, scale=0.1)
+    parts = [t[:3], t[3:]]
+
+    def stats(x):  # what each process contributes before the all-reduce
+        p = ((x - c) / 0.5).softmax(-1)
+        return torch.cat([-(p * p.log()).sum(-1).sum()[None], p.sum(0), p.new_tensor([len(x)])])
+
+    total = sum(stats(p) for p in parts)
+    for part in parts:
+        got = dino_target_entropies(part, c, 0.5, all_reduce=lambda x: total)
+        assert got == pytest.approx(dino_target_entropies(t, c, 0.5), rel=1e-12)
