@@ -61,3 +61,11 @@ def test_linear_probe_lives_in_probes_and_the_encoder_metrics_use_it():
     from distillery.eval import encoder
 
     assert encoder.linear_probe is linear_probe
+
+
+def test_embedding_spread_is_zero_for_one_point_and_about_one_over_root_d_when_spread():
+    from distillery.eval.probes import embedding_spread
+
+    assert embedding_spread(torch.ones(10, 4) * 3) == 0.0
+    spread = embedding_spread(torch.randn(5000, 16, generator=torch.Generator().manual_seed(0)))
+    assert spread == pytest.approx(1 / 16**0.5, rel=0.05)

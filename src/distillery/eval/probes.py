@@ -112,4 +112,15 @@ def knn_accuracy(
     return correct / max(1, test.shape[0])
 
 
-__all__ = ["knn_accuracy", "linear_probe"]
+def embedding_spread(embeddings: Tensor) -> float:
+    """The mean over dimensions of the standard deviation of the L2-normalised ``embeddings`` across
+    images: near 0 when every image maps to one point (SimSiam's collapse sign).
+
+    Example:
+        >>> embedding_spread(torch.ones(4, 3))  # every image at one point
+        0.0
+    """
+    return float(F.normalize(embeddings, dim=-1).std(0).mean())
+
+
+__all__ = ["embedding_spread", "knn_accuracy", "linear_probe"]

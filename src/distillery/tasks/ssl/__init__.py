@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from distillery.data import ArrayDataset, ClassificationData, load_classification_data, stratified_sample
 from distillery.data.views import make_views
-from distillery.eval.probes import knn_accuracy, linear_probe
+from distillery.eval.probes import embedding_spread, knn_accuracy, linear_probe
 from distillery.losses import DINOLoss, build_objective
 from distillery.models.ssl import (
     GLOBAL_VIEWS,
@@ -286,10 +286,4 @@ def collapse_verdict(signs: dict[str, float]) -> str | None:
     )
 
 
-def embedding_spread(embeddings: Tensor) -> float:
-    """The mean over dimensions of the standard deviation of the L2-normalised ``embeddings`` across
-    images: near 0 when every image maps to one point (SimSiam's collapse sign)."""
-    return float(nn.functional.normalize(embeddings, dim=-1).std(0).mean())
-
-
-__all__ = ["COLLAPSE_INFORMATION", "SSLTask", "collapse_verdict", "embedding_spread"]
+__all__ = ["COLLAPSE_INFORMATION", "SSLTask", "collapse_verdict"]
