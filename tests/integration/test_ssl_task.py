@@ -114,6 +114,11 @@ def test_an_interrupted_ssl_run_resumes_to_the_same_numbers(tmp_path):
     assert again["models"]["distilled"]["knn"] == first["models"]["distilled"]["knn"]
 
 
+VIT = {"backbone": {"name": "vit", "patch_size": 2, "depth": 2, "width": 16, "heads": 2},
+       "head": {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16}}  # fmt: skip
+MASKED = {"global_crops": 2, "mask": "block", "patch_size": 2}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("changes", "message"),
@@ -129,10 +134,23 @@ def test_an_interrupted_ssl_run_resumes_to_the_same_numbers(tmp_path):
         ({"data": {"name": "digits", "transfer": 100}}, "data.transfer"),
         ({"model": {"backbone": {"name": "vit", "patch_size": 3}}}, "model.patch_size=3 does not divide"),
         ({"loss": {"byol": {}}}, "loss.byol needs BYOL's projector and predictor"),
-        ({"loss": {"dino": {}, "byol": {}}}, "loss has both dino and byol"),
+        ({"loss": {"dino": {}, "byol": {}}}, "loss has byol and dino"),
         ({"model": {"head": {"kind": "mlp"}}}, "loss.dino compares distributions over prototypes"),
         ({"model": {"head": {"kind": "mlp", "freeze_last_layer_epochs": 1}, "predictor": {}}, "loss": {"byol": {}}},
          "freeze_last_layer_epochs freezes DINO's prototypes"),
+        ({"loss": {"ibot": {}}, "views": {"mask": "block", "patch_size": 2}}, "loss.ibot learns from patch tokens"),
+        ({"loss": {"ibot": {}}, "model": VIT}, "views.mask=none; set views.mask=block"),
+        ({"loss": {"ibot": {}}, "model": VIT, "views": {"mask": "block", "patch_size": 4}},
+         "views.patch_size=4 draws masks on another grid"),
+        ({"loss": {"ibot": {}, "dino": {}}}, "loss has dino and ibot"),
+        ({"loss": {"koleo": {}}}, "koleo only spreads"),
+        ({"loss": {"data2vec": {"top_k": 3}}, "model": {**VIT, "head": {"kind": "linear"}},
+          "views": {"global_crops": 2, "mask": "block", "patch_size": 2}}, "top_k=3 averages more blocks"),
+        ({"loss": {"data2vec": {"top_k": 2}}, "model": VIT, "views": MASKED}, "set model.head.kind=linear"),
+        ({"loss": {"data2vec": {"top_k": 2}}, "model": {**VIT, "head": {"kind": "linear"}},
+          "views": {**MASKED, "local_crops": 2, "local_size": 4}}, "views.local_crops=2"),
+        ({"model": {**VIT, "head": {"kind": "linear"}}, "views": MASKED},
+         "loss.dino compares distributions over prototypes, but model.head.kind=linear"),
     ],
 )  # fmt: skip
 def test_bad_ssl_settings_are_user_errors_and_write_nothing(tmp_path, capsys, changes, message):
@@ -243,3 +261,57 @@ def test_the_ema_teacher_at_momentum_one_never_moves():
         net.weight.add_(1.0)
     teacher.update(net, 1)
     assert all(torch.equal(before[k], v) for k, v in teacher.module.state_dict().items())
+
+
+@pytest.mark.integration
+def test_an_ibot_run_with_koleo_learns_from_masked_patches(tmp_path):
+    """iBOT on a ViT: the [CLS] centre and the patch centre are both trained state, saved with the
+    objective; KoLeo's part is logged; the student's mask token trained."""
+    out = tmp_path / "run"
+    changes = {
+        "model": VIT,
+        "views": {**MASKED, "local_crops": 2, "local_size": 4, "mask_probability": 1.0},
+        "loss": {"ibot": {"teacher_temperature": 0.04}, "koleo": {"weight": 0.1}},
+    }
+    assert main(["run", str(_config(tmp_path, **changes)), f"output.dir={out}", "--no-progress"]) == 0
+    arm = out / "seed-0" / "distilled"
+    dist = json.loads((arm / "result.json").read_text())
+    assert dist["steps"] == 8 and 0 <= dist["metrics"]["knn"] <= 100
+    assert "teacher_entropy" in dist["history"][-1]  # iBOT's [CLS] targets are judged like DINO's
+    lines = [json.loads(x) for x in (arm / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x.get("split") == "train"]
+    assert train and all("ibot" in x and "koleo" in x for x in train)
+    from safetensors.torch import load_file
+
+    w0 = load_file(out / "seed-0" / "baseline" / "student.safetensors")
+    w1 = load_file(arm / "student.safetensors")
+    mask_token = [k for k in w1 if k.endswith("mask_token")]
+    assert mask_token and not torch.equal(w0[mask_token[0]], w1[mask_token[0]])
+    assert (arm / "backbone" / "config.json").is_file()  # the ViT as a transformers folder
+
+
+@pytest.mark.integration
+def test_a_data2vec_run_regresses_the_teachers_blocks(tmp_path):
+    out = tmp_path / "run"
+    changes = {
+        "model": {**VIT, "head": {"kind": "linear"}},
+        "views": {**MASKED, "mask_ratio": [0.4, 0.6], "mask_probability": 1.0},
+        "loss": {"data2vec": {"top_k": 2}},
+    }
+    assert main(["run", str(_config(tmp_path, **changes)), f"output.dir={out}", "--no-progress"]) == 0
+    arm = out / "seed-0" / "distilled"
+    lines = [json.loads(x) for x in (arm / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["data2vec"] for x in lines if x.get("split") == "train"]
+    assert losses and all(v > 0 for v in losses)  # every image is masked: a positive regression loss
+    dist = json.loads((arm / "result.json").read_text())
+    assert dist["steps"] == 8 and "teacher_entropy" not in dist["history"][-1]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", ["digits-ibot", "digits-data2vec"])
+def test_the_token_level_recipes_run_through_the_cli(tmp_path, recipe):
+    out = tmp_path / "run"
+    args = ["seeds=[0]", "train.steps=6", "train.eval_every=3", f"output.dir={out}", "--no-progress"]
+    assert main(["run", recipe, *args]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["models"]) == {"baseline", "distilled"} and summary["task"] == "ssl"

@@ -269,4 +269,82 @@ def make_views(images: Tensor, sample_ids: Tensor, step: int, seed: int, cfg: Vi
     return Views(global_views, local_views, None if masks is None else masks.to(images.device))
 
 
-__all__ = ["Views", "ViewsConfig", "make_views", "sample_seed"]
+class NoiseConfig(StrictModel):
+    """One randomly perturbed view of each image: the input noise of a semi-supervised student or
+    teacher (FixMatch's weak and strong views, Mean Teacher's and Noisy Student's input noise). The
+    crop, flip and photometric parts are :func:`make_views` with one global crop; cutout and Gaussian
+    noise come after, from the same per-sample generator."""
+
+    crop_scale: tuple[float, float] = Field(
+        (1.0, 1.0), description="area range of a random resized crop (1, 1: the whole image)"
+    )
+    hflip: float = Field(0.0, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    jitter: float = Field(0.0, ge=0.0, le=1.0, description="probability of brightness/contrast jitter")
+    brightness: float = Field(0.4, ge=0.0, lt=1.0, description="brightness factor drawn from 1 +- this")
+    contrast: float = Field(0.4, ge=0.0, lt=1.0, description="contrast factor drawn from 1 +- this")
+    blur: float = Field(0.0, ge=0.0, le=1.0, description="probability of a Gaussian blur")
+    blur_sigma: tuple[float, float] = Field((0.1, 1.0), description="range of the blur's sigma (pixels)")
+    solarize: float = Field(0.0, ge=0.0, le=1.0, description="probability of solarisation")
+    cutout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="side of a square set to 0.5, as a fraction of the image (FixMatch: 0.5)",
+    )
+    noise: float = Field(0.0, ge=0.0, description="std of additive Gaussian noise")
+
+    def views(self) -> ViewsConfig:
+        return ViewsConfig(
+            global_crops=1,
+            global_scale=self.crop_scale,
+            hflip=self.hflip,
+            jitter=self.jitter,
+            brightness=self.brightness,
+            contrast=self.contrast,
+            blur=[self.blur],
+            blur_sigma=self.blur_sigma,
+            solarize=[self.solarize],
+        )
+
+    def is_identity(self) -> bool:
+        return (
+            self.crop_scale == (1.0, 1.0)
+            and self.hflip == self.jitter == self.blur == self.solarize == self.cutout == self.noise == 0.0
+        )
+
+
+# the cutout/noise generator of a sample is seeded apart from its crop generator
+_NOISE_SALT = 0x5EED
+
+
+def noisy_view(images: Tensor, sample_ids: Tensor, step: int, seed: int, cfg: NoiseConfig) -> Tensor:
+    """One view ``[B, C, H, W]`` of ``images`` under ``cfg``, a function of ``(seed, sample id, step)``
+    like :func:`make_views` (give the student and the teacher different seeds for different noise)."""
+    if images.dim() != 4:
+        raise ValueError(f"views need image batches [B, C, H, W]; got shape {list(images.shape)}")
+    if cfg.is_identity():
+        return images
+    x = make_views(images, sample_ids, step, seed, cfg.views()).global_views[0]
+    b, _, h, w = x.shape
+    if cfg.cutout == 0 and cfg.noise == 0:
+        return x
+    keep = torch.ones(b, 1, h, w, dtype=x.dtype)
+    noise = torch.zeros(b, *x.shape[1:], dtype=x.dtype)
+    side = max(1, round(cfg.cutout * min(h, w)))
+    for j, sid in enumerate(sample_ids.tolist()):
+        gen = torch.Generator().manual_seed(sample_seed(seed ^ _NOISE_SALT, int(sid), step))
+        if cfg.cutout > 0:  # a square centred anywhere in the image, clipped at the border (as Cutout)
+            cy, cx = (int(torch.randint(0, n, (), generator=gen)) for n in (h, w))
+            keep[
+                j,
+                :,
+                max(0, cy - side // 2) : cy + (side + 1) // 2,
+                max(0, cx - side // 2) : cx + (side + 1) // 2,
+            ] = 0
+        if cfg.noise > 0:
+            noise[j] = cfg.noise * torch.randn(x.shape[1:], generator=gen, dtype=x.dtype)
+    keep, noise = keep.to(x.device), noise.to(x.device)
+    return x * keep + 0.5 * (1 - keep) + noise
+
+
+__all__ = ["NoiseConfig", "Views", "ViewsConfig", "make_views", "noisy_view", "sample_seed"]

@@ -46,6 +46,7 @@ from distillery.functional.self_supervised import (
     koleo_loss,
     update_center,
 )
+from distillery.functional.semi_supervised import consistency_mse, pseudo_label_loss
 from distillery.functional.uskd import uskd_loss
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "chunked_cross_entropy_from_hidden",
     "chunked_kd_from_hidden",
     "composed_gradients",
+    "consistency_mse",
     "cross_entropy",
     "data2vec_loss",
     "data2vec_targets",
@@ -73,6 +75,7 @@ __all__ = [
     "mean_probability_logits",
     "nkd_loss",
     "paced_weights",
+    "pseudo_label_loss",
     "reverse_kl",
     "rkd_angle",
     "rkd_distance",

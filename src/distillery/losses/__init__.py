@@ -55,7 +55,16 @@ from distillery.losses.representation import (
     SimilarityPreservingLoss,
     signal_pairs,
 )
-from distillery.losses.self_supervised import SELF_SUPERVISED_LOSSES, DINOLoss, SelfSupervisedTermConfig
+from distillery.losses.self_supervised import (
+    SELF_SUPERVISED_LOSSES,
+    BYOLLoss,
+    Data2VecLoss,
+    DINOLoss,
+    IBOTLoss,
+    KoLeoLoss,
+    SelfSupervisedTermConfig,
+)
+from distillery.losses.semi_supervised import DEIT_DIST, SEMI_SUPERVISED_LOSSES
 
 # short name -> (config model, module class)
 LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
@@ -73,6 +82,7 @@ LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
     "hint": (HintConfig, HintLoss),
     **REPRESENTATION_LOSSES,
     **SELF_SUPERVISED_LOSSES,
+    **SEMI_SUPERVISED_LOSSES,
 }
 
 # The union of every term config, told apart by its `name` field.
@@ -102,20 +112,25 @@ def build_objective(terms: Mapping[str, TermConfig]) -> Objective:
 
 
 __all__ = [
+    "DEIT_DIST",
     "IGNORE_INDEX",
     "LOSSES",
     "AttentionKLLoss",
     "AttentionScoresLoss",
     "AttentionTransferLoss",
+    "BYOLLoss",
     "CKALoss",
     "CrossEntropyLoss",
     "DINOLoss",
     "DKDLoss",
+    "Data2VecLoss",
     "FeaturesLoss",
     "ForwardKLLoss",
     "HintLoss",
+    "IBOTLoss",
     "JSDLoss",
     "KDLoss",
+    "KoLeoLoss",
     "LossInputs",
     "LossTerm",
     "LossTermConfig",

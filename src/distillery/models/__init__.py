@@ -25,11 +25,13 @@ from distillery.models.text import (
     build_bow_mlp,
     build_text_cnn,
 )
+from distillery.models.vit import DeiTAdapter, ViTClassifier, ViTClassifierConfig, build_vit
 
 # name -> (config model, builder(config, input_shape, num_classes, field[, vocab_size, pad_token_id]))
 MODELS = {
     "mlp": (MLPConfig, build_mlp),
     "cnn": (CNNConfig, build_cnn),
+    "vit": (ViTClassifierConfig, build_vit),
     "text_cnn": (TextCNNConfig, build_text_cnn),
     "bow_mlp": (BowMLPConfig, build_bow_mlp),
     "pretrained": (PretrainedClassifierConfig, build_pretrained_classifier),
@@ -37,11 +39,11 @@ MODELS = {
 # Models that take token ids (their builders take the tokenizer's size); `pretrained` takes text when it
 # is a sequence classifier, images when it is an image classifier.
 TEXT_MODELS = ("bow_mlp", "text_cnn")
-NUMBER_MODELS = ("cnn", "mlp")
+NUMBER_MODELS = ("cnn", "mlp", "vit")
 TEXT_MODELS_HELP = "bow_mlp, text_cnn, or pretrained (a Hugging Face sequence classifier)"
 
 ModelConfig = Annotated[
-    MLPConfig | CNNConfig | TextCNNConfig | BowMLPConfig | PretrainedClassifierConfig,
+    MLPConfig | CNNConfig | ViTClassifierConfig | TextCNNConfig | BowMLPConfig | PretrainedClassifierConfig,
     Field(discriminator="name"),
 ]
 
@@ -95,6 +97,7 @@ __all__ = [
     "BowMLPConfig",
     "CNNConfig",
     "ClassifierAdapter",
+    "DeiTAdapter",
     "Ensemble",
     "MLPConfig",
     "ModelConfig",
@@ -104,6 +107,8 @@ __all__ = [
     "TextCNN",
     "TextCNNConfig",
     "TextTokenizerConfig",
+    "ViTClassifier",
+    "ViTClassifierConfig",
     "build_model",
     "count_parameters",
     "named_model",

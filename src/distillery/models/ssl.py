@@ -27,7 +27,12 @@ from distillery.models.cnn import SmallCNN
 
 SSL_OUT = "ssl.out"  # the head outputs of every view, [V, B, K] (read by the self-supervised loss terms)
 SSL_PRED = "ssl.pred"  # the predictor's outputs on the head outputs of every view, [V, B, D] (BYOL)
+SSL_PATCH = "ssl.patch"  # the head on every patch token of the global views, [G, B, P, K] (iBOT, data2vec)
+SSL_MASK = "ssl.mask"  # the masks the student's global views were given, [G, B, P] (True = masked)
+SSL_EMBED = "ssl.embed"  # the backbone's embeddings of the global views, [G, B, D] (KoLeo)
+SSL_BLOCKS = "ssl.blocks"  # the last blocks' outputs at the patch positions, [k, G, B, P, D] (data2vec)
 GLOBAL_VIEWS, LOCAL_VIEWS = "global_views", "local_views"  # batch keys: [G, B, C, S, S], [L, B, C, s, s]
+MASKS = "masks"  # batch key: [G, B, P] patch masks of the global views (views.mask)
 
 
 class ViTConfig(StrictModel):
@@ -231,21 +236,81 @@ class SSLNetwork(nn.Module):
         """The backbone's embedding ``[B, D]`` of images ``[B, C, H, W]`` (what the probes read)."""
         return self.backbone.embed(x)
 
+    def encode(
+        self,
+        views: Tensor,
+        masks: Tensor | None = None,
+        *,
+        patches: bool = False,
+        blocks: int = 0,
+    ) -> dict[str, Tensor]:
+        """Views ``[G, B, C, S, S]`` of one size through the backbone once, with what the token-level
+        methods read: ``SSL_OUT`` ``[G, B, K]`` (the head on the embeddings) and ``SSL_EMBED``
+        ``[G, B, D]``; with ``patches`` the head on every patch token, ``SSL_PATCH`` ``[G, B, P, K]``;
+        with ``masks`` ``[G, B, P]`` the masked patches replaced by the mask token first; with
+        ``blocks = k`` the outputs of the last k transformer blocks at the patch positions (before the
+        final layer norm), ``SSL_BLOCKS`` ``[k, G, B, P, D]``. Patches, masks and blocks need a ViT."""
+        g, b = views.shape[:2]
+        x = views.flatten(0, 1)
+        if not isinstance(self.backbone, ViTBackbone):
+            if patches or masks is not None or blocks:
+                raise ValueError(
+                    "patch outputs, masks and block outputs need a ViT backbone (model.backbone.name=vit)"
+                )
+            embed = self.backbone.embed(x)
+            return {SSL_EMBED: embed.unflatten(0, (g, b)), SSL_OUT: self.head(embed).unflatten(0, (g, b))}
+        flat_mask = None if masks is None else masks.flatten(0, 1)
+        if blocks:
+            tokens, hidden = self.backbone(x, mask=flat_mask, output_hidden_states=True)
+        else:
+            tokens, hidden = self.backbone(x, mask=flat_mask), ()
+        embed = tokens[:, 0]
+        out = {SSL_EMBED: embed.unflatten(0, (g, b)), SSL_OUT: self.head(embed).unflatten(0, (g, b))}
+        if patches:
+            p = tokens[:, 1:]
+            out[SSL_PATCH] = self.head(p.flatten(0, 1)).unflatten(0, (g, b, p.shape[1]))
+        if blocks:
+            if blocks > len(hidden) - 1:
+                raise ValueError(f"asked for the last {blocks} blocks of a ViT of depth {len(hidden) - 1}")
+            out[SSL_BLOCKS] = torch.stack([h[:, 1:].unflatten(0, (g, b)) for h in hidden[-blocks:]])
+        return out
+
 
 class SSLAdapter:
     """Batches with the views of :func:`distillery.data.views.make_views` (``global_views``,
-    ``local_views``); one row per image. ``views="all"`` (the student) runs the network on every view,
-    ``"global"`` (the teacher) on the global ones; the outputs are ``features[SSL_OUT]``, and with
-    ``predict`` the predictor's outputs ``features[SSL_PRED]``."""
+    ``local_views``, ``masks``); one row per image. ``views="all"`` (the student) runs the network on
+    every view, ``"global"`` (the teacher) on the global ones; the outputs are ``features[SSL_OUT]``,
+    and with ``predict`` the predictor's outputs ``features[SSL_PRED]``.
+
+    The token-level methods ask for more, through :meth:`SSLNetwork.encode` on the global views:
+    ``masked`` gives the student's global views the batch's masks (and ``features[SSL_MASK]``),
+    ``patches`` adds the head on the patch tokens (``SSL_PATCH``: iBOT), ``blocks = k`` the last k
+    blocks' outputs (``SSL_BLOCKS``: data2vec's teacher), ``embed`` the backbone embeddings
+    (``SSL_EMBED``: KoLeo)."""
 
     target_key = "y"
 
-    def __init__(self, views: Literal["all", "global"] = "all", predict: bool = False) -> None:
+    def __init__(
+        self,
+        views: Literal["all", "global"] = "all",
+        predict: bool = False,
+        *,
+        patches: bool = False,
+        masked: bool = False,
+        blocks: int = 0,
+        embed: bool = False,
+    ) -> None:
         self.views, self.predict = views, predict
+        self.patches, self.masked, self.blocks, self.embed = patches, masked, blocks, embed
+
+    @property
+    def token_level(self) -> bool:
+        return self.patches or self.masked or self.blocks > 0 or self.embed
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
-        return (GLOBAL_VIEWS, LOCAL_VIEWS) if self.views == "all" else (GLOBAL_VIEWS,)
+        keys = (GLOBAL_VIEWS, LOCAL_VIEWS) if self.views == "all" else (GLOBAL_VIEWS,)
+        return (*keys, MASKS) if self.masked else keys
 
     def batch_size(self, batch: Mapping[str, Tensor]) -> int:
         return int(batch[GLOBAL_VIEWS].shape[1])
@@ -260,6 +325,8 @@ class SSLAdapter:
         return target, torch.ones(b, dtype=torch.bool, device=device)
 
     def forward(self, model: nn.Module, batch: Mapping[str, Tensor]) -> ModelOutput:
+        if self.token_level:
+            return self._token_level(model, batch)
         views = list(batch[GLOBAL_VIEWS].unbind(0))
         if self.views == "all":
             views += list(batch[LOCAL_VIEWS].unbind(0))
@@ -269,11 +336,38 @@ class SSLAdapter:
             features[SSL_PRED] = model.predict(out)
         return ModelOutput(logits=None, features=features)
 
+    def _token_level(self, model: nn.Module, batch: Mapping[str, Tensor]) -> ModelOutput:
+        masks = None
+        if self.masked:
+            masks = batch.get(MASKS)
+            if masks is None:
+                raise ValueError(
+                    "the student's views have no masks; masked image modelling (ibot, data2vec) needs views.mask "
+                    "set to random or block"
+                )
+        features = model.encode(batch[GLOBAL_VIEWS], masks, patches=self.patches, blocks=self.blocks)
+        if masks is not None:
+            features[SSL_MASK] = masks
+        if not self.embed:
+            features.pop(SSL_EMBED)
+        out = features[SSL_OUT]
+        local = batch.get(LOCAL_VIEWS)
+        if self.views == "all" and local is not None and local.shape[0] > 0:
+            out = features[SSL_OUT] = torch.cat([out, model(list(local.unbind(0)))])
+        if self.predict:
+            features[SSL_PRED] = model.predict(out)
+        return ModelOutput(logits=None, features=features)
+
 
 __all__ = [
     "GLOBAL_VIEWS",
     "LOCAL_VIEWS",
+    "MASKS",
+    "SSL_BLOCKS",
+    "SSL_EMBED",
+    "SSL_MASK",
     "SSL_OUT",
+    "SSL_PATCH",
     "SSL_PRED",
     "CNNBackbone",
     "DINOHead",

@@ -22,6 +22,7 @@ from distillery.tasks.base import (
 from distillery.tasks.classification import ClassificationTask
 from distillery.tasks.encoder import EncoderTask
 from distillery.tasks.lm import LMTask
+from distillery.tasks.semi import SemiTask
 from distillery.tasks.ssl import SSLTask
 
 # task name (the `task:` key of a config) -> task class
@@ -29,6 +30,7 @@ TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "encoder": EncoderTask,
     "lm": LMTask,
+    "semi": SemiTask,
     "ssl": SSLTask,
 }
 DEFAULT_TASK = "classification"

@@ -5,7 +5,7 @@ The training loop is the same for every source; only these three objects change:
 =================  ==========================================  ===============================
 source             student trained                             teacher
 =================  ==========================================  ===============================
-frozen             the student                                 a trained network (or cache)
+frozen             the student (DeiT: its two heads)            a trained network (or cache)
 ema                the student                                 EMA of the student's weights
 random             the student                                 frozen random copy of the student
 past_predictions   the student                                 its own previous-epoch outputs
@@ -29,6 +29,7 @@ from distillery.models import build_model
 from distillery.models.adapters import ClassifierAdapter, StackedClassifierAdapter
 from distillery.models.exits import MultiExit, MultiExitAdapter
 from distillery.models.peers import PeerGroup
+from distillery.models.vit import DeiTAdapter, ViTClassifier
 from distillery.tasks.classification.config import ClassificationConfig
 from distillery.teachers import FrozenTeacher
 from distillery.teachers.ema import EMATeacher
@@ -95,9 +96,14 @@ def build_arm(
     source = None if cfg.teacher is None else cfg.teacher.source
     plain = ClassifierAdapter()
     if baseline:
-        return ArmSetup(initialised(), plain, None, _identity)
+        model = initialised()
+        if isinstance(model, ViTClassifier):  # no distillation head to average in: predict with [CLS]
+            model.mean_heads.fill_(0.0)
+        return ArmSetup(model, plain, None, _identity)
     if source in (None, "frozen", "snapshot"):
-        return ArmSetup(initialised(), plain, teacher, _identity)
+        model = initialised()
+        deit = isinstance(model, ViTClassifier) and model.distillation_token
+        return ArmSetup(model, DeiTAdapter() if deit else plain, teacher, _identity)
     t = cfg.teacher
     if source == "ema":
         model = initialised()

@@ -233,6 +233,23 @@ class ClassificationConfig(DistillationConfigBase):
                 f"conflicting fields: loss.{signal_terms[0]} reads one teacher network's layers, but "
                 f"teacher.ensemble={self.teacher.ensemble}; set teacher.ensemble=1"
             )
+        deit_terms = [label for label, term in self.loss.items() if term.name == "deit"]
+        token = self.student.name == "vit" and self.student.distillation_token
+        if deit_terms and not token:
+            raise ValueError(
+                f"conflicting fields: loss.{deit_terms[0]} trains DeiT's distillation head, but the student has none; "
+                "set student.name=vit and student.distillation_token=true"
+            )
+        if token and not deit_terms:
+            raise ValueError(
+                "conflicting fields: student.distillation_token=true adds a distillation head that no loss term "
+                "trains (and the prediction averages it in); add loss.deit or set distillation_token=false"
+            )
+        if deit_terms and source not in ("frozen", "snapshot"):
+            raise ValueError(
+                f"conflicting fields: loss.{deit_terms[0]} learns a separate teacher's decisions, but "
+                f"teacher.source={source}; use teacher.source=frozen"
+            )
         self._models_fit_the_data()
         if source == "frozen" and self.teacher.precompute and not self.train.augment.is_identity():
             raise ValueError(

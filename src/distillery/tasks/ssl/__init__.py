@@ -31,6 +31,7 @@ from distillery.losses import DINOLoss, build_objective
 from distillery.models.ssl import (
     GLOBAL_VIEWS,
     LOCAL_VIEWS,
+    MASKS,
     CNNBackbone,
     DINOHead,
     MLPHead,
@@ -105,6 +106,8 @@ class SSLTask(BaseTask):
         h, pred = self.cfg.model.head, self.cfg.model.predictor
         if h.kind == "mlp":
             head: nn.Module = MLPHead(backbone.embed_dim, h.out_dim, h.hidden_dim)
+        elif h.kind == "linear":  # data2vec's regression head
+            head = nn.Linear(backbone.embed_dim, backbone.embed_dim)
         else:
             head = DINOHead(
                 backbone.embed_dim,
@@ -149,12 +152,15 @@ class SSLTask(BaseTask):
                 source, momentum, momentum_end = self.new_student(data), 1.0, None
         else:
             source, momentum, momentum_end = student, t.momentum, t.momentum_end
+        names = self.cfg.term_names()
+        masked = bool(names & {"ibot", "data2vec"})
+        top_k = next((term.top_k for term in self.cfg.loss.values() if term.name == "data2vec"), 0)
         ema = EMATeacher(
             source,
             momentum,
             momentum_end=momentum_end,
             total_steps=steps,
-            adapter=SSLAdapter("global"),
+            adapter=SSLAdapter("global", patches="ibot" in names, blocks=top_k),
             batch_statistics=True,  # as DINO's teacher: batch norm on the batch's statistics
         )
         views, seed = self.cfg.views, data.seed
@@ -169,7 +175,8 @@ class SSLTask(BaseTask):
         def add_views(batch: dict[str, Tensor], model: nn.Module, step: int) -> dict[str, Tensor]:
             now["step"] = step
             v = make_views(batch["x"], batch["index"], step, seed, views)
-            return {**batch, GLOBAL_VIEWS: v.global_views, LOCAL_VIEWS: v.local_views}
+            out = {**batch, GLOBAL_VIEWS: v.global_views, LOCAL_VIEWS: v.local_views}
+            return out if v.masks is None else {**out, MASKS: v.masks}
 
         last: dict[str, float] = {}  # the latest validation: the collapse verdict reads it
 
@@ -183,7 +190,13 @@ class SSLTask(BaseTask):
             objective=objective,
             train=self.cfg.train,
             teacher=ema,
-            adapter=SSLAdapter("all", predict=self.cfg.model.predictor is not None),
+            adapter=SSLAdapter(
+                "all",
+                predict=self.cfg.model.predictor is not None,
+                patches=masked,
+                masked=masked,
+                embed="koleo" in names,
+            ),
             batch_transform=add_views,
             evaluate=validate if data.data.validation is not None else None,
             record=lambda model, final: {"warnings": [w for w in [collapse_verdict(last)] if w]},

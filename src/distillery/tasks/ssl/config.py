@@ -29,10 +29,13 @@ Backbone = Annotated[ViTConfig | SSLCNNConfig, Field(discriminator="name")]
 
 class HeadConfig(StrictModel):
     """The projection head: DINO's (``kind: dino``: an MLP, an L2-normalised bottleneck, then K
-    weight-normalised prototypes) or BYOL's projector (``kind: mlp``: Linear, BatchNorm, ReLU, Linear to
-    ``out_dim``)."""
+    weight-normalised prototypes; iBOT shares it between [CLS] and patches), BYOL's projector
+    (``kind: mlp``: Linear, BatchNorm, ReLU, Linear to ``out_dim``) or data2vec's regression head
+    (``kind: linear``: one linear layer to the backbone's width; ``out_dim`` is unused)."""
 
-    kind: Literal["dino", "mlp"] = Field("dino", description="dino (prototypes) or mlp (BYOL's projector)")
+    kind: Literal["dino", "mlp", "linear"] = Field(
+        "dino", description="dino (prototypes), mlp (BYOL's projector) or linear (data2vec's regression head)"
+    )
     out_dim: int = Field(1024, ge=2, description="number of prototypes K (DINO: 65536)")
     hidden_dim: int = Field(256, ge=1, description="width of the MLP's hidden layers (DINO: 2048)")
     bottleneck_dim: int = Field(64, ge=1, description="width of the L2-normalised bottleneck (DINO: 256)")
@@ -122,14 +125,22 @@ class SSLRunConfig(DistillationConfigBase):
         if others:
             raise ValueError(
                 f"loss.{others[0]} ({self.loss[others[0]].name}) is not a self-supervised term; task: ssl trains on "
-                "unlabelled views with dino or byol"
+                "unlabelled views with dino, ibot, data2vec or byol (and koleo)"
             )
         names = {term.name for term in self.loss.values()}
-        if names == {"dino", "byol"}:
+        main = sorted(names & set(MAIN_TERMS))
+        if len(main) > 1:
             raise ValueError(
-                "conflicting fields: loss has both dino and byol; they need different heads (prototypes for dino, "
-                "a projector and a predictor for byol): train one of them"
+                f"conflicting fields: loss has {' and '.join(main)}; each is a whole method with its own head and "
+                "teacher outputs (ibot already contains dino's [CLS] term): train one of them (koleo can be added "
+                "to any)"
             )
+        if not main:
+            raise ValueError(
+                "loss: koleo only spreads the student's embeddings and learns nothing from the teacher; add one of "
+                f"{', '.join(MAIN_TERMS)}"
+            )
+        self._token_level(main[0])
         head, predictor = self.model.head.kind, self.model.predictor
         if "byol" in names and (head != "mlp" or predictor is None):
             fixes = ([] if head == "mlp" else ["model.head.kind=mlp"]) + (
@@ -144,15 +155,26 @@ class SSLRunConfig(DistillationConfigBase):
                 "conflicting fields: model.head.freeze_last_layer_epochs freezes DINO's prototypes, but "
                 "model.head.kind=mlp has none; set it to 0"
             )
-        if "dino" in names and head != "dino":
+        for method in ("dino", "ibot"):
+            if method in names and head != "dino":
+                raise ValueError(
+                    f"conflicting fields: loss.{method} compares distributions over prototypes, but "
+                    f"model.head.kind={head}; set model.head.kind=dino"
+                )
+        if "data2vec" in names and head != "linear":
             raise ValueError(
-                f"conflicting fields: loss.dino compares distributions over prototypes, but model.head.kind={head}; "
-                "set model.head.kind=dino"
+                f"conflicting fields: loss.data2vec regresses the teacher's block outputs with a linear head, but "
+                f"model.head.kind={head}; set model.head.kind=linear"
             )
-        if self.views.global_crops < 2 and self.views.local_crops == 0:
+        if "data2vec" not in names and self.views.global_crops < 2 and self.views.local_crops == 0:
             raise ValueError(
                 f"views: global_crops={self.views.global_crops} and no local crops leave no pair of different "
                 "views; use global_crops=2 (DINO's) or add local_crops"
+            )
+        if "data2vec" in names and self.views.local_crops:
+            raise ValueError(
+                f"conflicting fields: views.local_crops={self.views.local_crops}, but data2vec trains on the masked "
+                "global views only; set views.local_crops=0"
             )
         if self.data.transfer not in (0, None):
             raise ValueError(
@@ -161,8 +183,42 @@ class SSLRunConfig(DistillationConfigBase):
             )
         return self
 
+    def _token_level(self, method: str) -> None:
+        """iBOT and data2vec read patch tokens of masked views: a ViT whose patches are the mask's."""
+        if method not in ("ibot", "data2vec"):
+            return
+        backbone, views = self.model.backbone, self.views
+        if not isinstance(backbone, ViTConfig):
+            raise ValueError(
+                f"conflicting fields: loss.{method} learns from patch tokens, but model.backbone.name={backbone.name} "
+                "has none; set model.backbone.name=vit"
+            )
+        if views.mask == "none":
+            raise ValueError(
+                f"conflicting fields: loss.{method} predicts the teacher's outputs at masked patches, but "
+                "views.mask=none; set views.mask=block (or random)"
+            )
+        if views.patch_size != backbone.patch_size:
+            raise ValueError(
+                f"conflicting fields: views.patch_size={views.patch_size} draws masks on another grid than the "
+                f"ViT's model.backbone.patch_size={backbone.patch_size}; set both to the same value"
+            )
+        top_k = next((t.top_k for t in self.loss.values() if t.name == "data2vec"), None)
+        if top_k is not None and top_k > backbone.depth:
+            raise ValueError(
+                f"conflicting fields: loss.data2vec.top_k={top_k} averages more blocks than the ViT's "
+                f"model.backbone.depth={backbone.depth}; choose top_k <= {backbone.depth}"
+            )
+
+    def term_names(self) -> set[str]:
+        return {term.name for term in self.loss.values()}
+
+
+# The terms that are a method each (at most one per run); koleo is a regulariser added to one of them.
+MAIN_TERMS = ("dino", "ibot", "data2vec", "byol")
 
 __all__ = [
+    "MAIN_TERMS",
     "HeadConfig",
     "SSLCNNConfig",
     "SSLEvalConfig",
