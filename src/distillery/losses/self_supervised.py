@@ -104,10 +104,13 @@ class DINOLoss(LossTerm):
 
     def teacher_temperature_at(self, epoch: float) -> float:
         """The teacher temperature at (fractional) ``epoch``: linear warm-up, then constant."""
+        return self._warmed_up(self.teacher_temperature, epoch)
+
+    def _warmed_up(self, end: float, epoch: float) -> float:
         start = self.teacher_temperature_start
         if start is None or self.warmup_epochs <= 0 or epoch >= self.warmup_epochs:
-            return self.teacher_temperature
-        return start + (self.teacher_temperature - start) * epoch / self.warmup_epochs
+            return end
+        return start + (end - start) * epoch / self.warmup_epochs
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "center")
@@ -240,10 +243,7 @@ class IBOTLoss(DINOLoss):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def patch_temperature_at(self, epoch: float) -> float:
-        start = self.teacher_temperature_start
-        if start is None or self.warmup_epochs <= 0 or epoch >= self.warmup_epochs:
-            return self.teacher_patch_temperature
-        return start + (self.teacher_patch_temperature - start) * epoch / self.warmup_epochs
+        return self._warmed_up(self.teacher_patch_temperature, epoch)
 
     def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
         _need(

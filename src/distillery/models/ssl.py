@@ -24,6 +24,7 @@ from distillery.configbase import StrictModel
 from distillery.errors import ConfigError
 from distillery.models.adapters import ModelOutput
 from distillery.models.cnn import SmallCNN
+from distillery.models.vit import hf_vit_kwargs
 
 SSL_OUT = "ssl.out"  # the head outputs of every view, [V, B, K] (read by the self-supervised loss terms)
 SSL_PRED = "ssl.pred"  # the predictor's outputs on the head outputs of every view, [V, B, D] (BYOL)
@@ -65,17 +66,7 @@ class ViTBackbone(nn.Module):
             )
         if cfg.width % cfg.heads:
             raise ConfigError(f"model.heads={cfg.heads} does not divide model.width={cfg.width}")
-        hf = HFViTConfig(
-            image_size=image_size,
-            patch_size=cfg.patch_size,
-            num_channels=channels,
-            hidden_size=cfg.width,
-            num_hidden_layers=cfg.depth,
-            num_attention_heads=cfg.heads,
-            intermediate_size=round(cfg.mlp_ratio * cfg.width),
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
+        hf = HFViTConfig(**hf_vit_kwargs(cfg, image_size, channels))
         self.vit = ViTModel(hf, add_pooling_layer=False, use_mask_token=True)
         self.image_size, self.patch_size, self.width = image_size, cfg.patch_size, cfg.width
 

@@ -40,6 +40,23 @@ class ViTClassifierConfig(StrictModel):
     distillation_token: bool = Field(False, description="add DeiT's distillation token and head")
 
 
+def hf_vit_kwargs(cfg, image_size: int, channels: int, dropout: float = 0.0, **extra) -> dict:
+    """The Hugging Face ``ViTConfig`` / ``DeiTConfig`` fields of a small ViT config (patch size, depth,
+    width, heads, MLP ratio), shared by the classifier here and the self-supervised backbone."""
+    return dict(
+        image_size=image_size,
+        patch_size=cfg.patch_size,
+        num_channels=channels,
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads,
+        intermediate_size=round(cfg.mlp_ratio * cfg.width),
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        **extra,
+    )
+
+
 class ViTClassifier(nn.Module):
     """``forward(x [B, C, H, W]) -> [B, K]`` logits; ``heads(x) -> ([CLS] logits, distillation logits)``."""
 
@@ -48,19 +65,7 @@ class ViTClassifier(nn.Module):
         from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTForImageClassification
         from transformers import ViTConfig as HFViTConfig
 
-        channels, side = input_shape[0], input_shape[1]
-        kwargs = dict(
-            image_size=side,
-            patch_size=cfg.patch_size,
-            num_channels=channels,
-            hidden_size=cfg.width,
-            num_hidden_layers=cfg.depth,
-            num_attention_heads=cfg.heads,
-            intermediate_size=round(cfg.mlp_ratio * cfg.width),
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
-            num_labels=num_classes,
-        )
+        kwargs = hf_vit_kwargs(cfg, input_shape[1], input_shape[0], cfg.dropout, num_labels=num_classes)
         if cfg.distillation_token:
             self.net = DeiTForImageClassificationWithTeacher(DeiTConfig(**kwargs))
         else:
@@ -107,4 +112,4 @@ class DeiTAdapter(ClassifierAdapter):
         return ModelOutput(logits=cls, features={DEIT_DIST: dist})
 
 
-__all__ = ["DEIT_DIST", "DeiTAdapter", "ViTClassifier", "ViTClassifierConfig", "build_vit"]
+__all__ = ["DEIT_DIST", "DeiTAdapter", "ViTClassifier", "ViTClassifierConfig", "build_vit", "hf_vit_kwargs"]
