@@ -190,7 +190,8 @@ def test_every_registered_term_over_logits_or_hints_supports_row_weights():
     from distillery.losses.representation import REPRESENTATION_LOSSES
     from distillery.losses.self_supervised import SELF_SUPERVISED_LOSSES
 
-    others = set(REPRESENTATION_LOSSES) | set(SELF_SUPERVISED_LOSSES)  # terms over signals or views
+    # terms over signals or views, and deit (over the distillation head's features)
+    others = set(REPRESENTATION_LOSSES) | set(SELF_SUPERVISED_LOSSES) | {"deit"}
     assert all(cls.supports_row_weight for name, (_, cls) in LOSSES.items() if name not in others)
 
 
