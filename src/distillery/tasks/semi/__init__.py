@@ -36,7 +36,7 @@ from distillery.eval import classification_metrics, predict_logits
 from distillery.losses import build_objective
 from distillery.models import ClassifierAdapter, build_model, count_parameters
 from distillery.models.text import KeyedClassifierAdapter
-from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext
+from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric
 from distillery.tasks.semi.config import SemiConfig
 from distillery.teachers import FrozenTeacher
 from distillery.teachers.ema import EMATeacher
@@ -65,9 +65,6 @@ class SemiTask(BaseTask):
         Metric("ece", "ECE %", 2, higher_is_better=False, unit="%"),
         Metric("nll", "NLL", 3, higher_is_better=False),
     )
-
-    def __init__(self, cfg: SemiConfig, context: RunContext) -> None:
-        super().__init__(cfg, context)
 
     def arms(self) -> list[str]:
         base = [BASELINE] if self.cfg.baseline_enabled() else []
