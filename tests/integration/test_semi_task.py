@@ -109,6 +109,24 @@ def test_the_students_and_the_teachers_views(tmp_path):
     assert share == pytest.approx(cfg.labelled_fraction, abs=0.05) and data.repeats > 1
 
 
+def test_the_description_says_when_the_baseline_sees_more_labelled_rows_per_step(tmp_path):
+    """Default labelled_fraction (0.125, 15% after whole copies) at batch 32: about 5 labelled rows per
+    step against the baseline's 32, and the fix is named; a baseline batch matched to it is silent."""
+    from distillery.config import load_config
+    from distillery.tasks.semi import SemiTask
+
+    cfg = load_config(str(_config(tmp_path)))
+    task = SemiTask(cfg, None)
+    data = task.prepare(0)
+    assert (data.train.y >= 0).sum().item() / len(data.train) * 32 == pytest.approx(4.85, abs=0.01)
+    text = task.describe(data)
+    assert "labelled rows per step in the semi-supervised arms vs 32 in the supervised-only baseline" in text
+    assert "baseline.train.batch_size=5" in text
+    matched = load_config(str(_config(tmp_path, baseline={"enabled": True, "train": {"batch_size": 5}})))
+    task = SemiTask(matched, None)
+    assert "note:" not in task.describe(task.prepare(0))
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("recipe", ["digits-fixmatch", "digits-mean-teacher", "digits-noisy-student"])
 def test_the_digits_semi_recipes_run_through_the_cli(tmp_path, recipe):

@@ -113,9 +113,25 @@ class SemiTask(BaseTask):
         d = data.data
         val = 0 if d.validation is None else len(d.validation)
         share = data.repeats * len(d.labelled) / len(data.train)
-        return (
+        line = (
             f"data: {d.name}: {len(d.labelled)} labelled + {len(d.transfer)} unlabelled training images, {val} "
             f"validation, {len(d.test)} test; batches {share:.1%} labelled rows ({data.repeats} copies)"
+        )
+        return line + self._labelled_stream_note(share)
+
+    def _labelled_stream_note(self, share: float) -> str:
+        """Say so when the supervised-only baseline sees more labelled rows per step than the other
+        arms: their cross-entropy then has a fraction of the baseline's labelled signal per step."""
+        if not self.cfg.baseline_enabled():
+            return ""
+        per_step = share * self.cfg.train.batch_size
+        baseline = self._baseline_train().batch_size
+        if baseline <= 1.25 * per_step:
+            return ""
+        return (
+            f"\n  note: about {per_step:.0f} labelled rows per step in the semi-supervised arms vs {baseline} in "
+            "the supervised-only baseline; for the same labelled stream raise labelled_fraction or set "
+            f"baseline.train.batch_size={round(per_step)}"
         )
 
     def _build(self, data: SemiSeedData, generation: int = 0) -> nn.Module:
