@@ -109,6 +109,29 @@ def test_the_students_and_the_teachers_views(tmp_path):
     assert share == pytest.approx(cfg.labelled_fraction, abs=0.05) and data.repeats > 1
 
 
+def test_labelled_rows_can_have_a_noise_of_their_own(tmp_path):
+    """noise.labelled as a noise config: labelled rows get that view (the run seed's draw), unlabelled
+    rows the student's; the supervised-only baseline sees the same labelled view."""
+    from distillery.config import load_config
+    from distillery.data.views import noisy_view
+    from distillery.tasks.semi import SemiTask
+
+    own = {"crop_scale": [0.8, 1.0], "hflip": 0.5, "noise": 0.1}
+    cfg = load_config(str(_config(tmp_path, noise={"student": {"cutout": 0.5}, "labelled": own})))
+    task = SemiTask(cfg, None)
+    data = task.prepare(0)
+    rows = torch.tensor([0, 1, len(data.train) - 1])
+    batch = data.train.get_batch(rows)
+    a = task._views(data, teacher_view=True)(batch, None, 4)
+    x, ids = batch["x"], batch["index"]
+    torch.testing.assert_close(a["x"][:2], noisy_view(x[:2], ids[:2], 4, 0, cfg.noise.labelled))
+    torch.testing.assert_close(a["x"][2:], noisy_view(x[2:], ids[2:], 4, 0, cfg.noise.student))
+    assert not torch.equal(a["x"][:2], noisy_view(x[:2], ids[:2], 4, 0, cfg.noise.student))
+    labelled = data.data.labelled.get_batch(torch.tensor([0, 1]))
+    b = task._views(data, teacher_view=False)(labelled, None, 4)
+    torch.testing.assert_close(b["x"], a["x"][:2])
+
+
 def test_the_description_says_when_the_baseline_sees_more_labelled_rows_per_step(tmp_path):
     """Default labelled_fraction (0.125, 15% after whole copies) at batch 32: about 5 labelled rows per
     step against the baseline's 32, and the fix is named; a baseline batch matched to it is silent."""

@@ -75,17 +75,18 @@ class SemiNoiseConfig(StrictModel):
         default_factory=lambda: NoiseConfig(crop_scale=(0.85, 1.0), hflip=0.5),
         description="the teacher's view (null: the clean image)",
     )
-    labelled: Literal["student", "teacher"] = Field(
+    labelled: Literal["student", "teacher"] | NoiseConfig = Field(
         "student",
-        description="the student's view of a labelled image: the student's noise (Mean Teacher, Noisy Student) "
-        "or the teacher's (FixMatch's weak view for the supervised loss)",
+        description="the student's view of a labelled image: the student's noise (Mean Teacher, Noisy Student), "
+        "the teacher's (FixMatch's weak view for the supervised loss), or a noise of its own (e.g. to give "
+        "several methods one labelled stream and so one supervised-only baseline)",
     )
 
 
 class SemiConfig(DistillationConfigBase):
     """A semi-supervised run (``task: semi``): a student learns from a few labelled images and a
     teacher's outputs on many unlabelled ones. The ``baseline`` arm trains the same student on the
-    labelled images alone (with the same student noise): "supervised only"."""
+    labelled images alone (with the labelled rows' view, ``noise.labelled``): "supervised only"."""
 
     task: Literal["semi"] = "semi"
     data: ImageDataConfig = Field(
