@@ -308,8 +308,8 @@ def test_a_data2vec_run_regresses_the_teachers_blocks(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("recipe", ["digits-ibot", "digits-data2vec"])
-def test_the_token_level_recipes_run_through_the_cli(tmp_path, recipe):
+@pytest.mark.parametrize("recipe", ["digits-ibot", "digits-data2vec", "digits-byol", "digits-random-teacher"])
+def test_the_digits_ssl_recipes_run_through_the_cli(tmp_path, recipe):
     out = tmp_path / "run"
     args = ["seeds=[0]", "train.steps=6", "train.eval_every=3", f"output.dir={out}", "--no-progress"]
     assert main(["run", recipe, *args]) == 0
