@@ -178,14 +178,15 @@ class SemiTask(BaseTask):
         def transform(batch: dict[str, Tensor], model: nn.Module, step: int) -> dict[str, Tensor]:
             x, ids = batch["x"], batch["index"]
             student = noisy_view(x, ids, step, seed, noise.student)
+            teacher = weak(x, ids, step) if teacher_view or noise.labelled == "teacher" else None
             if noise.labelled != "student":
                 labelled = (batch["y"] != UNLABELLED).view(-1, *[1] * (x.dim() - 1))
                 own = noise.labelled
-                view = weak(x, ids, step) if own == "teacher" else noisy_view(x, ids, step, seed, own)
+                view = teacher if own == "teacher" else noisy_view(x, ids, step, seed, own)
                 student = torch.where(labelled, view, student)
             out = {**batch, "x": student}
             if teacher_view:
-                out[TEACHER_VIEW] = weak(x, ids, step)
+                out[TEACHER_VIEW] = teacher
             return out
 
         return transform
