@@ -132,3 +132,29 @@ def nkd_row(s, t, y, T, gamma):
         if a > 0:
             non_target += a * math.log(b)
     return -p_t[y] * math.log(p_s[y]) - gamma * T * T * non_target
+
+
+def divergence(p_t, p_s, name, beta=0.5):
+    """forward_kl, reverse_kl or GKD's JSD(beta) ("jsd"; ends: forward / reverse KL) of probability lists."""
+    if name == "forward_kl" or (name == "jsd" and beta == 0):
+        return kl(p_t, p_s)
+    if name == "reverse_kl" or (name == "jsd" and beta == 1):
+        return kl(p_s, p_t)
+    m = [beta * a + (1 - beta) * b for a, b in zip(p_t, p_s)]
+    return beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+
+
+def topk_tail_row(s, ids, logp, tail, T, name, beta=0.5):
+    """T^2 D of the (k+1)-bucket coarsening: bucket j = id ids[j], bucket k = every other id. The
+    teacher's buckets exp(logp) and tail are renormalised to sum to 1."""
+    q = softmax(s, T)
+    q_buckets = [q[i] for i in ids] + [sum(v for i, v in enumerate(q) if i not in ids)]
+    p_buckets = [math.exp(x) for x in logp] + [tail]
+    z = sum(p_buckets)
+    return T * T * divergence([v / z for v in p_buckets], q_buckets, name, beta)
+
+
+def sampled_forward_kl_row(s, ids, weights, logp, T):
+    """T^2 sum_j w_j (log p_j - log q(id_j)) over the slots with nonzero weight."""
+    q = softmax(s, T)
+    return T * T * sum(w * (lp - math.log(q[i])) for i, w, lp in zip(ids, weights, logp) if w != 0)
