@@ -1,4 +1,4 @@
-"""Command line: ``distillery run | recipes | losses | eval``.
+"""Command line: ``distillery run | cache | recipes | losses | eval``.
 
 User errors (bad config, missing files, data not found) print a short message and exit with code 2;
 ``--debug`` shows the traceback. Under ``accelerate launch`` every process raises the same user error
@@ -31,6 +31,13 @@ EPILOG_RUN = """examples:
 """
 
 
+EPILOG_CACHE = """examples:
+  distillery cache lm-kd-cached                               top-k (k=64) + tail of the Austen teacher
+  distillery cache lm-kd-cached teacher.outputs.kind=sampled  64 sampled tokens per position instead
+  distillery cache fashion-mnist-kd-cached                    dense logits of the Fashion-MNIST teachers
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="distillery",
@@ -59,6 +66,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then stop")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    c = sub.add_parser(
+        "cache",
+        help="compute a config's teacher outputs once and store them (teacher.source=cache)",
+        description="Run the teacher of a config with teacher.source=cache over its training data, for every seed, "
+        "and write the outputs to its cache folder (dense logits, top-k + tail, or sampled tokens). Stopped part-way, "
+        "the same command continues from the shards written; runs of the config then read the cache.",
+        epilog=EPILOG_CACHE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument(
+        "args", nargs="*", metavar="CONFIG [KEY=VALUE ...]", help="a recipe name or YAML path, then overrides"
+    )
+    c.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     sub.add_parser(
         "recipes",
@@ -109,6 +131,21 @@ def _cmd_run(ns: argparse.Namespace, console: Console) -> int:
         return 0
     command = ["run", *ns.args]  # what reproduces the run, for the model cards
     run(cfg, resume=ns.resume, console=console, progress=not ns.no_progress, command=command)
+    return 0
+
+
+def _cmd_cache(ns: argparse.Namespace, console: Console) -> int:
+    from distillery.config import load_config
+    from distillery.errors import ConfigError
+    from distillery.experiment import cache_outputs
+
+    source, overrides = _split_run_args(ns.args)
+    if source is None:
+        raise ConfigError("distillery cache needs a config: a recipe name or YAML path (e.g. lm-kd-cached)")
+    records = cache_outputs(load_config(source, overrides), console=console, progress=not ns.no_progress)
+    for r in records:
+        console.print(f"seed {r['seed']}: {r['rows']:,} rows, {r['bytes']:,} bytes in {r['path']}", soft_wrap=True,
+                      highlight=False)  # fmt: skip
     return 0
 
 
@@ -176,9 +213,10 @@ def _flags_first(argv: list[str]) -> list[str]:
     """``run CONFIG k=v --no-progress k2=v2`` -> ``run --no-progress CONFIG k=v k2=v2``: argparse stops
     filling a ``nargs="*"`` positional at the first option, so flags may come anywhere on the line.
     (``run`` takes no option with a value, and an override always holds ``=``.)"""
-    if "run" not in argv:
+    command = next((c for c in ("run", "cache") if c in argv), None)
+    if command is None:
         return argv
-    i = argv.index("run") + 1
+    i = argv.index(command) + 1
     head, tail = argv[:i], argv[i:]
     return head + [a for a in tail if a.startswith("-")] + [a for a in tail if not a.startswith("-")]
 
@@ -221,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.command == "run":
             return _cmd_run(ns, console)
+        if ns.command == "cache":
+            return _cmd_cache(ns, console)
         if ns.command == "recipes":
             return _cmd_recipes(console)
         if ns.command == "losses":

@@ -118,11 +118,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Teacher sources with the same fields: a frozen teacher, and the same teacher read from its output cache.
+FROZEN_LIKE = ("frozen", "cache")
+
+
+def _other_source(new: Any, old: Any) -> bool:
+    """Whether teacher.source ``new`` replaces ``old`` with a section of other fields."""
+    return new != old and not (new in FROZEN_LIKE and old in FROZEN_LIKE)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides; ``value`` is parsed as YAML (numbers, lists, true, null...).
 
     ``teacher.source=<another source>`` starts a fresh teacher section (the old source's fields do not
-    apply to the new one); later overrides can then set the new source's fields.
+    apply to the new one); later overrides can then set the new source's fields. ``frozen`` and
+    ``cache`` share their fields (the same teacher, run live or read from its output cache): switching
+    between them keeps the section.
     """
     data = json.loads(json.dumps(data))  # deep copy of plain data
     for item in overrides:
@@ -136,7 +147,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.strip().split(".")
         teacher = data.get("teacher")
         if parts == ["teacher", "source"] and isinstance(teacher, dict):
-            if value != teacher.get("source", "frozen"):  # another source: its own fields, not these
+            if _other_source(value, teacher.get("source", "frozen")):  # its own fields, not these
                 data["teacher"] = {"source": value}
                 continue
         node: Any = data
@@ -209,12 +220,13 @@ REPLACED_SECTIONS = ("loss",)
 
 def merge_configs(base: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
     """``derived`` over ``base``: mappings merge key by key, other values replace. ``loss`` is always
-    replaced, and so is ``teacher`` when the derived recipe names another ``source``, and ``student``
+    replaced, and so is ``teacher`` when the derived recipe names another ``source`` (``frozen`` and
+    ``cache`` share their fields), and ``student``
     when it names another model (``name``: an MLP's fields do not apply to a CNN)."""
     replaced = [k for k in REPLACED_SECTIONS if k in derived]
     b_teacher, d_teacher = base.get("teacher"), derived.get("teacher")
     if isinstance(b_teacher, dict) and isinstance(d_teacher, dict):
-        if "source" in d_teacher and d_teacher["source"] != b_teacher.get("source", "frozen"):
+        if "source" in d_teacher and _other_source(d_teacher["source"], b_teacher.get("source", "frozen")):
             replaced.append("teacher")
     b_student, d_student = base.get("student"), derived.get("student")
     if isinstance(b_student, dict) and isinstance(d_student, dict):

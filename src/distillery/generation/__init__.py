@@ -13,7 +13,7 @@
 ``transformers`` is imported only when :func:`generate_completions` runs.
 """
 
-from distillery.generation.on_policy import OnPolicyBatches, ResponseSampler
+from distillery.generation.on_policy import SAMPLED_KEY, OnPolicyBatches, ResponseSampler
 from distillery.generation.paced import PacedBatches
 from distillery.generation.sampling import (
     build_batch,
@@ -24,6 +24,7 @@ from distillery.generation.sampling import (
 from distillery.generation.speculative import SpeculativeBatches, SpeculativeSample, speculative_completions
 
 __all__ = [
+    "SAMPLED_KEY",
     "OnPolicyBatches",
     "PacedBatches",
     "ResponseSampler",

@@ -21,8 +21,10 @@ the returned batch as on any other, one teacher forward per batch. It is a pure 
 ``(batch, student, step)`` and its seed: the coin of a step comes from ``(seed, step)`` and the
 samples from ``(seed, step, batch contents)``, so a resumed run makes the same choices.
 
-A teacher whose outputs are looked up by sample id (:class:`~distillery.teachers.CachedTeacher`)
-cannot score fresh samples: use a live teacher whenever ``lambda > 0``.
+A teacher whose outputs are looked up by sample id cannot score fresh samples: sampled batches carry
+:data:`SAMPLED_KEY`, and a cached teacher (:class:`~distillery.teachers.OutputCacheTeacher`) serves
+them with its live teacher, the other batches from its cache (for ``lambda < 1`` that removes the
+teacher forward from the off-policy fraction).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from distillery.generation.sampling import (
 )
 
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+# Batch key ``[B]`` (bool, all True) of a batch whose responses were just sampled: a teacher whose
+# outputs come from a cache serves it with its live teacher (the cache holds the fixed responses only).
+SAMPLED_KEY = "sampled"
 
 
 class ResponseSampler:
@@ -133,6 +138,7 @@ class ResponseSampler:
         new = build_batch(prompts, completions, pad_id=pad_id)
         out: dict[str, Any] = {k: v for k, v in batch.items() if k not in _SEQUENCE_KEYS}
         out.update({k: v.to(device) for k, v in new.items()})
+        out[SAMPLED_KEY] = torch.ones(len(completions), dtype=torch.bool, device=device)
         self.sampled_batches += 1
         self.last = {
             "on_policy": 1.0,

@@ -9,9 +9,18 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distillery import functional as DF
 from distillery.configbase import StrictModel
 from distillery.functional.paced import weighted_row_mean
-from distillery.models.adapters import LM_HEAD_BIAS, LM_HEAD_WEIGHT, LM_HIDDEN
+from distillery.models.adapters import (
+    LM_HEAD_BIAS,
+    LM_HEAD_WEIGHT,
+    LM_HIDDEN,
+    TEACHER_IDS,
+    TEACHER_LOGP,
+    TEACHER_TAIL,
+    TEACHER_WEIGHTS,
+)
 
 IGNORE_INDEX = -100
 
@@ -64,6 +73,9 @@ class LossTerm(nn.Module):
     # tokens, when the outputs carry no logits (see ``LM_HIDDEN``); ``chunk_size`` tokens per chunk.
     supports_hidden: ClassVar[bool] = False
     chunk_size: int = 256
+    # The divergence this term computes from a sparse teacher (a top-k or sampled cache: the features
+    # TEACHER_IDS, ...), see :meth:`_sparse_teacher`; None: the term needs the teacher's full logits.
+    sparse_name: ClassVar[str | None] = None
 
     def rows(self, target: Tensor, mask: Tensor) -> Tensor:
         """Boolean ``[...]``: the rows this term averages over (default: every valid row)."""
@@ -106,7 +118,67 @@ class LossTerm(nn.Module):
             out[f"{side}_head_bias"] = features.get(LM_HEAD_BIAS)
         return out
 
+    def _sparse_teacher(
+        self, inputs: LossInputs, num_valid: Tensor | float | None, temperature: float, **kwargs: float
+    ) -> Tensor | None:
+        """The term computed from a sparse teacher, or None when the teacher gave its full logits.
+
+        A top-k cache (``TEACHER_TAIL`` present) gives :func:`~distillery.functional.topk_tail_divergence`,
+        a sampled one :func:`~distillery.functional.sampled_forward_kl`; from hidden states (a chunked
+        loss) :func:`~distillery.functional.chunked_sparse_kd_from_hidden`. ``temperature`` softens the
+        student only: the stored distribution was taken at the cache's temperature, which the task checks
+        equals the term's. A dense teacher (logits) meeting a chunked student is computed the same way with
+        every id kept (k = V), which equals the dense divergence exactly.
+        """
+        f = inputs.teacher_features
+        if TEACHER_IDS not in f:
+            if inputs.student_logits is not None or inputs.teacher_logits is None or LM_HIDDEN in f:
+                return None
+            if self.sparse_name is None:
+                return None
+            logp = torch.log_softmax(inputs.teacher_logits.float() / temperature, dim=-1)
+            ids = torch.arange(logp.shape[-1], device=logp.device).expand(logp.shape)
+            f = {TEACHER_IDS: ids, TEACHER_LOGP: logp, TEACHER_TAIL: logp.new_zeros(logp.shape[:-1])}
+        if self.sparse_name is None:
+            raise ValueError(self._needs_dense())
+        if inputs.row_weight is not None:
+            raise ValueError(
+                "per-row weights (method.name=paced) cannot be combined with a sparse teacher cache; use a dense "
+                "cache (teacher.outputs.kind=dense) or the live teacher"
+            )
+        kind = "topk" if TEACHER_TAIL in f else "sampled"
+        DF.check_sparse_divergence(kind, self.sparse_name)
+        common = {"temperature": temperature, "mask": inputs.mask, "num_valid": num_valid}
+        if kind == "topk":
+            kwargs = {**kwargs, "teacher_tail": f[TEACHER_TAIL]}
+        else:
+            kwargs = {"teacher_weights": f[TEACHER_WEIGHTS]}
+        if inputs.student_logits is None:
+            h = self._from_hidden(inputs, teacher=False)
+            return DF.chunked_sparse_kd_from_hidden(
+                h["student_hidden"], h["student_head_weight"], f[TEACHER_IDS], f[TEACHER_LOGP], kind=kind,
+                divergence=self.sparse_name, student_head_bias=h["student_head_bias"], chunk_size=self.chunk_size,
+                **common, **kwargs,
+            )  # fmt: skip
+        if kind == "topk":
+            tail = kwargs.pop("teacher_tail")
+            return DF.topk_tail_divergence(
+                inputs.student_logits, f[TEACHER_IDS], f[TEACHER_LOGP], tail, divergence=self.sparse_name,
+                **common, **kwargs,
+            )  # fmt: skip
+        return DF.sampled_forward_kl(
+            inputs.student_logits, f[TEACHER_IDS], f[TEACHER_WEIGHTS], f[TEACHER_LOGP], **common
+        )
+
+    def _needs_dense(self) -> str:
+        return (
+            f"loss term {type(self).__name__} needs the teacher's full logits, but the teacher is a sparse (top-k or "
+            "sampled) cache; use forward_kl, reverse_kl or jsd with it, or a dense cache (teacher.outputs.kind=dense)"
+        )
+
     def _teacher_logits(self, inputs: LossInputs) -> Tensor:
+        if inputs.teacher_logits is None and TEACHER_IDS in inputs.teacher_features:
+            raise ValueError(self._needs_dense())
         if inputs.teacher_logits is None:
             raise ValueError(f"loss term {type(self).__name__} needs teacher logits, but the batch has none")
         return inputs.teacher_logits

@@ -81,6 +81,7 @@ class ForwardKLConfig(TermConfig):
 class ForwardKLLoss(LossTerm):
     supports_row_weight: ClassVar[bool] = True
     supports_hidden: ClassVar[bool] = True
+    sparse_name: ClassVar[str | None] = "forward_kl"
 
     def __init__(self, temperature: float = 1.0, vocab_size: int | None = None) -> None:
         super().__init__()
@@ -88,6 +89,9 @@ class ForwardKLLoss(LossTerm):
         self.vocab_size = vocab_size
 
     def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
+        sparse = self._sparse_teacher(inputs, num_valid, self.temperature)
+        if sparse is not None:  # a top-k or sampled teacher cache
+            return sparse
         if inputs.student_logits is None:  # chunked over tokens from hidden states and the LM heads
             return DF.chunked_kd_from_hidden(
                 **self._from_hidden(inputs, teacher=True),
@@ -225,6 +229,11 @@ class _FunctionalTerm(LossTerm):
         return mask
 
     def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
+        if self.sparse_name is not None:
+            beta = {"beta": self.hyperparameters["beta"]} if "beta" in self.hyperparameters else {}
+            sparse = self._sparse_teacher(inputs, num_valid, self.hyperparameters["temperature"], **beta)
+            if sparse is not None:  # a top-k or sampled teacher cache
+                return sparse
         if inputs.student_logits is None:  # chunked over tokens from hidden states and the LM heads
             return DF.chunked_kd_from_hidden(
                 **self._from_hidden(inputs, teacher=True),
@@ -278,6 +287,7 @@ class ReverseKLConfig(TermConfig):
 class ReverseKLLoss(_FunctionalTerm):
     function = staticmethod(DF.reverse_kl)
     chunk_name = "reverse_kl"
+    sparse_name = "reverse_kl"
 
     def __init__(self, temperature: float = 1.0, vocab_size: int | None = None) -> None:
         super().__init__(temperature=temperature, vocab_size=vocab_size)
@@ -295,6 +305,7 @@ class JSDConfig(TermConfig):
 class JSDLoss(_FunctionalTerm):
     function = staticmethod(DF.generalized_jsd)
     chunk_name = "jsd"
+    sparse_name = "jsd"
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0, vocab_size: int | None = None) -> None:
         super().__init__(beta=beta, temperature=temperature, vocab_size=vocab_size)

@@ -18,6 +18,13 @@ from torch import Tensor, nn
 LM_HIDDEN = "lm_hidden"
 LM_HEAD_WEIGHT = "lm_head_weight"
 LM_HEAD_BIAS = "lm_head_bias"
+# Feature names of a sparse teacher's output (a top-k or sampled cache, distillery.cache): per row,
+# the k kept ids, the teacher's log-probabilities at them, and the tail mass outside them (top-k) or
+# each id's share of the draws (sampled).
+TEACHER_IDS = "teacher_ids"
+TEACHER_LOGP = "teacher_logp"
+TEACHER_TAIL = "teacher_tail"
+TEACHER_WEIGHTS = "teacher_weights"
 # Feature name of the hints that multi-exit students output and their deepest-exit teacher matches.
 HINT_FEATURE = "hint"
 # Optional batch key: one weight per example ``[B]`` (PACED); the loop turns it into per-row weights.

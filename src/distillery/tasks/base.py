@@ -365,6 +365,15 @@ class BaseTask:
     def teacher(self, data: Any) -> TeacherSpec | None:
         return None
 
+    def teacher_outputs(self, data: Any, teacher: nn.Module, write: bool | None = None) -> Any:
+        """The seed's cache of the teacher's outputs (``teacher.source: cache``, see
+        :mod:`distillery.tasks.outputs`), written first when missing and ``write`` (None: as
+        ``teacher.outputs.write`` says). Tasks without such a cache refuse."""
+        raise ConfigError(
+            f"task {self.cfg.task} has no cache of teacher outputs; teacher.source=cache is available for the "
+            "classification and lm tasks"
+        )
+
     def save(self, student: nn.Module, arm_dir: Path, data: Any) -> None:
         """The student's weights as ``student.safetensors`` (written to a temporary file, then renamed)."""
         from safetensors.torch import save_model

@@ -1,7 +1,7 @@
 """Teacher sources behind one protocol (see :mod:`distillery.teachers.base`)."""
 
 from distillery.teachers.base import BaseTeacher, Teacher, TeacherOutput
-from distillery.teachers.cached import CachedTeacher
+from distillery.teachers.cached import CachedTeacher, OutputCacheTeacher
 from distillery.teachers.frozen import FrozenTeacher
 from distillery.teachers.store import (
     DamagedTeacherError,
@@ -16,6 +16,7 @@ __all__ = [
     "CachedTeacher",
     "DamagedTeacherError",
     "FrozenTeacher",
+    "OutputCacheTeacher",
     "Teacher",
     "TeacherOutput",
     "TeacherStore",

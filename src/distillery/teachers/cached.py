@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from distillery.models.adapters import TEACHER_IDS, TEACHER_LOGP, TEACHER_TAIL, TEACHER_WEIGHTS
 from distillery.teachers.base import BaseTeacher, Teacher, TeacherOutput
 
 
@@ -46,3 +47,60 @@ class CachedTeacher(BaseTeacher):
             chunks.append(teacher(batch).logits.cpu())
             ids.append(batch["index"].cpu())
         return cls(torch.cat(chunks), torch.cat(ids))
+
+
+class OutputCacheTeacher(BaseTeacher):
+    """Serves a teacher's outputs from an on-disk cache (:class:`distillery.cache.OutputCache`) by
+    ``batch["index"]``, with no forward pass.
+
+    A dense cache gives ``logits``; a top-k or sampled one gives no logits and the features
+    ``TEACHER_IDS``, ``TEACHER_LOGP`` and ``TEACHER_TAIL`` (top-k) or ``TEACHER_WEIGHTS`` (sampled),
+    which the loss terms that support sparse teachers read; stored features come under their names.
+    Language models: ``positions(batch)`` is the number of output positions of the batch (its longest
+    row minus one); the stored rows, padded to the longest training row, are cut to it.
+
+    ``live`` (optional) is a live teacher for batches the cache cannot hold: those for which
+    ``use_live(batch)`` is true (on-policy batches, whose responses the student just sampled). The
+    counters :attr:`cache_calls` and :attr:`live_calls` say how often each served a batch.
+    """
+
+    def __init__(self, cache, *, positions=None, live: Teacher | None = None, use_live=None) -> None:
+        self.cache = cache
+        self.positions = positions
+        self.live, self.use_live = live, use_live
+        if live is not None and use_live is None:
+            raise ValueError(
+                "a live teacher beside the cache needs use_live(batch) saying which batches it serves"
+            )
+        self.names = {
+            "ids": TEACHER_IDS,
+            "logp": TEACHER_LOGP,
+            "tail": TEACHER_TAIL,
+            "weights": TEACHER_WEIGHTS,
+        }
+        self.cache_calls = 0
+        self.live_calls = 0
+
+    def __call__(self, batch: Mapping[str, Tensor], student_output=None) -> TeacherOutput:
+        if self.live is not None and self.use_live(batch):
+            self.live_calls += 1
+            return self.live(batch, student_output)
+        self.cache_calls += 1
+        device = batch["index"].device
+        rows = self.cache.lookup(batch["index"])
+        n = None if self.positions is None else self.positions(batch)
+
+        def fit(x: Tensor) -> Tensor:
+            return (x if n is None else x[:, :n]).to(device)
+
+        logits = fit(rows.pop("logits")) if "logits" in rows else None
+        features = {}
+        for name, x in rows.items():
+            key = name.removeprefix("feature.") if name.startswith("feature.") else self.names[name]
+            features[key] = fit(x)
+        return TeacherOutput(logits=logits, features=features)
+
+    def to(self, device) -> OutputCacheTeacher:
+        if self.live is not None and hasattr(self.live, "to"):
+            self.live.to(device)
+        return self

@@ -514,6 +514,14 @@ def tokenizer_differences(a: Any, b: Any, post_processor: bool = True) -> list[s
     return out
 
 
+def tokenizer_sha256(tok: Any) -> str:
+    """A hash of everything that decides how text maps to ids (the post-processor aside, as in
+    ``tokenizer_differences(..., post_processor=False)``): a teacher-output cache's tokenizer identity."""
+    described = _describe(tok)
+    described.pop("post-processor", None)
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def same_tokenizer(a: Any, b: Any) -> bool:
     """Whether two tokenizers map every text to the same ids and agree on the special tokens.
 

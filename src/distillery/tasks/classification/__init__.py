@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
+from distillery.cache import OutputCache, OutputSource, weights_sha256
 from distillery.data import (
     ClassificationData,
     FilesDataConfig,
@@ -52,7 +53,8 @@ from distillery.tasks.base import (
 from distillery.tasks.classification.arms import ArmSetup, build_arm, model_inputs
 from distillery.tasks.classification.config import ClassificationConfig
 from distillery.tasks.classification.signals import tap_arm
-from distillery.teachers import CachedTeacher, FrozenTeacher
+from distillery.tasks.outputs import teacher_outputs
+from distillery.teachers import CachedTeacher, FrozenTeacher, OutputCacheTeacher
 from distillery.train import fit
 
 ENSEMBLE = "ensemble"
@@ -154,7 +156,7 @@ def check_model_files(cfg: ClassificationConfig) -> None:
     eval`` needs them as well (it rebuilds the architectures). Whether the weights fit the
     architecture is checked when they are loaded."""
     t = cfg.teacher
-    if t is not None and t.source == "frozen":
+    if t is not None and t.source in ("frozen", "cache"):
         if t.checkpoint is not None:
             read_header(t.checkpoint, "teacher.checkpoint")
         check_pretrained(t.model, "teacher.model")
@@ -182,7 +184,10 @@ class ClassificationTask(BaseTask):
 
     def __init__(self, cfg: ClassificationConfig, context: RunContext) -> None:
         super().__init__(cfg, context)
-        self.source = None if cfg.teacher is None else cfg.teacher.source
+        source = None if cfg.teacher is None else cfg.teacher.source
+        # a cached teacher is a frozen one whose outputs are read from disk during training
+        self.cached = source == "cache"
+        self.source = "frozen" if self.cached else source
         self.adapter = ClassifierAdapter()
         self.teacher_adapter = self.adapter  # another batch key when the teacher has its own tokenizer
         self._teachers: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules built as the teacher
@@ -352,12 +357,37 @@ class ClassificationTask(BaseTask):
         """The seed's teacher for the `frozen` source: built once (outputs precomputed when allowed)."""
         if data.frozen_teacher is None:
             teacher = FrozenTeacher(module, self.teacher_adapter)
-            if self.cfg.teacher_precomputed():
+            if self.cached:
+                teacher = OutputCacheTeacher(self.teacher_outputs(data, module))
+            elif self.cfg.teacher_precomputed():
                 teacher = CachedTeacher.precompute(
                     teacher, data.splits.distillation_set(), self.cfg.eval.batch_size
                 )
             data.frozen_teacher = teacher
         return data.frozen_teacher
+
+    def output_source(self, data: SeedData, module: nn.Module) -> OutputSource:
+        """The seed's teacher outputs for a cache: its logits on every row a distilled student trains on."""
+        adapter = self.teacher_adapter
+        return OutputSource(
+            dataset=data.splits.distillation_set() if len(data.splits.transfer) else data.splits.labelled,
+            forward=FrozenTeacher(module, adapter),
+            keys=(adapter.input_key,),
+            vocab_size=data.splits.num_classes,
+            identity={"task": "classification", "teacher": weights_sha256(module), "tokenizer": None},
+            device=self._device(),
+        )
+
+    def teacher_outputs(self, data: SeedData, module: nn.Module, write: bool | None = None) -> OutputCache:
+        """The seed's cache of the teacher's outputs (``teacher.source: cache``), written when missing."""
+        return teacher_outputs(
+            self.cfg.teacher.outputs,
+            self.output_source(data, module),
+            data.seed,
+            self.context,
+            batch_size=self.cfg.teacher.outputs.batch_size or self.cfg.eval.batch_size,
+            write=write,
+        )
 
     # ---- evaluation -------------------------------------------------------------------------------
 

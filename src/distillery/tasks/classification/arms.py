@@ -100,7 +100,7 @@ def build_arm(
         if isinstance(model, ViTClassifier):  # no distillation head to average in: predict with [CLS]
             model.mean_heads.fill_(0.0)
         return ArmSetup(model, plain, None, _identity)
-    if source in (None, "frozen", "snapshot"):
+    if source in (None, "frozen", "cache", "snapshot"):
         model = initialised()
         deit = isinstance(model, ViTClassifier) and model.distillation_token
         return ArmSetup(model, DeiTAdapter() if deit else plain, teacher, _identity)

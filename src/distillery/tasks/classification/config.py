@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from distillery.cache import OutputsConfig
 from distillery.configbase import StrictModel
 from distillery.data import DataConfig, FilesDataConfig, ImageDataConfig
 from distillery.losses import LOSSES, SignalTermConfig
@@ -69,6 +70,31 @@ class FrozenTeacherConfig(StrictModel):
         return self
 
 
+class CacheTeacherConfig(FrozenTeacherConfig):
+    """A frozen teacher (trained, loaded or pretrained, as for ``source: frozen``) whose outputs are
+    computed once into an on-disk cache (``distillery cache``, or the run when the cache is missing)
+    and read from it by sample id: no teacher forward during training."""
+
+    source: Literal["cache"] = "cache"  # type: ignore[assignment]
+    outputs: OutputsConfig = Field(
+        default_factory=OutputsConfig, description="what the cache holds and where (kind dense: the logits)"
+    )
+
+    @model_validator(mode="after")
+    def _dense_logits(self) -> CacheTeacherConfig:
+        if self.outputs.kind != "dense":
+            raise ValueError(
+                f"teacher.outputs.kind={self.outputs.kind}: a classifier's cache stores its dense logits "
+                "(teacher.outputs.kind=dense, fp32 or fp16); top-k and sampled caches are for language models"
+            )
+        if self.precompute is not None:
+            raise ValueError(
+                "conflicting fields: teacher.precompute keeps a frozen teacher's outputs in memory; with "
+                "teacher.source=cache they come from the disk cache: drop teacher.precompute"
+            )
+        return self
+
+
 class EMATeacherConfig(StrictModel):
     """Mean teacher: an exponential moving average of the student's weights (and float buffers)."""
 
@@ -123,6 +149,7 @@ class ExitsTeacherConfig(StrictModel):
 SELF_SOURCES = ("ema", "random", "past_predictions", "snapshot", "peers", "exits")
 TeacherConfig = Annotated[
     FrozenTeacherConfig
+    | CacheTeacherConfig
     | EMATeacherConfig
     | RandomTeacherConfig
     | PastPredictionsTeacherConfig
@@ -251,6 +278,11 @@ class ClassificationConfig(DistillationConfigBase):
                 f"teacher.source={source}; use teacher.source=frozen"
             )
         self._models_fit_the_data()
+        if source == "cache" and not self.train.augment.is_identity():
+            raise ValueError(
+                "conflicting fields: teacher.source=cache stores one output per example, but train.augment changes "
+                "the inputs every step; use teacher.source=frozen or turn augmentation off"
+            )
         if source == "frozen" and self.teacher.precompute and not self.train.augment.is_identity():
             raise ValueError(
                 "conflicting fields: teacher.precompute=true stores one output per example, but train.augment "
@@ -266,7 +298,7 @@ class ClassificationConfig(DistillationConfigBase):
         """Text data take text models, numbers and images the others; text cannot be augmented."""
         text = self.text_data()
         models = [("student", self.student)]
-        if self.teacher is not None and self.teacher.source == "frozen":
+        if self.teacher is not None and self.teacher.source in ("frozen", "cache"):
             models.append(("teacher.model", self.teacher.model))
         for field, model in models:
             if text and model.name in NUMBER_MODELS:

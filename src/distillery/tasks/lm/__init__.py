@@ -24,6 +24,7 @@ from rich.console import Console
 from torch import nn
 
 from distillery import functional as DF
+from distillery.cache import OutputCache, OutputSource, weights_sha256
 from distillery.data.text import TokenDataset, lm_datasets, split_austen
 from distillery.data.text.arithmetic import verify
 from distillery.data.text.collate import special_ids
@@ -33,11 +34,18 @@ from distillery.data.text.tokenizer import (
     load_pretrained_tokenizer,
     save_training_tokenizer,
     tokenizer_differences,
+    tokenizer_sha256,
 )
 from distillery.errors import ConfigError
 from distillery.eval.lm import lm_metrics, task_accuracy
 from distillery.fileio import is_local_source
-from distillery.generation import OnPolicyBatches, PacedBatches, SpeculativeBatches, sequence_level_pairs
+from distillery.generation import (
+    SAMPLED_KEY,
+    OnPolicyBatches,
+    PacedBatches,
+    SpeculativeBatches,
+    sequence_level_pairs,
+)
 from distillery.losses import LOSSES, build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models.causal_lm import build_causal_lm
@@ -46,7 +54,8 @@ from distillery.models.hub import check_model_dir, from_pretrained
 from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
 from distillery.tasks.lm.config import USER_FORMATS, LMRunConfig
 from distillery.tasks.lm.user_data import prepare_user_data
-from distillery.teachers import FrozenTeacher
+from distillery.tasks.outputs import teacher_outputs
+from distillery.teachers import FrozenTeacher, OutputCacheTeacher
 from distillery.teachers.store import default_cache_root
 from distillery.train import TrainConfig, fit
 from distillery.train.batches import BatchPlan
@@ -415,6 +424,46 @@ class LMTask(BaseTask):
             key["data_digest"] = data["digest"]
         return TeacherSpec(build=build, train=train, cache_key=key, cache=t.cache, cache_dir=t.cache_dir)
 
+    # ---- teacher outputs (teacher.source: cache) ----------------------------------------------------
+
+    def output_source(self, data: dict[str, Any], teacher: nn.Module) -> OutputSource:
+        """The teacher's next-token distributions at every position of every training row (padded to the
+        longest row); positions without a target are stored as zeros."""
+        train = data["train"]
+        if isinstance(train, TextStream):
+            raise ConfigError(
+                "teacher.source=cache needs the training rows ahead of training; streamed text has none"
+            )
+        return OutputSource(
+            dataset=train,
+            forward=FrozenTeacher(teacher, HFCausalLMAdapter()),
+            keys=("input_ids", "attention_mask"),
+            vocab_size=int(teacher.get_output_embeddings().weight.shape[0]),
+            identity={
+                "task": "lm",
+                "teacher": weights_sha256(teacher),
+                "tokenizer": tokenizer_sha256(self.tokenizer),
+            },
+            positions=int(train.lengths().max()) - 1,
+            valid=lambda batch: batch["labels"][:, 1:] != -100,
+            device=self.context.accelerator.device,
+        )
+
+    def teacher_outputs(
+        self, data: dict[str, Any], teacher: nn.Module, write: bool | None = None
+    ) -> OutputCache:
+        """The seed's cache of the teacher's outputs over the training rows, written when missing."""
+        outputs = self.cfg.teacher.outputs
+        return teacher_outputs(
+            outputs,
+            self.output_source(data, teacher),
+            data["seed"],
+            self.context,
+            batch_size=outputs.batch_size or self.cfg.eval.batch_size,
+            tokens=data["train"].num_targets(),
+            write=write,
+        )
+
     # ---- evaluation -------------------------------------------------------------------------------
 
     def evaluate(
@@ -448,7 +497,10 @@ class LMTask(BaseTask):
         cfg = self.cfg
         student = self.new_student(data)
         student.load_state_dict(init_state)
-        chunked = self._chunked(student, teacher)
+        cached = cfg.teacher is not None and cfg.teacher.source == "cache"
+        # a cached teacher's forward runs only on on-policy batches: whether its head supports the
+        # chunked loss matters then only
+        chunked = self._chunked(student, None if cached and cfg.method.name != "on_policy" else teacher)
         adapter = HFCausalLMAdapter(hidden_states=chunked)
         transform = None
         if name == BASELINE:
@@ -463,6 +515,13 @@ class LMTask(BaseTask):
             objective = build_objective(_aligned_loss(cfg, self.n_vocab, padded))
             train_cfg = cfg.train
             arm_teacher = None if teacher is None else FrozenTeacher(teacher, adapter)
+            if cached:
+                arm_teacher = OutputCacheTeacher(
+                    self.teacher_outputs(data, teacher),
+                    positions=lambda batch: batch["input_ids"].shape[1] - 1,
+                    live=arm_teacher if cfg.method.name == "on_policy" else None,
+                    use_live=lambda batch: SAMPLED_KEY in batch,
+                )
             train_set, transform = method_data(cfg, data, teacher, data["seed"], self.context.console)
             train_set = self.train_set({**data, "train": train_set}, train_cfg, data["seed"])
         for term in objective.terms.values():
@@ -470,6 +529,8 @@ class LMTask(BaseTask):
 
         def record(model: nn.Module, final: dict[str, float]) -> dict[str, Any]:
             out: dict[str, Any] = {"chunked_loss": chunked}
+            if isinstance(arm_teacher, OutputCacheTeacher):
+                out["teacher_calls"] = {"cache": arm_teacher.cache_calls, "live": arm_teacher.live_calls}
             if transform is not None:
                 out["sampling"] = transform.metrics()
             return out

@@ -6,11 +6,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from distillery.cache import OutputsConfig
 from distillery.configbase import StrictModel
 from distillery.data.tables import TableSource
 from distillery.data.text.arithmetic import ArithmeticConfig
 from distillery.data.text.tokenizer import BYTE_VOCAB_SIZE, TokenizerConfig
 from distillery.data.text.verifiers import VerifierConfig, verifier_shorthand
+from distillery.functional import sparse_divergence_support
 from distillery.losses import LOSSES, SignalTermConfig
 from distillery.models.causal_lm import CausalLMConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig
@@ -163,16 +165,35 @@ class LMDataConfig(StrictModel):
 
 
 class LMTeacherConfig(StrictModel):
-    """A frozen teacher LM: trained first by this run (cached by config hash), or loaded."""
+    """A frozen teacher LM: trained first by this run (cached by config hash), or loaded. With
+    ``source: cache`` its outputs over the training data are computed once into an on-disk cache
+    (``distillery cache``, or the run when it is missing) and read from it during training."""
 
-    source: Literal["frozen"] = "frozen"
+    source: Literal["frozen", "cache"] = Field(
+        "frozen", description="frozen: the teacher runs on every batch; cache: its outputs are read from disk"
+    )
     model: CausalLMConfig = Field(default_factory=CausalLMConfig)
     train: TrainConfig | None = Field(None, description="train the teacher on the training split first")
     cache: bool = True
     cache_dir: str | None = None
+    outputs: OutputsConfig | None = Field(
+        None, description="source=cache: what the cache holds (dense, topk + tail, sampled) and where"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> LMTeacherConfig:
+        if self.source == "frozen" and self.outputs is not None:
+            raise ValueError(
+                "teacher.outputs describes a cache of the teacher's outputs, for teacher.source=cache; set "
+                "teacher.source=cache or drop teacher.outputs"
+            )
+        if self.source == "cache" and self.outputs is None:
+            self.outputs = OutputsConfig()
+        if self.outputs is not None and self.outputs.features:
+            raise ValueError(
+                "teacher.outputs.features: language-model caches store token distributions only (stored "
+                "features are for classification and encoder caches); drop teacher.outputs.features"
+            )
         if self.train is None and self.model.pretrained is None:
             raise ValueError(
                 "conflicting fields: the teacher needs teacher.train (train it first) or "
@@ -272,6 +293,45 @@ class LMRunConfig(DistillationConfigBase):
     eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
     chunked_loss: ChunkedLossConfig = Field(default_factory=ChunkedLossConfig)
 
+    def _cache_fits(self) -> None:
+        """A cached teacher serves the fixed training rows, with the divergences its kind allows."""
+        out, method = self.teacher.outputs, self.method.name
+        if self.data.streaming:
+            raise ValueError(
+                "conflicting fields: teacher.source=cache stores the teacher's outputs per training row, but "
+                "data.train.streaming=true reads rows on the fly; use teacher.source=frozen"
+            )
+        if method not in ("token", "on_policy"):
+            why = {"sequence": "trains on responses the teacher generates", "speculative": "lets the teacher "
+                   "replace the student's proposals as they are sampled", "paced": "weights each row"}[method]  # fmt: skip
+            if method != "paced" or out.kind != "dense":
+                raise ValueError(
+                    f"conflicting fields: method.name={method} {why}, which a cache of the teacher's outputs "
+                    "cannot serve; use method.name=token or on_policy (on-policy batches use the live teacher)"
+                    + (", or a dense cache (teacher.outputs.kind=dense)" if method == "paced" else "")
+                )
+        if out.kind == "dense":
+            return
+        for label, term in self.loss.items():
+            cls = LOSSES[term.name][1]
+            if not cls.needs_teacher:
+                continue
+            if cls.sparse_name is None:
+                raise ValueError(
+                    f"conflicting fields: loss.{label} ({term.name}) needs the teacher's full logits, but "
+                    f"teacher.outputs.kind={out.kind} keeps {out.k} ids per token; use forward_kl, reverse_kl or jsd, "
+                    "or teacher.outputs.kind=dense"
+                )
+            why = sparse_divergence_support(out.kind, cls.sparse_name)
+            if why is not None:
+                raise ValueError(f"loss.{label}: {why}")
+            temperature = getattr(term, "temperature", 1.0)
+            if temperature != out.temperature:
+                raise ValueError(
+                    f"conflicting fields: loss.{label}.temperature={temperature:g}, but the {out.kind} cache stores "
+                    f"the teacher's distribution at teacher.outputs.temperature={out.temperature:g}; set them equal"
+                )
+
     def _terms_without(self, capability: str) -> list[str]:
         """Labels of the loss terms whose module class lacks ``capability`` (a ClassVar flag)."""
         return [label for label, term in self.loss.items() if not getattr(LOSSES[term.name][1], capability)]
@@ -331,6 +391,8 @@ class LMRunConfig(DistillationConfigBase):
                         f"conflicting fields: {field}.epochs={train.epochs:g}, but data.train.streaming=true: the "
                         f"number of training blocks is unknown; set {field}.steps instead"
                     )
+        if self.teacher is not None and self.teacher.source == "cache":
+            self._cache_fits()
         if method != "token" and self.teacher is None:
             raise ValueError(f"conflicting fields: method.name={method} needs a teacher section")
         if self.chunked_loss.enabled is True:

@@ -1,0 +1,144 @@
+"""``teacher.source: cache`` end to end: a run from the cache trains the same student as a run with the
+live teacher; ``distillery cache`` writes the caches a run then reads; the on-policy mix calls the
+live teacher on sampled batches only; bad settings exit 2 naming the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distillery.cli import main
+
+LM_TINY = [
+    "teacher.train.steps=6", "train.steps=6", "train.eval_every=0", "data.max_train_blocks=48", "data.max_eval_blocks=8",
+    "data.seq_len=32", "data.tokenizer.vocab_size=300", "baseline.enabled=false", "--no-progress",
+]  # fmt: skip
+ARITH = ["data.name=arithmetic", "data.seq_len=16", "data.arithmetic.train=120", "data.arithmetic.test=12",
+         "data.tokenizer={kind: byte}", "method.max_new_tokens=4"]  # fmt: skip
+DIGITS_TINY = [
+    "seeds=[0]", "teacher.train.steps=30", "teacher.ensemble=1", "train.steps=40", "train.eval_every=0",
+    "baseline.enabled=false", "--no-progress",
+]  # fmt: skip
+DENSE = ["teacher.source=cache", "teacher.outputs.kind=dense", "teacher.outputs.values=fp32"]
+
+
+def _run(args: list[str], out: Path) -> dict:
+    assert main(["run", *args, f"output.dir={out}"]) == 0
+    return json.loads((out / "seed-0" / "distilled" / "result.json").read_text())
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    arm = out / "seed-0" / "distilled"
+    path = arm / "model" / "model.safetensors" if (arm / "model").is_dir() else arm / "student.safetensors"
+    return load_file(str(path))
+
+
+def _close(a: dict, b: dict, atol: float) -> float:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, f"students differ by {worst}"
+    return worst
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "extra, cached",
+    [
+        ([], DENSE),  # token-level, dense fp32 cache
+        (["chunked_loss.enabled=true"], DENSE),  # a chunked student reads the dense cache as k = V ids
+        (
+            [],
+            [
+                "teacher.source=cache",
+                "teacher.outputs.kind=topk",
+                "teacher.outputs.k=300",
+                "teacher.outputs.values=fp32",
+            ],
+        ),
+        (
+            [*ARITH, "method.name=on_policy", "method.student_lambda=0.5"],
+            DENSE,
+        ),  # off-policy batches from the cache
+    ],
+    ids=["dense", "dense-chunked", "topk-k=V", "on-policy"],
+)
+def test_an_lm_run_from_the_cache_trains_the_live_teachers_student(tmp_path, extra, cached):
+    live = _run(["lm-kd", *LM_TINY, *extra], tmp_path / "live")
+    from_cache = _run(["lm-kd", *LM_TINY, *extra, *cached], tmp_path / "cache")
+    # the cache was written in batches of eval.batch_size rows, training batches differ: float tolerance only
+    _close(_weights(tmp_path / "live"), _weights(tmp_path / "cache"), 2e-5)
+    calls = from_cache["teacher_calls"]
+    if "method.name=on_policy" in extra:
+        sampled = from_cache["sampling"]["on_policy_fraction"]
+        assert 0 < calls["live"] < 6 and calls["live"] + calls["cache"] == 6
+        assert calls["live"] / 6 == pytest.approx(sampled) == live["sampling"]["on_policy_fraction"]
+    else:
+        assert calls == {"cache": 6, "live": 0}
+
+
+@pytest.mark.integration
+def test_a_classification_run_from_the_cache_equals_the_live_teacher(tmp_path):
+    _run(["digits-kd", *DIGITS_TINY], tmp_path / "live")
+    _run(["digits-kd", *DIGITS_TINY, *DENSE], tmp_path / "cache")
+    assert _close(_weights(tmp_path / "live"), _weights(tmp_path / "cache"), 1e-6) == 0.0
+
+
+@pytest.mark.integration
+def test_distillery_cache_writes_what_runs_then_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "dc"))
+    sparse = ["teacher.source=cache", "teacher.outputs.kind=sampled", "teacher.outputs.k=16",
+              f"teacher.outputs.path={tmp_path / 'outputs'}", "teacher.outputs.write=never"]  # fmt: skip
+    # write=never: the run refuses an absent cache, and names the command that writes it
+    assert main(["run", "lm-kd", *LM_TINY, *sparse, f"output.dir={tmp_path / 'r0'}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "no teacher-output cache at" in err and "distillery cache" in err and not (tmp_path / "r0").exists()
+    )
+    assert main(["cache", "lm-kd", *LM_TINY, *sparse]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher outputs: sampled k=16, fp16, 48 rows" in printed and "B/token (written in" in printed
+    manifest = json.loads((tmp_path / "outputs" / "seed-0" / "MANIFEST.json").read_text())
+    assert manifest["kind"] == "sampled" and manifest["draws"] == 16 and manifest["dataset"]["rows"] == 48
+    record = _run(["lm-kd", *LM_TINY, *sparse], tmp_path / "r1")
+    assert "(read)" in capsys.readouterr().out and record["teacher_calls"] == {"cache": 6, "live": 0}
+    assert main(["cache", "lm-kd", *LM_TINY, *sparse]) == 0  # complete: checked and left as it is
+    assert "(read)" in capsys.readouterr().out
+
+
+BAD = [
+    (["digits-kd"], "distillery cache writes the outputs of a teacher with teacher.source=cache"),
+    (["lm-kd", "teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=8", "loss.forward_kl.temperature=2"],
+     "loss.forward_kl.temperature=2, but the topk cache stores the teacher's distribution at teacher.outputs.temperature=1"),
+    (["lm-kd", "teacher.source=cache", "teacher.outputs.kind=sampled", "teacher.outputs.k=8", "loss={ce: {}, reverse_kl: {}}"],
+     "reverse_kl"),
+    (["lm-kd", "teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=8", "loss={ce: {}, tvd: {}}"],
+     "loss.tvd (tvd) needs the teacher's full logits"),
+    (["lm-kd", "teacher.source=cache", "teacher.outputs.kind=topk"], "kind=topk needs teacher.outputs.k"),
+    (["lm-kd", "teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=0"], "greater than or equal to 1"),
+    (["lm-kd", "teacher.source=cache", "teacher.outputs.kind=full"], "'dense', 'topk' or 'sampled'"),
+    (["lm-kd", "teacher.outputs.values=fp16"], "teacher.outputs describes a cache of the teacher's outputs"),
+    (["lm-kd", "teacher.source=cache", *ARITH, "method.name=speculative"], "method.name=speculative"),
+    (["digits-kd", "teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=3"],
+     "a classifier's cache stores its dense logits"),
+    (["digits-kd", "teacher.source=cache", "train.augment.shift=1"], "teacher.source=cache stores one output per example"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_cache_settings_exit_2_naming_the_problem(args, message, capsys, tmp_path):
+    command = "cache" if message.startswith("distillery cache") else "run"
+    assert main([command, *args, f"output.dir={tmp_path / 'out'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_k_above_the_vocabulary_is_refused_before_training_the_student(tmp_path, capsys):
+    args = ["lm-kd", *LM_TINY, "teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=301"]
+    assert main(["run", *args, f"output.dir={tmp_path / 'out'}"]) == 2
+    assert "teacher.outputs.k=301 must be between 1 and the vocabulary size 300" in capsys.readouterr().err
