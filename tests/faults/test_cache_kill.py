@@ -49,7 +49,7 @@ def test_a_killed_writer_resumes_to_an_identical_cache(tmp_path):
     )
     assert shards_seen == sorted(shards_seen) and shards_seen[-1] > shards_seen[0]
     p = _start(folder)
-    out, err = p.communicate(timeout=120)
+    _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert sorted(x.name for x in folder.iterdir()) == sorted(x.name for x in whole.iterdir())
     for x in whole.iterdir():
