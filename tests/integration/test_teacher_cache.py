@@ -142,3 +142,38 @@ def test_k_above_the_vocabulary_is_refused_before_training_the_student(tmp_path,
     args = ["lm-kd", *LM_TINY, "teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=301"]
     assert main(["run", *args, f"output.dir={tmp_path / 'out'}"]) == 2
     assert "teacher.outputs.k=301 must be between 1 and the vocabulary size 300" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_representation_run_reads_the_teachers_signals_from_the_cache(tmp_path, monkeypatch):
+    """loss.features and loss.rkd_distance read the teacher's layers; with a cache they are stored per
+    example beside the logits, and the student trains as with the live teacher."""
+    terms = ["student={name: cnn, channels: [8, 16, 16]}", "loss.features={student: body.3, teacher: body.3}",
+             "loss.rkd_distance={student: body.8, teacher: body.8, weight: 25}"]  # fmt: skip
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "dc"))
+    _run(["digits-kd", *DIGITS_TINY, *terms], tmp_path / "live")
+    record = _run(["digits-kd", *DIGITS_TINY, *terms, *DENSE], tmp_path / "cache")
+    assert record["projectors"] == {"features.0": "conv1x1 16 -> 48 (768 parameters)"}
+    _close(_weights(tmp_path / "live"), _weights(tmp_path / "cache"), 1e-6)
+    (manifest_path,) = (tmp_path / "dc" / "outputs").glob("*/MANIFEST.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["features"] == ["features.0", "rkd_distance.0"]
+    assert manifest["tensors"]["feature.features.0"]["shape"] == [48, 8, 8]
+
+
+@pytest.mark.integration
+def test_two_processes_write_the_same_cache_as_one(tmp_path):
+    """Under `accelerate launch` each process writes its share of the shards and the main process the one
+    manifest: the folder is byte-identical to the one process writes (same teacher, from the teacher cache)."""
+    from tests.integration.test_ddp import launch, run_one_process
+
+    env = {"DISTILLERY_CACHE": str(tmp_path / "dc")}
+    args = ["cache", "lm-kd", *LM_TINY, "teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=16",
+            "teacher.outputs.shard_rows=5"]  # fmt: skip
+    run_one_process([*args, f"teacher.outputs.path={tmp_path / 'one'}"], tmp_path, env=env)
+    launch(["-m", "distillery", *args, f"teacher.outputs.path={tmp_path / 'two'}"], tmp_path, env=env)
+    one, two = tmp_path / "one" / "seed-0", tmp_path / "two" / "seed-0"
+    names = sorted(p.name for p in one.iterdir())
+    assert len(names) == 11 and names == sorted(p.name for p in two.iterdir())  # 10 shards + the manifest
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name

@@ -56,10 +56,14 @@ class OutputCache:
                     for i in range(spec["num_shards"])
                     if not (self.path / shard_name(i)).is_file()
                 ]
+                what = (
+                    f"{len(missing)} of {spec['num_shards']} shards are missing ({_ranges(missing, 3)})"
+                    if missing
+                    else f"its {spec['num_shards']} shards are written but not its {MANIFEST}"
+                )
                 raise CacheError(
-                    f"the teacher-output cache at {self.path} is unfinished: {len(missing)} of {spec['num_shards']} "
-                    f"shards are missing ({_ranges(missing, 3)}); run {how} again to finish it (it continues from "
-                    "the shards written)"
+                    f"the teacher-output cache at {self.path} is unfinished: {what}; run {how} again to finish it "
+                    "(it continues from the shards written)"
                 )
             raise CacheError(
                 f"no teacher-output cache at {self.path} (no {MANIFEST}); write it with {how}, or let the run write "

@@ -307,9 +307,10 @@ def write_outputs(
             progress(done, len(todo))
     if barrier is not None:
         barrier()
-    if process_index != 0:
-        return spec
-    return finish(path, spec)
+    manifest = finish(path, spec) if process_index == 0 else None
+    if barrier is not None:  # nobody reads the cache before the main process has written its manifest
+        barrier()
+    return manifest if manifest is not None else json.loads((path / MANIFEST).read_text())
 
 
 def finish(path: Path, spec: dict[str, Any]) -> dict[str, Any]:

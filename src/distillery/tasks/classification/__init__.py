@@ -12,6 +12,7 @@ the arms are the cross-entropy baseline and the distilled student, or the born-a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from distillery.tasks.base import (
 )
 from distillery.tasks.classification.arms import ArmSetup, build_arm, model_inputs
 from distillery.tasks.classification.config import ClassificationConfig
-from distillery.tasks.classification.signals import tap_arm
+from distillery.tasks.classification.signals import tap_arm, tapped_teacher
 from distillery.tasks.outputs import teacher_outputs
 from distillery.teachers import CachedTeacher, FrozenTeacher, OutputCacheTeacher
 from distillery.train import fit
@@ -367,11 +368,13 @@ class ClassificationTask(BaseTask):
         return data.frozen_teacher
 
     def output_source(self, data: SeedData, module: nn.Module) -> OutputSource:
-        """The seed's teacher outputs for a cache: its logits on every row a distilled student trains on."""
-        adapter = self.teacher_adapter
+        """The seed's teacher outputs for a cache: its logits, and the signals of the representation terms
+        (read by the tapped teacher), on every row a distilled student trains on."""
+        adapter, pairs = self.teacher_adapter, signal_pairs(self.cfg.loss)
+        forward = tapped_teacher(module, pairs, adapter) if pairs else FrozenTeacher(module, adapter)
         return OutputSource(
             dataset=data.splits.distillation_set() if len(data.splits.transfer) else data.splits.labelled,
-            forward=FrozenTeacher(module, adapter),
+            forward=forward,
             keys=(adapter.input_key,),
             vocab_size=data.splits.num_classes,
             identity={"task": "classification", "teacher": weights_sha256(module), "tokenizer": None},
@@ -379,13 +382,18 @@ class ClassificationTask(BaseTask):
         )
 
     def teacher_outputs(self, data: SeedData, module: nn.Module, write: bool | None = None) -> OutputCache:
-        """The seed's cache of the teacher's outputs (``teacher.source: cache``), written when missing."""
+        """The seed's cache of the teacher's outputs (``teacher.source: cache``), written when missing; the
+        representation terms' signals are stored beside the logits."""
+        outputs = self.cfg.teacher.outputs
+        keys = sorted({p.key for p in signal_pairs(self.cfg.loss)})
+        if keys:
+            outputs = outputs.model_copy(update={"features": keys})
         return teacher_outputs(
-            self.cfg.teacher.outputs,
+            outputs,
             self.output_source(data, module),
             data.seed,
             self.context,
-            batch_size=self.cfg.teacher.outputs.batch_size or self.cfg.eval.batch_size,
+            batch_size=outputs.batch_size or self.cfg.eval.batch_size,
             write=write,
         )
 
@@ -491,6 +499,8 @@ class ClassificationTask(BaseTask):
                 network = teacher if self.source == "frozen" else arm_teacher.module
                 example = train_set.get_batch(torch.arange(min(2, len(train_set))))
                 setup, projectors = tap_arm(setup, network, pairs, example, self.teacher_adapter, data.seed)
+                if self.cached:  # the tapped teacher's logits and signals, read from its output cache
+                    setup = dataclasses.replace(setup, teacher=arm_teacher)
                 for key, text in projectors.items():
                     self.context.console.print(
                         f"  seed {data.seed} {name}: projector {key}: {text} (trained with the student, not exported)",

@@ -244,7 +244,7 @@ class ClassificationConfig(DistillationConfigBase):
                 "trains them; add a `hint` term (e.g. loss.hint={weight: 1.0}) or drop hint_at"
             )
         signal_terms = [label for label, term in self.loss.items() if isinstance(term, SignalTermConfig)]
-        if signal_terms and source not in ("frozen", "snapshot"):
+        if signal_terms and source not in ("frozen", "cache", "snapshot"):
             raise ValueError(
                 f"conflicting fields: loss.{signal_terms[0]} ({self.loss[signal_terms[0]].name}) matches the layers "
                 f"of the student and a teacher network, but teacher.source={source}; use teacher.source=frozen "
@@ -255,7 +255,7 @@ class ClassificationConfig(DistillationConfigBase):
                 f"conflicting fields: teacher.precompute=true stores the teacher's logits only, but "
                 f"loss.{signal_terms[0]} needs its layers on every batch; set teacher.precompute=null (or false)"
             )
-        if signal_terms and source == "frozen" and self.teacher.ensemble > 1:
+        if signal_terms and source in ("frozen", "cache") and self.teacher.ensemble > 1:
             raise ValueError(
                 f"conflicting fields: loss.{signal_terms[0]} reads one teacher network's layers, but "
                 f"teacher.ensemble={self.teacher.ensemble}; set teacher.ensemble=1"

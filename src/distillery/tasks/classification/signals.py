@@ -94,7 +94,7 @@ def tap_arm(
                 if proj is not None:
                     projectors[pair.key] = proj
     tapped = FeatureTap(student, {p.key: p.student for p in pairs}, projectors)
-    frozen = FrozenTeacher(FeatureTap(net, {p.key: p.teacher for p in pairs}), TapAdapter(teacher_adapter))
+    frozen = tapped_teacher(teacher, pairs, teacher_adapter)
     export = setup.export
     wrapped = ArmSetup(
         tapped,
@@ -107,4 +107,10 @@ def tap_arm(
     return wrapped, {key: describe_projector(module) for key, module in projectors.items()}
 
 
-__all__ = ["PROJECTOR_SEED", "tap_arm", "teacher_network"]
+def tapped_teacher(teacher: nn.Module, pairs: list[SignalPair], teacher_adapter: Any) -> FrozenTeacher:
+    """The frozen teacher network outputting its logits and the teacher signals of ``pairs`` (by key)."""
+    net = teacher_network(teacher)
+    return FrozenTeacher(FeatureTap(net, {p.key: p.teacher for p in pairs}), TapAdapter(teacher_adapter))
+
+
+__all__ = ["PROJECTOR_SEED", "tap_arm", "tapped_teacher", "teacher_network"]
