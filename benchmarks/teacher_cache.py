@@ -171,7 +171,10 @@ def batches_of(dataset, size: int):
 
 def storage_error(cache: OutputCache, source: OutputSource, outputs: dict) -> dict[str, float]:
     """The stored values read back against the teacher's fp32 outputs on the same rows."""
-    kind, sums = outputs["kind"], {"err": 0.0, "max": 0.0, "slots": 0.0, "tokens": 0.0, "tail": 0.0, "kl": 0.0}
+    kind, sums = (
+        outputs["kind"],
+        {"err": 0.0, "max": 0.0, "slots": 0.0, "tokens": 0.0, "tail": 0.0, "kl": 0.0},
+    )
     for batch in batches_of(source.dataset, WRITE_BATCH):
         ref = source.forward(batch).logits.float()  # [B, T, V]
         keep = source.valid(batch)  # [B, T]
@@ -212,11 +215,13 @@ def part_bytes(args, record: dict, console: Console) -> dict:
     teachers = []
     for vocab in (len(tokenizer), 32768):
         torch.manual_seed(0)
-        model = build_causal_lm(cfg.teacher.model.model_copy(update={"vocab_size": vocab}), len(tokenizer), tokenizer)
+        model = build_causal_lm(
+            cfg.teacher.model.model_copy(update={"vocab_size": vocab}), len(tokenizer), tokenizer
+        )
         teachers.append(("random init", model))
     trained = trained_teacher(record, cfg, tokenizer)
     if trained is not None:
-        teachers.append(("trained (lm-kd seed 0)", trained))
+        teachers.append(trained)
     out = []
     for who, model in teachers:
         source = lm_source(model, rows, tokenizer)
@@ -241,14 +246,17 @@ def part_bytes(args, record: dict, console: Console) -> dict:
 
 
 def trained_teacher(record: dict, cfg, tokenizer):
-    """Seed 0's lm-kd teacher of the quality part, from the teacher store (None when absent)."""
-    saved = record.get("quality", {}).get("per_seed", {}).get(LIVE, {}).get(0)
+    """``(label, model)``: the lm-kd teacher of the quality part's first seed, from the teacher store
+    (None when there is none)."""
+    live = record.get("quality", {}).get("per_seed", {}).get(LIVE, {})
     store = TeacherStore(cfg.teacher.cache_dir)
-    if saved is None or not store.has(saved["teacher"]["cache_key"]):
-        return None
-    model = build_causal_lm(cfg.teacher.model, len(tokenizer), tokenizer)
-    store.load(saved["teacher"]["cache_key"], model)
-    return model.eval()
+    for seed in sorted(live):
+        key = live[seed]["teacher"]["cache_key"]
+        if store.has(key):
+            model = build_causal_lm(cfg.teacher.model, len(tokenizer), tokenizer)
+            store.load(key, model)
+            return f"trained (lm-kd seed {seed})", model.eval()
+    return None
 
 
 # ---- quality --------------------------------------------------------------------------------------
@@ -271,7 +279,9 @@ def part_quality(args, record: dict, save, console: Console) -> dict:
             if seed in per_seed.get(arm, {}):
                 continue
             slug = "".join(c if c.isalnum() else "-" for c in arm).strip("-")
-            extra = [] if outputs is None else ["teacher.source=cache", f"teacher.outputs={json.dumps(outputs)}"]
+            extra = (
+                [] if outputs is None else ["teacher.source=cache", f"teacher.outputs={json.dumps(outputs)}"]
+            )
             overrides = [*q["overrides"], *extra, f"seeds=[{seed}]", f"output.root={args.runs}",
                          f"name=teacher-cache-{slug}"]  # fmt: skip
             console.rule(f"quality: {arm}, seed {seed}")
@@ -296,7 +306,10 @@ def quality_summary(per_seed: dict, arms: dict) -> dict:
         if not by_seed:
             continue
         ppl = {s: r["metrics"]["perplexity"] for s, r in by_seed.items()}
-        row = {key: mean_std([r["metrics"][key] for r in by_seed.values()]) for key in ("perplexity", "agreement")}
+        row = {
+            key: mean_std([r["metrics"][key] for r in by_seed.values()])
+            for key in ("perplexity", "agreement")
+        }
         row["train_seconds_per_seed"] = statistics.fmean(r["seconds"] for r in by_seed.values())
         if arm != LIVE and live:
             d = paired_difference(ppl, live)
@@ -341,7 +354,12 @@ class Variant:
 def time_steps(setup: dict, rounds: int, per_round: int, console: Console, name: str) -> dict:
     """Round-robin over the variants: a warm-up round, then ``rounds`` rounds of ``per_round`` steps
     each; every variant sees the same batches. The median ms/step and its ratio to the CE step."""
-    rows, student, adapter, optimizer_cfg = setup["rows"], setup["student"], setup["adapter"], setup["optimizer"]
+    rows, student, adapter, optimizer_cfg = (
+        setup["rows"],
+        setup["student"],
+        setup["adapter"],
+        setup["optimizer"],
+    )
     variants = {label: Variant(copy.deepcopy(student), adapter, build_objective(loss), teacher, optimizer_cfg)
                 for label, (loss, teacher) in setup["variants"].items()}  # fmt: skip
     for v in variants.values():
@@ -382,7 +400,11 @@ def lm_setup(pool: int, tmp: Path) -> dict:
                 "KD step, cached top-k+tail k=64 fp16": (kd, cached("topk", {"kind": "topk", "k": 64, "values": "fp16"})),
                 "KD step, cached dense fp32": (kd, cached("dense", {"kind": "dense", "values": "fp32"})),
                 "KD step, live teacher": (kd, FrozenTeacher(teacher, adapter))}  # fmt: skip
-    info = {"recipe": "lm-kd", "batch": f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens", "rows": len(rows)}
+    info = {
+        "recipe": "lm-kd",
+        "batch": f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens",
+        "rows": len(rows),
+    }
     return {"rows": rows, "student": student, "adapter": adapter, "optimizer": cfg.train.optimizer,
             "variants": variants, "batch_size": cfg.train.batch_size, "info": info}  # fmt: skip
 
@@ -396,7 +418,9 @@ def classification_setup(pool: int, tmp: Path) -> dict:
     shape, classes = data.input_shape, data.num_classes
     torch.manual_seed(0)
     student = build_model(cfg.student, shape, classes, "student")
-    members = [build_model(cfg.teacher.model, shape, classes, "teacher.model") for _ in range(cfg.teacher.ensemble)]
+    members = [
+        build_model(cfg.teacher.model, shape, classes, "teacher.model") for _ in range(cfg.teacher.ensemble)
+    ]
     teacher = Ensemble(members)
     adapter = ClassifierAdapter()
     source = OutputSource(dataset=rows, forward=FrozenTeacher(teacher, adapter), keys=("x",), vocab_size=classes,
@@ -445,7 +469,9 @@ def markdown(record: dict) -> str:
         for r in b["rows"]:
             cells = [r["teacher"], f"{r['vocab']:,}", r["setting"], f"{r['bytes_per_token']:.1f}",
                      f"{r['write_tokens_per_s']:,.0f}", f"{r['forward_tokens_per_s']:,.0f}"]  # fmt: skip
-            cells += [num(r.get(k)) for k in ("logp_mae", "logp_max_err", "tail_mass", "distinct_ids", "dense_kl")]
+            cells += [
+                num(r.get(k)) for k in ("logp_mae", "logp_max_err", "tail_mass", "distinct_ids", "dense_kl")
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"DistillKit (Arcee AI) reports about {b['distillkit_bytes_per_token']} B/token at its recommended "
                   "offline settings (their figure, not measured here).", ""]  # fmt: skip
@@ -472,12 +498,16 @@ def markdown(record: dict) -> str:
         for arm, r in q.items():
             w = r.get("within_live_std")
             if w:
-                what = "dense cache vs live" if "dense" in arm else f"{arm} within one std of the live teacher"
+                what = (
+                    "dense cache vs live" if "dense" in arm else f"{arm} within one std of the live teacher"
+                )
                 lines.append(f"- {what}: mean perplexity {w['gap']:+.4f} vs the live arm's std over seeds "
                              f"{w['live_std']:.4f}: {verdict(w['met'])}")  # fmt: skip
             if arm == "cache dense fp32" and r.get("ppl_vs_live"):
                 diffs = r["ppl_vs_live"]["per_seed"].values()
-                lines.append(f"- cache dense fp32 - live, largest per-seed |Δ perplexity|: {max(map(abs, diffs)):.2e}")
+                lines.append(
+                    f"- cache dense fp32 - live, largest per-seed |Δ perplexity|: {max(map(abs, diffs)):.2e}"
+                )
         lines.append("")
     s = record.get("steps")
     if s:
@@ -488,7 +518,11 @@ def markdown(record: dict) -> str:
                   "| step | LM ms | LM x CE | classification ms | classification x CE |", "|---|---|---|---|---|"]  # fmt: skip
         for label in lm["variants"]:
             a, c = lm["variants"][label], cl["variants"].get(label)
-            cc = ["n/a (10 classes)", "-"] if c is None else [f"{c['ms_per_step']:.2f}", f"{c['ratio_to_ce']:.2f}"]
+            cc = (
+                ["n/a (10 classes)", "-"]
+                if c is None
+                else [f"{c['ms_per_step']:.2f}", f"{c['ratio_to_ce']:.2f}"]
+            )
             lines.append(f"| {label} | {a['ms_per_step']:.1f} | {a['ratio_to_ce']:.2f} | {cc[0]} | {cc[1]} |")
         t = s["target"]
         lines += ["", f"- LM cached sparse KD step {t['ratio']:.2f}x the CE step (target <= {t['needed']}): "
@@ -496,11 +530,10 @@ def markdown(record: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
-def machine(threads: int, train_threads: int) -> dict:
+def machine(threads: int) -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "torch_threads_timed_parts": threads,
-            "torch_threads_quality": train_threads,
+            "transformers": transformers.__version__, "torch_threads": threads,
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "DISTILLERY_CACHE": os.environ.get("DISTILLERY_CACHE")}  # fmt: skip
 
@@ -508,23 +541,33 @@ def machine(threads: int, train_threads: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="quality seeds (default 0 1 2; --quick: 0)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="quality seeds (default 0 1 2; --quick: 0)"
+    )
     p.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the caches")
     p.add_argument("--resume", action="store_true", help="keep the saved quality runs and other parts")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the timed parts (bytes, steps)")
-    p.add_argument("--repeats", type=int, default=None, help="writes per bytes setting, the fastest counts "
-                   "(default 2; --quick: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, every part (default 1)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="writes per bytes setting, the fastest counts (default 2; --quick: 1)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--runs", type=Path, default=Path("runs") / "benchmarks")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.blocks = 64 if args.quick else 512
-    args.rounds, args.steps_per_round = (3, 2) if args.quick else (10, 5)
+    args.rounds, args.steps_per_round = (3, 2) if args.quick else (20, 5)
     args.repeats = args.repeats or (1 if args.quick else 2)
-    train_threads = torch.get_num_threads()  # the quality runs train with torch's default
+    torch.set_num_threads(args.threads)
     console = Console()
     stem = "teacher_cache" + ("-quick" if args.quick else "")
-    settings = {"benchmark": "teacher_cache", "quick": args.quick, "quality_overrides": quality_overrides(args)}
+    settings = {
+        "benchmark": "teacher_cache",
+        "quick": args.quick,
+        "quality_overrides": quality_overrides(args),
+    }
     record = dict(settings)
     if args.resume:
         record = saved_record(args.out / f"{stem}.json", settings) or record
@@ -535,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     t0, earlier = time.perf_counter(), float(record.get("seconds", 0.0))
 
     def save() -> None:
-        record.update(parts=args.parts, machine=machine(args.threads, train_threads), seconds=earlier + time.perf_counter() - t0,
+        record.update(parts=args.parts, machine=machine(args.threads), seconds=earlier + time.perf_counter() - t0,
                       command="python benchmarks/teacher_cache.py " + " ".join(sys.argv[1:] if argv is None else argv))  # fmt: skip
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str))
@@ -544,7 +587,6 @@ def main(argv: list[str] | None = None) -> int:
     # quality first: the bytes part measures its trained teacher too
     for part in sorted(args.parts, key=["quality", "bytes", "steps"].index):
         console.rule(part)
-        torch.set_num_threads(train_threads if part == "quality" else args.threads)
         started = time.perf_counter()
         if part == "quality":
             part_quality(args, record, save, console)

@@ -7,6 +7,7 @@ The public API in one screen::
     cfg = ds.load_config("digits-kd", ["seeds=[0,1]"])    # a shipped recipe, with overrides
     result = ds.run(cfg)                                   # teacher, baseline and distilled student
     print(result.summary["paired_distilled_minus_baseline"]["accuracy"])
+    ds.cache_outputs(ds.load_config("lm-kd-cached"))        # a teacher's outputs, computed once
 
 or, with your own modules, the loop alone::
 
@@ -18,9 +19,9 @@ or, with your own modules, the loop alone::
 from distillery import functional, losses
 from distillery.config import RunConfig, load_config
 from distillery.errors import ConfigError, DataNotFoundError, DistilleryError, NonFiniteLossError
-from distillery.experiment import RunResult, evaluate_run, run
+from distillery.experiment import RunResult, cache_outputs, evaluate_run, run
 from distillery.losses import Objective
-from distillery.teachers import CachedTeacher, FrozenTeacher, Teacher, TeacherOutput
+from distillery.teachers import CachedTeacher, FrozenTeacher, OutputCacheTeacher, Teacher, TeacherOutput
 from distillery.train import FitResult, TrainConfig, fit
 
 __version__ = "0.1.0"
@@ -34,11 +35,13 @@ __all__ = [
     "FrozenTeacher",
     "NonFiniteLossError",
     "Objective",
+    "OutputCacheTeacher",
     "RunConfig",
     "RunResult",
     "Teacher",
     "TeacherOutput",
     "TrainConfig",
+    "cache_outputs",
     "evaluate_run",
     "fit",
     "functional",

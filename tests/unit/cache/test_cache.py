@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -49,6 +52,7 @@ def test_the_cache_stores_what_the_teacher_gave(tmp_path, name):
     assert manifest["num_shards"] == 6 and len(manifest["shards"]) == 6
     assert not (tmp_path / PLAN).exists()
     cache = OutputCache(tmp_path)
+    assert all(isinstance(a, np.memmap) for shard in cache.shards for a in shard.values())  # mapped, not read
     truth = logits_of(source)
     ids = torch.tensor([7, 5, 49, 21])  # sample ids (2 i + 5), out of order, across shards
     rows = cache.lookup(ids)
@@ -78,9 +82,14 @@ def test_the_same_inputs_give_the_same_bytes_whatever_the_batch_size_and_process
     cfg = CONFIGS["sampled"].model_copy(update={"shard_rows": 5})
     write_outputs(tmp_path / "one", toy_source(), cfg, batch_size=2)
     write_outputs(tmp_path / "big", toy_source(), cfg, batch_size=50)
-    # two processes: the second writes its shards (1, 3), the first its own (0, 2, 4) and the manifest
-    for rank in (1, 0):
-        write_outputs(tmp_path / "two", toy_source(), cfg, batch_size=2, process_index=rank, num_processes=2)
+    # two processes (threads here, meeting at the writer's barriers): shards 0, 2, 4 and the manifest by the
+    # first, shards 1, 3 by the second
+    barrier = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(write_outputs, tmp_path / "two", toy_source(), cfg, batch_size=2, process_index=rank,
+                            num_processes=2, barrier=barrier.wait) for rank in (0, 1)]  # fmt: skip
+        manifests = [d.result() for d in done]
+    assert manifests[0] == manifests[1] == OutputCache(tmp_path / "two").manifest
     assert files(tmp_path / "one") == files(tmp_path / "big") == files(tmp_path / "two")
 
 
