@@ -30,6 +30,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from distillery.functional._rows import (
     LOG_FLOOR,
@@ -38,11 +39,10 @@ from distillery.functional._rows import (
     check_unit_interval,
     compute_dtype,
     flatten_rows,
-    log_probs,
     reduce_rows,
 )
 from distillery.functional.chunked import _apply, _check_head, _check_reduction_and_chunk, _scale, _valid_rows
-from distillery.functional.divergences import forward_kl, generalized_jsd, reverse_kl
+from distillery.functional.divergences import generalized_jsd, reverse_kl
 
 # Sparse teacher kind -> the divergences it supports.
 SPARSE_DIVERGENCES: dict[str, tuple[str, ...]] = {
@@ -144,9 +144,10 @@ def _teacher_rows(
         out = [x.index_select(0, index) for x in out]
     ids, logp, extra = out[0].long(), out[1].to(dtype), out[2].to(dtype)
     flags = [((ids < 0) | (ids >= vocab)).any()]
-    if kind == "topk":
-        ordered = ids.sort(-1).values
-        flags.append((ordered[:, 1:] == ordered[:, :-1]).any())
+    if kind == "topk":  # an id twice in a row: a count above 1 (cheaper than sorting the rows)
+        seen = torch.zeros(ids.shape[0], vocab, dtype=torch.uint8, device=ids.device)
+        repeats = seen.scatter_add_(1, ids.clamp(0, vocab - 1), torch.ones_like(ids, dtype=torch.uint8)) > 1
+        flags.append(repeats.any())
     else:
         flags.append((extra < 0).any())
     out_of_range, bad = torch.stack(flags).tolist()
@@ -154,7 +155,7 @@ def _teacher_rows(
         first = ids[(ids < 0) | (ids >= vocab)][0].item()
         raise ValueError(f"teacher_ids holds id {first}, outside [0, {vocab}) (the student's vocabulary)")
     if bad and kind == "topk":
-        row = int((ordered[:, 1:] == ordered[:, :-1]).any(-1).nonzero()[0])
+        row = int(repeats.any(-1).nonzero()[0])
         raise ValueError(
             f"teacher_ids repeats an id within a row (valid row {row}: {ids[row].tolist()}); the top-k ids "
             "of a row must be distinct (torch.topk gives distinct ids)"
@@ -164,35 +165,115 @@ def _teacher_rows(
     return ids, logp, extra
 
 
+# Below this student tail mass, 1 - sum_j q_j has lost most of its digits (the kept log-probabilities
+# carry an absolute error of about 1e-6 in float32): such rows take the exact log-sum over the other ids.
+_TAIL_EXACT_BELOW = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def _student_log_tail(z: Tensor, ids: Tensor, log_top: Tensor, empty: bool) -> Tensor:
+    """``[N, 1]`` log of the student's mass outside the kept ids.
+
+    From the kept probabilities, ``log(1 - sum_j q_j)`` (summed in float64): no second pass over the
+    vocabulary, so a top-k step costs about what a cross-entropy step does. Rows whose tail is too small
+    for that subtraction (:data:`_TAIL_EXACT_BELOW`) take the exact ``logsumexp`` over the other ids, the
+    top-k slots set to LOG_FLOOR (exp gives exactly 0). With k = V there is no other id: the log mass is
+    LOG_FLOOR (mass 0, gradient 0), finite, so that the buckets take the divergences' fused path.
+    """
+    if empty:
+        return log_top.new_full((log_top.shape[0], 1), LOG_FLOOR)
+    rest = 1.0 - log_top.double().exp().sum(-1, keepdim=True)  # (N, 1)
+    exact = rest < _TAIL_EXACT_BELOW.get(z.dtype, 1e-4)
+    log_rest = rest.clamp_min(1e-300).log().to(z.dtype)
+    if bool(exact.any()):
+        rows = exact.squeeze(-1).nonzero().squeeze(-1)
+        zr = z[rows]
+        precise = zr.scatter(-1, ids[rows], LOG_FLOOR).logsumexp(-1, keepdim=True) - zr.logsumexp(
+            -1, keepdim=True
+        )
+        log_rest = log_rest.index_put((rows,), precise)
+    return log_rest
+
+
+class _SparseForwardKL(torch.autograd.Function):
+    """Per-row forward KL to a sparse teacher with its gradient in closed form: one softmax over the
+    vocabulary, as in cross-entropy, instead of autograd through log-softmax, gathers and buckets.
+
+    With ``q = softmax(z)``, ``z = s / T``: top-k + tail (teacher buckets ``P``, student tail ``Q_k``)
+    gives ``dL/dz_i = q_i - P_j`` at the kept id ``i_j`` and ``q_i (1 - P_k / Q_k)`` elsewhere; sampled
+    (weights ``w``) gives ``dL/dz = (sum_j w_j) q - sum_j w_j e_{i_j}``. ``dL/ds = T dL/dz`` for the
+    ``T^2``-scaled loss. The teacher is a constant (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, s, ids, log_p, weights, temperature, kind):
+        z = s if temperature == 1.0 else s / temperature
+        log_sm = torch.log_softmax(z, -1)  # (N, V)
+        log_top = log_sm.gather(-1, ids)  # (N, k)
+        if kind == "topk":
+            log_tail = _student_log_tail(z, ids, log_top, ids.shape[-1] == s.shape[-1])  # (N, 1)
+            log_q = torch.cat([log_top, log_tail], -1)  # (N, k + 1)
+            p = log_p.exp()
+            rows = torch.where(p > 0, p * (log_p - log_q.clamp_min(LOG_FLOOR)), torch.zeros_like(p)).sum(-1)
+            ctx.save_for_backward(log_sm, ids, p, log_tail)
+        else:
+            diff = torch.where(weights != 0, log_p - log_top.clamp_min(LOG_FLOOR), torch.zeros_like(log_top))
+            rows = (weights * diff).sum(-1)
+            ctx.save_for_backward(log_sm, ids, weights)
+        ctx.kind, ctx.temperature = kind, temperature
+        return rows * temperature**2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        scale = (grad_rows * ctx.temperature).unsqueeze(-1)  # (N, 1)
+        if ctx.kind == "topk":
+            log_sm, ids, p, log_tail = ctx.saved_tensors
+            q = log_sm.exp()
+            # P_k / Q_k, finite even where the student's tail underflows (its q_i are then 0 as well)
+            ratio = (p[:, -1:].clamp_min(1e-300).log() - log_tail).exp().clamp_max(1e30)
+            ratio = torch.where(p[:, -1:] > 0, ratio, torch.zeros_like(ratio))
+            g = q * (1.0 - ratio)
+            g.scatter_(-1, ids, q.gather(-1, ids) - p[:, :-1])
+        else:
+            log_sm, ids, weights = ctx.saved_tensors
+            g = log_sm.exp() * weights.sum(-1, keepdim=True)
+            g.scatter_add_(-1, ids, -weights)
+        return g * scale, None, None, None, None, None
+
+
+def _normalised_buckets(logp: Tensor, tail: Tensor, empty: bool) -> Tensor:
+    """``[N, k + 1]`` the teacher's log-probabilities of the kept ids and of the tail, renormalised."""
+    safe = tail.clamp_min(torch.finfo(tail.dtype).tiny).log()
+    log_tail = torch.where(tail > 0, safe, LOG_FLOOR) if not empty else torch.full_like(tail, LOG_FLOOR)
+    buckets = torch.cat([logp.clamp_min(LOG_FLOOR), log_tail.unsqueeze(-1)], -1)
+    return torch.log_softmax(buckets, -1)
+
+
 def _topk_rows(
     s: Tensor, ids: Tensor, logp: Tensor, tail: Tensor, divergence: str, temperature: float, beta: float
 ) -> Tensor:
     """Per-row ``T^2 D`` of the (k+1)-bucket coarsenings for student logits ``[N, V]``."""
-    z = s / temperature
-    lse = z.logsumexp(-1, keepdim=True)  # (N, 1)
-    # The student's tail mass as a log-sum over the other ids. The top-k slots are set to LOG_FLOOR
-    # (exp gives exactly 0) rather than -inf, so that with k = V (no other id) the log mass stays
-    # finite (about LOG_FLOOR: mass 0, gradient 0) and the buckets take the divergences' fused path.
-    log_rest = z.scatter(-1, ids, LOG_FLOOR).logsumexp(-1, keepdim=True)  # (N, 1)
-    log_q = torch.cat([z.gather(-1, ids), log_rest], -1) - lse  # (N, k + 1)
+    empty = ids.shape[-1] == s.shape[-1]
+    if divergence == "forward_kl":
+        return _SparseForwardKL.apply(
+            s, ids, _normalised_buckets(logp, tail, empty), None, temperature, "topk"
+        )
+    z = s if temperature == 1.0 else s / temperature
+    # the one pass over the vocabulary, fused forward and backward (as in cross-entropy)
+    log_top = torch.log_softmax(z, -1).gather(-1, ids)  # (N, k)
+    log_q = torch.cat([log_top, _student_log_tail(z, ids, log_top, empty)], -1)  # (N, k + 1)
     # A zero (or, from rounding, negative) teacher tail is floored, not -inf: 0 log 0 = 0 exactly. With
     # k = V the tail bucket is empty on both sides and teacher_tail is ignored.
-    empty = ids.shape[-1] == s.shape[-1]
-    safe = tail.clamp_min(torch.finfo(tail.dtype).tiny).log()
-    log_tail = torch.where(tail > 0, safe, LOG_FLOOR) if not empty else torch.full_like(tail, LOG_FLOOR)
-    # Unnormalised: the divergences' log-softmax renormalises the teacher's buckets to sum to 1.
-    log_p = torch.cat([logp.clamp_min(LOG_FLOOR), log_tail.unsqueeze(-1)], -1)  # (N, k + 1)
-    fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": generalized_jsd}[divergence]
+    log_p = _normalised_buckets(logp, tail, empty)  # (N, k + 1)
+    fn = {"reverse_kl": reverse_kl, "jsd": generalized_jsd}[divergence]
     kw = {"beta": beta} if divergence == "jsd" else {}
     return fn(log_q, log_p, reduction="none", **kw) * temperature**2
 
 
 def _sampled_rows(s: Tensor, ids: Tensor, logp: Tensor, weights: Tensor, temperature: float) -> Tensor:
-    """Per-row ``T^2 sum_j w_j (logp_j - log q_{id_j})`` for student logits ``[N, V]``."""
-    log_q = log_probs(s, temperature).gather(-1, ids).clamp_min(LOG_FLOOR)  # (N, k)
-    # Select before multiplying: a zero-weight slot with logp = -inf must give 0, not NaN.
-    diff = torch.where(weights != 0, logp - log_q, torch.zeros_like(log_q))
-    return (weights * diff).sum(-1) * temperature**2
+    """Per-row ``T^2 sum_j w_j (logp_j - log q_{id_j})`` for student logits ``[N, V]`` (a zero-weight slot,
+    even with logp = -inf, gives exactly 0)."""
+    return _SparseForwardKL.apply(s, ids, logp, weights, temperature, "sampled")
 
 
 def _rows(
@@ -232,8 +313,12 @@ def topk_tail_divergence(
     "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes", including the
     exact ends: ``beta=0`` is forward KL, ``beta=1`` reverse KL). The teacher's buckets are
     renormalised (:math:`Z`): after fp16 or 8-bit storage they need not sum exactly to 1. The student's
-    tail is computed stably as :math:`\exp(\operatorname{logsumexp}_{i \notin \{i_j\}} s_i/T -
-    \operatorname{logsumexp}_i s_i/T)`, never as :math:`1 - \sum_j Q_j`. Terms with no mass give
+    tail is :math:`1 - \sum_j Q_j`, summed in float64 from the kept probabilities, so that the step makes
+    one pass over the vocabulary (its log-softmax) like cross-entropy; rows where that subtraction loses
+    its digits (a tail below 1e-4 in float32, 1e-10 in float64: a confident student) take the exact
+    :math:`\exp(\operatorname{logsumexp}_{i \notin \{i_j\}} s_i/T - \operatorname{logsumexp}_i s_i/T)`.
+    Forward KL's gradient is computed in closed form (:math:`q_i - P_j` at the kept ids,
+    :math:`q_i (1 - P_k / Q_k)` elsewhere); the teacher's tensors get no gradient. Terms with no mass give
     :math:`0 \log 0 = 0`: a zero teacher tail, also with an empty student tail (:math:`k = V`),
     contributes exactly 0 with finite gradients. Where the teacher has no mass but the student has
     some (a zero tail for reverse KL), the divergence is infinite; it is floored like the dense

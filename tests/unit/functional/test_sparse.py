@@ -253,6 +253,30 @@ def test_zero_tails_inf_logp_and_zero_weight_slots_contribute_exactly_nothing():
     assert torch.equal(out, sampled_forward_kl(x, ids[:, :2], w[:, :2], lp[:, :2]))
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_rows_whose_student_tail_is_tiny_keep_their_precision(divergence):
+    """The student's tail mass comes from 1 - sum of its kept probabilities, except on rows where that
+    subtraction loses its digits (a confident student): those take the exact log-sum over the other ids.
+    float32 on such rows agrees with float64 in value and gradient."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(6, 50, generator=g)
+    ids = torch.stack([torch.randperm(50, generator=g)[:3] for _ in range(6)])
+    s[:3] = s[:3].scatter(-1, ids[:3], 25.0)  # rows 0-2: the kept ids hold all but ~1e-9 of the mass
+    teacher = torch.randn(6, 50, generator=g)
+    t_ids, t_logp, t_tail = topk_tail(teacher, 3)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        x = s.to(dtype).detach().requires_grad_()
+        value = topk_tail_divergence(x, ids, t_logp.to(dtype), t_tail.to(dtype), divergence=divergence,
+                                     reduction="none")  # fmt: skip
+        value.sum().backward()
+        results.append((value.detach().double(), x.grad.double()))
+    (v32, g32), (v64, g64) = results
+    assert torch.allclose(v32, v64, rtol=1e-4, atol=1e-6) and torch.allclose(g32, g64, rtol=1e-3, atol=1e-6)
+    tail = 1 - torch.softmax(s.double(), -1).gather(-1, ids).sum(-1)
+    assert (tail[:3] < 1e-8).all() and (tail[3:] > 1e-2).all()  # both paths were taken
+
+
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd"])
 def test_coarsened_divergence_is_a_lower_bound_of_the_full_one(name):
     g = torch.Generator().manual_seed(_seed("bound", name))
