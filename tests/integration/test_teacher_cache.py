@@ -141,7 +141,22 @@ def test_bad_cache_settings_exit_2_naming_the_problem(args, message, capsys, tmp
 def test_k_above_the_vocabulary_is_refused_before_training_the_student(tmp_path, capsys):
     args = ["lm-kd", *LM_TINY, "teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=301"]
     assert main(["run", *args, f"output.dir={tmp_path / 'out'}"]) == 2
-    assert "teacher.outputs.k=301 must be between 1 and the vocabulary size 300" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "teacher.outputs.k=301 must be between 1 and the vocabulary size 300" in captured.err
+    assert "teacher:" not in captured.out and not (tmp_path / "out").exists()  # before any training
+
+
+@pytest.mark.integration
+def test_a_file_the_manifest_does_not_list_is_named_in_a_warning_and_never_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "dc"))
+    sparse = ["teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=8",
+              f"teacher.outputs.path={tmp_path / 'outputs'}"]  # fmt: skip
+    assert main(["cache", "lm-kd", *LM_TINY, *sparse]) == 0
+    (tmp_path / "outputs" / "seed-0" / ".shard-00009.safetensors.tmp").write_bytes(b"half a shard")
+    capsys.readouterr()
+    _run(["lm-kd", *LM_TINY, *sparse], tmp_path / "run")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning:" in out and "files the cache's manifest does not list, never read: .shard-00009.safetensors.tmp" in out
 
 
 @pytest.mark.integration

@@ -145,7 +145,8 @@ def dataset_fingerprint(dataset: Any, keys: Iterable[str]) -> str:
 
 # ---- shards ------------------------------------------------------------------------------------------
 
-_NP = {
+# safetensors dtype names -> numpy dtypes, of the tensors a cache stores
+NUMPY_DTYPES = {
     "F32": np.float32,
     "F16": np.float16,
     "U8": np.uint8,
@@ -167,7 +168,9 @@ def open_tensors(path: Path) -> dict[str, np.ndarray]:
         start, stop = info["data_offsets"]
         shape = tuple(info["shape"])
         if stop == start:
-            out[name] = np.zeros(shape, dtype=_NP[info["dtype"]])
+            out[name] = np.zeros(shape, dtype=NUMPY_DTYPES[info["dtype"]])
             continue
-        out[name] = np.memmap(path, dtype=_NP[info["dtype"]], mode="r", offset=8 + size + start, shape=shape)
+        out[name] = np.memmap(
+            path, dtype=NUMPY_DTYPES[info["dtype"]], mode="r", offset=8 + size + start, shape=shape
+        )
     return out

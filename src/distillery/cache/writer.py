@@ -29,6 +29,7 @@ from distillery.cache.config import OutputsConfig
 from distillery.cache.format import (
     FORMAT,
     MANIFEST,
+    NUMPY_DTYPES,
     PLAN,
     CacheError,
     dataset_fingerprint,
@@ -71,14 +72,6 @@ class OutputSource:
 
 
 _DTYPES = {"fp32": "F32", "fp16": "F16"}
-_NUMPY = {
-    "F32": np.float32,
-    "F16": np.float16,
-    "U8": np.uint8,
-    "U16": np.uint16,
-    "I32": np.int32,
-    "I64": np.int64,
-}
 
 
 def tensor_specs(cfg: OutputsConfig, vocab: int, positions: int | None,
@@ -105,7 +98,7 @@ def tensor_specs(cfg: OutputsConfig, vocab: int, positions: int | None,
 
 
 def row_bytes(specs: Mapping[str, Mapping[str, Any]]) -> int:
-    return sum(math.prod(s["shape"]) * np.dtype(_NUMPY[s["dtype"]]).itemsize for s in specs.values())
+    return sum(math.prod(s["shape"]) * np.dtype(NUMPY_DTYPES[s["dtype"]]).itemsize for s in specs.values())
 
 
 def _mix(seed: int, row: int) -> int:
@@ -157,7 +150,7 @@ def _batch_arrays(source: OutputSource, cfg: OutputsConfig, batch: Mapping[str, 
             continue
         x = parts[name].detach()
         if name.startswith("feature."):
-            arrays[name] = x.cpu().numpy().astype(_NUMPY[spec["dtype"]])
+            arrays[name] = x.cpu().numpy().astype(NUMPY_DTYPES[spec["dtype"]])
             continue
         if keep is not None:  # outputs at positions without a target are stored as zeros
             # where, not a product: -0.0 and 0.0 differ in bytes, and the bytes must not depend on batching
@@ -168,7 +161,7 @@ def _batch_arrays(source: OutputSource, cfg: OutputsConfig, batch: Mapping[str, 
         if source.positions is not None and x.shape[1] < shape[1]:  # pad the positions of short batches
             pad = x.new_zeros((x.shape[0], shape[1] - x.shape[1], *x.shape[2:]))
             x = torch.cat([x, pad], dim=1)
-        arrays[name] = x.cpu().numpy().astype(_NUMPY[spec["dtype"]]).reshape(shape)
+        arrays[name] = x.cpu().numpy().astype(NUMPY_DTYPES[spec["dtype"]]).reshape(shape)
     return arrays
 
 

@@ -335,6 +335,14 @@ class LMTask(BaseTask):
         )  # the config's sizes and a pretrained teacher, before anything runs
         for note in check_model_tokenizers(cfg, self.tokenizer):
             context.console.print(f"  note: {note}")
+        t = cfg.teacher
+        if t is not None and t.source == "cache" and t.outputs.k is not None and t.model.pretrained is None:
+            vocab = t.model.vocab_size or self.n_vocab  # checked now, not after the teacher has trained
+            if t.outputs.k > vocab:
+                raise ConfigError(
+                    f"teacher.outputs.k={t.outputs.k} must be between 1 and the vocabulary size {vocab} (the "
+                    "teacher's ids per token); lower teacher.outputs.k, or use teacher.outputs.kind=dense"
+                )
         if cfg.eval.max_new_tokens is not None:
             self.max_new = cfg.eval.max_new_tokens
         elif cfg.data.name in USER_FORMATS:
