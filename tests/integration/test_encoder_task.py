@@ -115,6 +115,27 @@ def test_an_encoder_run_trains_saves_and_reports_every_metric(env):
 
 
 @pytest.mark.integration
+def test_an_encoder_run_from_the_teacher_cache_equals_the_live_teacher(env, capsys):
+    """teacher.source=cache: the signals of the loss terms (pooled embeddings; q, k, v of the last layer)
+    are stored per training sentence once, and the student trains as with the live teacher."""
+    from safetensors.torch import load_file
+
+    tmp_path, teacher = env
+    weights = {}
+    for name, extra in (("live", []), ("cache", ["teacher.source=cache", "teacher.outputs.values=fp32"])):
+        out = tmp_path / name
+        assert main(["run", str(_config(tmp_path, teacher)), *extra, f"output.dir={out}", "--no-progress"]) == 0
+        weights[name] = load_file(str(out / "seed-0" / "distilled" / "model" / "model.safetensors"))
+    assert "teacher outputs: dense, fp32, 200 rows" in capsys.readouterr().out
+    worst = max(float((weights["live"][k] - weights["cache"][k]).abs().max()) for k in weights["live"])
+    assert worst < 1e-5
+    (manifest,) = (tmp_path / "cache" / "outputs").glob("*/MANIFEST.json")
+    spec = json.loads(manifest.read_text())
+    assert spec["features"] == ["features.0", "relation_kl.0", "relation_kl.1", "relation_kl.2"]
+    assert spec["tensors"]["feature.features.0"]["shape"] == [32] and "logits" not in spec["tensors"]
+
+
+@pytest.mark.integration
 def test_an_interrupted_encoder_run_resumes_with_the_finished_arms(env):
     tmp_path, teacher = env
     out = tmp_path / "run"

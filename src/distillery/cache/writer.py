@@ -53,7 +53,8 @@ class OutputSource:
         forward: ``batch -> output`` with ``.logits`` ``[B, V]`` (a classifier) or ``[B, T, V]`` (a language
             model, ``T <= positions``) in float32 and ``.features`` (named tensors ``[B, ...]``).
         keys: the batch keys the teacher reads (hashed into the dataset's fingerprint).
-        vocab_size: the number of classes or token ids ``V``.
+        vocab_size: the number of classes or token ids ``V``; None: the teacher gives no logits (a sentence
+            encoder), and the cache holds its features only (kind dense).
         identity: ``{"task", "teacher" (hash of its weights), "tokenizer" (hash or None)}``.
         positions: language models: outputs per row, padded to this many positions; None: one per row.
         valid: ``batch -> [B, T]`` bool, the positions whose outputs are kept (others are stored as 0).
@@ -63,7 +64,7 @@ class OutputSource:
     dataset: Any
     forward: Callable[[Mapping[str, Tensor]], Any]
     keys: tuple[str, ...]
-    vocab_size: int
+    vocab_size: int | None
     identity: dict[str, Any]
     positions: int | None = None
     valid: Callable[[Mapping[str, Tensor]], Tensor] | None = None
@@ -74,13 +75,15 @@ class OutputSource:
 _DTYPES = {"fp32": "F32", "fp16": "F16"}
 
 
-def tensor_specs(cfg: OutputsConfig, vocab: int, positions: int | None,
+def tensor_specs(cfg: OutputsConfig, vocab: int | None, positions: int | None,
                  features: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Per-row shape and safetensors dtype of every tensor a shard holds."""
     p = [] if positions is None else [positions]
     values = cfg.value_dtype
     specs: dict[str, tuple[list[int], str]] = {"index": ([], "I64")}
-    if cfg.kind == "dense":
+    if vocab is None:  # features only
+        pass
+    elif cfg.kind == "dense":
         specs["logits"] = ([*p, vocab], _DTYPES[values])
     else:
         k = int(cfg.k)
@@ -140,10 +143,9 @@ def _batch_arrays(source: OutputSource, cfg: OutputsConfig, batch: Mapping[str, 
     with torch.no_grad():
         out = source.forward(device_batch)
     index = batch["index"].cpu()
-    logits = out.logits.float()
-    parts = compress(logits, index, cfg)
+    parts = {} if source.vocab_size is None else compress(out.logits.float(), index, cfg)
     parts.update({f"feature.{n}": out.features[n].float() for n in cfg.features})
-    keep = None if source.valid is None else source.valid(device_batch).to(logits.device)
+    keep = None if source.valid is None else source.valid(device_batch)
     arrays = {"index": index.numpy().astype(np.int64)}
     for name, spec in specs.items():
         if name == "index":
@@ -155,7 +157,9 @@ def _batch_arrays(source: OutputSource, cfg: OutputsConfig, batch: Mapping[str, 
         if keep is not None:  # outputs at positions without a target are stored as zeros
             # where, not a product: -0.0 and 0.0 differ in bytes, and the bytes must not depend on batching
             x = torch.where(
-                keep.reshape(*keep.shape, *([1] * (x.dim() - keep.dim()))), x, torch.zeros((), dtype=x.dtype)
+                keep.to(x.device).reshape(*keep.shape, *([1] * (x.dim() - keep.dim()))),
+                x,
+                torch.zeros((), dtype=x.dtype),
             )
         shape = [x.shape[0], *spec["shape"]]
         if source.positions is not None and x.shape[1] < shape[1]:  # pad the positions of short batches
@@ -183,6 +187,11 @@ def probe_features(source: OutputSource, cfg: OutputsConfig) -> dict[str, tuple[
 
 def plan(source: OutputSource, cfg: OutputsConfig) -> dict[str, Any]:
     """The manifest of the cache to write, without its shards (what the folder will hold)."""
+    if source.vocab_size is None and (cfg.kind != "dense" or not cfg.features):
+        raise CacheError(
+            f"this teacher gives no logits, only features: its cache needs teacher.outputs.kind=dense (got "
+            f"{cfg.kind}) and the features to store"
+        )
     if cfg.kind != "dense" and not 1 <= int(cfg.k) <= source.vocab_size:
         raise CacheError(
             f"teacher.outputs.k={cfg.k} must be between 1 and the vocabulary size {source.vocab_size}"

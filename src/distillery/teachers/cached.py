@@ -57,16 +57,21 @@ class OutputCacheTeacher(BaseTeacher):
     ``TEACHER_IDS``, ``TEACHER_LOGP`` and ``TEACHER_TAIL`` (top-k) or ``TEACHER_WEIGHTS`` (sampled),
     which the loss terms that support sparse teachers read; stored features come under their names.
     Language models: ``positions(batch)`` is the number of output positions of the batch (its longest
-    row minus one); the stored rows, padded to the longest training row, are cut to it.
+    row minus one); the stored rows, padded to the longest training row, are cut to it along dim 1, or
+    along the dims ``token_dims(name)`` gives for each stored tensor (a sentence encoder's attention maps
+    have two token dims, its pooled embedding none).
 
     ``live`` (optional) is a live teacher for batches the cache cannot hold: those for which
     ``use_live(batch)`` is true (on-policy batches, whose responses the student just sampled). The
     counters :attr:`cache_calls` and :attr:`live_calls` say how often each served a batch.
     """
 
-    def __init__(self, cache, *, positions=None, live: Teacher | None = None, use_live=None) -> None:
+    def __init__(
+        self, cache, *, positions=None, token_dims=None, live: Teacher | None = None, use_live=None
+    ) -> None:
         self.cache = cache
         self.positions = positions
+        self.token_dims = token_dims or (lambda name: (1,))
         self.live, self.use_live = live, use_live
         if live is not None and use_live is None:
             raise ValueError(
@@ -90,14 +95,17 @@ class OutputCacheTeacher(BaseTeacher):
         rows = self.cache.lookup(batch["index"])
         n = None if self.positions is None else self.positions(batch)
 
-        def fit(x: Tensor) -> Tensor:
-            return (x if n is None else x[:, :n]).to(device)
+        def fit(name: str, x: Tensor) -> Tensor:
+            if n is not None:
+                for dim in self.token_dims(name):
+                    x = x.narrow(dim, 0, n)
+            return x.to(device)
 
-        logits = fit(rows.pop("logits")) if "logits" in rows else None
+        logits = fit("logits", rows.pop("logits")) if "logits" in rows else None
         features = {}
         for name, x in rows.items():
             key = name.removeprefix("feature.") if name.startswith("feature.") else self.names[name]
-            features[key] = fit(x)
+            features[key] = fit(key, x)
         return TeacherOutput(logits=logits, features=features)
 
     def to(self, device) -> OutputCacheTeacher:

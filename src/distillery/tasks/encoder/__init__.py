@@ -24,12 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from distillery.cache import OutputCache, OutputSource, weights_sha256
+from distillery.data.text.tokenizer import tokenizer_sha256
 from distillery.errors import ConfigError
 from distillery.eval.encoder import encode, encode_speed, fidelity, linear_probe, retrieval
 from distillery.losses import SignalPair, build_objective, signal_pairs
 from distillery.models.encoder import (
     EncoderSignals,
     load_encoder,
+    parse_signal,
     resolve_encoder_source,
     save_sentence_transformer,
     student_from_teacher,
@@ -37,8 +40,9 @@ from distillery.models.encoder import (
 from distillery.models.features import EncoderAdapter, EncoderTap, describe_projector, token_projector
 from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
 from distillery.tasks.encoder.config import EncoderRunConfig
-from distillery.tasks.encoder.data import EncoderSeedData, build_sets, seed_data
-from distillery.teachers import FrozenTeacher
+from distillery.tasks.encoder.data import EncoderSeedData, FullWidth, build_sets, seed_data
+from distillery.tasks.outputs import teacher_outputs
+from distillery.teachers import FrozenTeacher, OutputCacheTeacher
 
 PROJECTOR_SEED = 4099
 # (teacher source, pooling, normalize, max_length, hash of the sentences) -> embeddings: a pretrained
@@ -209,25 +213,65 @@ class EncoderTask(BaseTask):
             pooling=t.pooling,
             normalize=t.normalize,
         )
-        teacher_tap = EncoderTap(
-            self.teacher_model,
-            {p.key: p.teacher for p in self.pairs},
-            pooling=t.pooling,
-            normalize=t.normalize,
-            detach=True,
-        )
         described = {key: describe_projector(m) for key, m in projectors.items()}
+        frozen = self._teacher_tap()
         return ArmJob(
             model=tap,
             train_set=data.train,
             objective=objective,
             train=self.cfg.train,
-            teacher=FrozenTeacher(teacher_tap, EncoderAdapter()),
+            teacher=self._cached(data, frozen) if t.source == "cache" else frozen,
             adapter=EncoderAdapter(),
             evaluate=(lambda m: self._validation(m.model, data)) if data.validation[0] else None,
             export=lambda m: m.model,
             record=lambda model, final: {"projectors": described},
         )
+
+    # ---- teacher outputs (teacher.source: cache) ------------------------------------------------------
+
+    def _teacher_tap(self) -> FrozenTeacher:
+        t = self.cfg.teacher
+        tap = EncoderTap(self.teacher_model, {p.key: p.teacher for p in self.pairs}, pooling=t.pooling,
+                         normalize=t.normalize, detach=True)  # fmt: skip
+        return FrozenTeacher(tap, EncoderAdapter())
+
+    def _outputs(
+        self, data: EncoderSeedData, forward: FrozenTeacher, write: bool | None = None
+    ) -> OutputCache:
+        """The seed's cache of the teacher's signals over the training sentences, written when missing."""
+        outputs = self.cfg.teacher.outputs.model_copy(
+            update={"features": sorted({p.key for p in self.pairs})}
+        )
+        source = OutputSource(
+            dataset=FullWidth(data.train),
+            forward=forward,
+            keys=("input_ids", "attention_mask"),
+            vocab_size=None,  # no logits: the signals only
+            identity={
+                "task": "encoder",
+                "teacher": weights_sha256(self.teacher_model),
+                "tokenizer": tokenizer_sha256(self.tokenizer),
+            },
+            device=self.context.accelerator.device,
+        )
+        batch_size = outputs.batch_size or self.cfg.eval.batch_size
+        return teacher_outputs(outputs, source, data.seed, self.context, batch_size=batch_size, write=write)
+
+    def _cached(self, data: EncoderSeedData, frozen: FrozenTeacher) -> OutputCacheTeacher:
+        """The teacher's signals from the cache, cut to each batch's longest sentence: along the token dim of
+        per-token signals, both token dims of attention maps, none of a pooled embedding."""
+        kinds = {p.key: parse_signal(p.teacher).kind for p in self.pairs}
+        dims = {"pooled": (), "attention": (2, 3)}
+        return OutputCacheTeacher(
+            self._outputs(data, frozen),
+            positions=lambda batch: batch["input_ids"].shape[1],
+            token_dims=lambda key: dims.get(kinds.get(key, ""), (1,)),
+        )
+
+    def teacher_outputs(
+        self, data: EncoderSeedData, teacher: nn.Module, write: bool | None = None
+    ) -> OutputCache:
+        return self._outputs(data, self._teacher_tap(), write)
 
     # ---- evaluation ---------------------------------------------------------------------------------
 

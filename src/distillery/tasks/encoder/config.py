@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from distillery.cache import OutputsConfig
 from distillery.configbase import StrictModel
 from distillery.data.tables import TableSource
 from distillery.losses import LOSSES, LossTermConfig, SignalTermConfig
@@ -77,7 +78,16 @@ class EncoderDataConfig(StrictModel):
 
 
 class EncoderTeacherConfig(StrictModel):
-    """The teacher: a pretrained Hugging Face encoder, used as it is."""
+    """The teacher: a pretrained Hugging Face encoder, used as it is. With ``source: cache`` the signals
+    the loss terms read (pooled embeddings, hidden states, attention) are computed once per training
+    sentence into an on-disk cache and read from it during training."""
+
+    source: Literal["frozen", "cache"] = Field(
+        "frozen", description="frozen: the teacher runs on every batch; cache: its signals are read from disk"
+    )
+    outputs: OutputsConfig | None = Field(
+        None, description="source=cache: where the cache lives and how its values are stored (kind dense)"
+    )
 
     model: str = Field(
         "all-MiniLM-L6-v2",
@@ -85,6 +95,22 @@ class EncoderTeacherConfig(StrictModel):
     )
     pooling: Literal["mean", "cls"] = Field("mean", description="how token states become one embedding")
     normalize: bool = Field(True, description="L2-normalise the embeddings (all-MiniLM-L6-v2 does)")
+
+    @model_validator(mode="after")
+    def _cache(self) -> EncoderTeacherConfig:
+        if self.source == "frozen" and self.outputs is not None:
+            raise ValueError(
+                "teacher.outputs describes a cache of the teacher's outputs, for teacher.source=cache; set "
+                "teacher.source=cache or drop teacher.outputs"
+            )
+        if self.source == "cache" and self.outputs is None:
+            self.outputs = OutputsConfig()
+        if self.outputs is not None and (self.outputs.kind != "dense" or self.outputs.features):
+            raise ValueError(
+                "teacher.outputs: an encoder's cache stores the signals its loss terms read (kind dense, "
+                "teacher.outputs.features chosen from the loss section): drop teacher.outputs.kind and .features"
+            )
+        return self
 
 
 class EncoderStudentConfig(StrictModel):

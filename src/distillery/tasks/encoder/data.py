@@ -153,6 +153,27 @@ class SentenceSet:
         }
 
 
+class FullWidth:
+    """A :class:`SentenceSet` whose batches keep every row at ``max_length`` tokens (not cut to the batch's
+    longest sentence): a teacher-output cache stores each sentence's signals at one width, whatever the
+    batch it was computed in."""
+
+    def __init__(self, sentences: SentenceSet) -> None:
+        self.sentences = sentences
+        self.index = sentences.index
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def get_batch(self, indices: Tensor) -> dict[str, Tensor]:
+        s = self.sentences
+        return {
+            "input_ids": s.input_ids[indices],
+            "attention_mask": s.attention_mask[indices],
+            "index": s.index[indices],
+        }
+
+
 @dataclass
 class EncoderSeedData:
     """One seed's data: its training sentences and validation pairs, and the shared held-out sets."""
