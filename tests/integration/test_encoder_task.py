@@ -124,7 +124,9 @@ def test_an_encoder_run_from_the_teacher_cache_equals_the_live_teacher(env, caps
     weights = {}
     for name, extra in (("live", []), ("cache", ["teacher.source=cache", "teacher.outputs.values=fp32"])):
         out = tmp_path / name
-        assert main(["run", str(_config(tmp_path, teacher)), *extra, f"output.dir={out}", "--no-progress"]) == 0
+        assert (
+            main(["run", str(_config(tmp_path, teacher)), *extra, f"output.dir={out}", "--no-progress"]) == 0
+        )
         weights[name] = load_file(str(out / "seed-0" / "distilled" / "model" / "model.safetensors"))
     assert "teacher outputs: dense, fp32, 200 rows" in capsys.readouterr().out
     worst = max(float((weights["live"][k] - weights["cache"][k]).abs().max()) for k in weights["live"])

@@ -147,7 +147,9 @@ def test_k_above_the_vocabulary_is_refused_before_training_the_student(tmp_path,
 
 
 @pytest.mark.integration
-def test_a_file_the_manifest_does_not_list_is_named_in_a_warning_and_never_read(tmp_path, capsys, monkeypatch):
+def test_a_file_the_manifest_does_not_list_is_named_in_a_warning_and_never_read(
+    tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "dc"))
     sparse = ["teacher.source=cache", "teacher.outputs.kind=topk", "teacher.outputs.k=8",
               f"teacher.outputs.path={tmp_path / 'outputs'}"]  # fmt: skip
@@ -156,7 +158,10 @@ def test_a_file_the_manifest_does_not_list_is_named_in_a_warning_and_never_read(
     capsys.readouterr()
     _run(["lm-kd", *LM_TINY, *sparse], tmp_path / "run")
     out = " ".join(capsys.readouterr().out.split())
-    assert "warning:" in out and "files the cache's manifest does not list, never read: .shard-00009.safetensors.tmp" in out
+    assert (
+        "warning:" in out
+        and "files the cache's manifest does not list, never read: .shard-00009.safetensors.tmp" in out
+    )
 
 
 @pytest.mark.integration
