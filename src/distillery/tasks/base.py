@@ -370,8 +370,9 @@ class BaseTask:
         :mod:`distillery.tasks.outputs`), written first when missing and ``write`` (None: as
         ``teacher.outputs.write`` says). Tasks without such a cache refuse."""
         raise ConfigError(
-            f"task {self.cfg.task} has no cache of teacher outputs; teacher.source=cache is available for the "
-            "classification and lm tasks"
+            f"task {self.cfg.task} has no cache of teacher outputs (its teachers change while the student trains, "
+            "or see views drawn anew at every step); teacher.source=cache is available for the classification, lm "
+            "and encoder tasks"
         )
 
     def save(self, student: nn.Module, arm_dir: Path, data: Any) -> None:
