@@ -45,6 +45,7 @@ class OutputCache:
 
     def __init__(self, path: str | Path, *, verify: bool = True, command: str | None = None) -> None:
         self.path = Path(path)
+        self.seconds = 0.0  # time this process spent writing the cache (set by its writer's caller)
         how = command or "`distillery cache <config>`"
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
