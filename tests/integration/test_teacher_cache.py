@@ -24,6 +24,7 @@ DIGITS_TINY = [
     "baseline.enabled=false", "--no-progress",
 ]  # fmt: skip
 DENSE = ["teacher.source=cache", "teacher.outputs.kind=dense", "teacher.outputs.values=fp32"]
+_LIVE: dict[tuple[str, ...], tuple[dict, Path]] = {}  # live-teacher runs, by their extra settings
 
 
 def _run(args: list[str], out: Path) -> dict:
@@ -66,11 +67,15 @@ def _close(a: dict, b: dict, atol: float) -> float:
     ],
     ids=["dense", "dense-chunked", "topk-k=V", "on-policy"],
 )
-def test_an_lm_run_from_the_cache_trains_the_live_teachers_student(tmp_path, extra, cached):
-    live = _run(["lm-kd", *LM_TINY, *extra], tmp_path / "live")
+def test_an_lm_run_from_the_cache_trains_the_live_teachers_student(tmp_path, tmp_path_factory, extra, cached):
+    key = tuple(extra)  # the live runs of the same settings are shared by the cases
+    if key not in _LIVE:
+        out = tmp_path_factory.mktemp("live")
+        _LIVE[key] = (_run(["lm-kd", *LM_TINY, *extra], out), out)
+    live, live_dir = _LIVE[key]
     from_cache = _run(["lm-kd", *LM_TINY, *extra, *cached], tmp_path / "cache")
     # the cache was written in batches of eval.batch_size rows, training batches differ: float tolerance only
-    _close(_weights(tmp_path / "live"), _weights(tmp_path / "cache"), 2e-5)
+    _close(_weights(live_dir), _weights(tmp_path / "cache"), 2e-5)
     calls = from_cache["teacher_calls"]
     if "method.name=on_policy" in extra:
         sampled = from_cache["sampling"]["on_policy_fraction"]

@@ -279,7 +279,8 @@ def write_outputs(
 
     A folder that already holds the complete cache is left as it is (its manifest is returned); one
     that holds a cache or a partial cache written with other settings is refused, naming the field
-    that differs. ``progress(done, total)`` is called after each shard this process writes; ``spec`` is
+    that differs. ``progress(done, total)`` is called before this process's first shard (``done=0``) and
+    after each shard it writes; ``spec`` is
     :func:`plan` of the same inputs, when the caller has it already.
     """
     path = Path(path)
@@ -303,6 +304,8 @@ def write_outputs(
         barrier()
     mine = [i for i in range(spec["num_shards"]) if i % num_processes == process_index]
     todo = [i for i in mine if not (path / shard_name(i)).is_file()]
+    if progress is not None:
+        progress(0, len(todo))
     for done, i in enumerate(todo, 1):
         write_shard(path, i, source, cfg, spec, batch_size)
         if progress is not None:

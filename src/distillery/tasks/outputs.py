@@ -18,6 +18,7 @@ import torch
 from distillery.cache import CacheError, OutputCache, OutputsConfig, OutputSource, plan, write_outputs
 from distillery.cache.format import MANIFEST
 from distillery.teachers.store import config_hash, default_cache_root
+from distillery.train.progress import TrainProgress
 
 
 def outputs_root() -> Path:
@@ -82,10 +83,24 @@ def teacher_outputs(
             f"  seed {seed} teacher outputs: writing {outputs.kind} cache to {path}", soft_wrap=True
         )
         t0 = time.perf_counter()
-        write_outputs(
-            path, source, outputs, batch_size=batch_size, spec=spec, process_index=acc.process_index,
-            num_processes=acc.num_processes, barrier=acc.wait_for_everyone if acc.num_processes > 1 else None,
-        )  # fmt: skip
+        bars: list[TrainProgress] = []
+
+        def progress(done: int, total: int) -> None:  # shards written, rows/s
+            if not bars:
+                bars.append(
+                    TrainProgress(f"  seed {seed} teacher outputs (shards)", total, enabled=context.progress)
+                )
+            bars[0].update(done, 0 if done == 0 else spec["shard_rows"])
+
+        try:
+            write_outputs(
+                path, source, outputs, batch_size=batch_size, spec=spec, process_index=acc.process_index,
+                num_processes=acc.num_processes, barrier=acc.wait_for_everyone if acc.num_processes > 1 else None,
+                progress=progress,
+            )  # fmt: skip
+        finally:
+            for bar in bars:
+                bar.close()
         seconds = time.perf_counter() - t0
         how = f"written in {seconds:.1f}s"
     else:
