@@ -109,3 +109,16 @@ class OutputsConfig(StrictModel):
             "features": sorted(self.features),
             "seed": self.seed if self.kind == "sampled" else None,
         }
+
+
+def outputs_for(source: str, outputs: OutputsConfig | None) -> OutputsConfig | None:
+    """The ``teacher.outputs`` section of a teacher with ``teacher.source`` = ``source``: the default one for
+    ``cache``, none for a live (``frozen``) teacher, which refuses one (raises ValueError)."""
+    if source != "cache" and outputs is not None:
+        raise ValueError(
+            "teacher.outputs describes a cache of the teacher's outputs, for teacher.source=cache; set "
+            "teacher.source=cache or drop teacher.outputs"
+        )
+    if source == "cache" and outputs is None:
+        return OutputsConfig()
+    return outputs

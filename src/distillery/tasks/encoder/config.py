@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from distillery.cache import OutputsConfig
+from distillery.cache.config import outputs_for
 from distillery.configbase import StrictModel
 from distillery.data.tables import TableSource
 from distillery.losses import LOSSES, LossTermConfig, SignalTermConfig
@@ -98,13 +99,9 @@ class EncoderTeacherConfig(StrictModel):
 
     @model_validator(mode="after")
     def _cache(self) -> EncoderTeacherConfig:
-        if self.source == "frozen" and self.outputs is not None:
-            raise ValueError(
-                "teacher.outputs describes a cache of the teacher's outputs, for teacher.source=cache; set "
-                "teacher.source=cache or drop teacher.outputs"
-            )
-        if self.source == "cache" and self.outputs is None:
-            self.outputs = OutputsConfig()
+        resolved = outputs_for(self.source, self.outputs)
+        if resolved is not self.outputs:  # assigned only when it changes: assignment validates again
+            self.outputs = resolved
         if self.outputs is not None and (self.outputs.kind != "dense" or self.outputs.features):
             raise ValueError(
                 "teacher.outputs: an encoder's cache stores the signals its loss terms read (kind dense, "

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from distillery.cache import OutputsConfig
+from distillery.cache.config import outputs_for
 from distillery.configbase import StrictModel
 from distillery.data.tables import TableSource
 from distillery.data.text.arithmetic import ArithmeticConfig
@@ -182,13 +183,9 @@ class LMTeacherConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> LMTeacherConfig:
-        if self.source == "frozen" and self.outputs is not None:
-            raise ValueError(
-                "teacher.outputs describes a cache of the teacher's outputs, for teacher.source=cache; set "
-                "teacher.source=cache or drop teacher.outputs"
-            )
-        if self.source == "cache" and self.outputs is None:
-            self.outputs = OutputsConfig()
+        resolved = outputs_for(self.source, self.outputs)
+        if resolved is not self.outputs:  # assigned only when it changes: assignment validates again
+            self.outputs = resolved
         if self.outputs is not None and self.outputs.features:
             raise ValueError(
                 "teacher.outputs.features: language-model caches store token distributions only (stored "
