@@ -572,7 +572,7 @@ def machine(threads: int) -> dict:
         "transformers": transformers.__version__,
         "torch_threads": threads,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "DISTILLERY_CACHE": os.environ.get("DISTILLERY_CACHE"),
+        "DISTILLERY_CACHE_set": "DISTILLERY_CACHE" in os.environ,  # whether, not where (no local paths)
     }
 
 
