@@ -27,7 +27,7 @@ from distillery import functional as DF
 from distillery.cache import OutputCache, OutputSource, weights_sha256
 from distillery.data.text import TokenDataset, lm_datasets, split_austen
 from distillery.data.text.arithmetic import verify
-from distillery.data.text.collate import special_ids
+from distillery.data.text.collate import encode_texts, special_ids
 from distillery.data.text.stream import TextStream
 from distillery.data.text.tokenizer import (
     TokenizerNotFoundError,
@@ -53,9 +53,18 @@ from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
 from distillery.models.hub import check_model_dir, from_pretrained
 from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
 from distillery.tasks.lm.config import USER_FORMATS, LMRunConfig
+from distillery.tasks.lm.self_context import (
+    base_rows,
+    build_contexts,
+    check_lengths,
+    default_fields,
+    keep_verified,
+    self_prompts,
+)
 from distillery.tasks.lm.user_data import prepare_user_data
 from distillery.tasks.outputs import teacher_outputs
 from distillery.teachers import FrozenTeacher, OutputCacheTeacher
+from distillery.teachers.self_context import SelfContextTeacher
 from distillery.teachers.store import default_cache_root
 from distillery.train import TrainConfig, fit
 from distillery.train.batches import BatchPlan
@@ -98,6 +107,8 @@ def prepare_data(cfg: LMRunConfig) -> dict[str, Any]:
             train = train.subset(torch.randperm(len(train), generator=g)[: d.max_train_blocks].sort().values)
         return {"tokenizer": tokenizer, "train": train, "validation": _cap(sets["validation"], d.max_eval_blocks),
                 "test": _cap(sets["test"], d.max_eval_blocks), "problems": None, "bos_in_rows": False}  # fmt: skip
+    if d.name == "facts":
+        return _prepare_facts(cfg)
     a = d.arithmetic
     task = a.build()
     pairs, test_pairs = task.split(a.train, a.test)
@@ -125,6 +136,45 @@ def prepare_data(cfg: LMRunConfig) -> dict[str, Any]:
             "train_pairs": train_pairs, "check": check, "score": score, "bos_in_rows": True}  # fmt: skip
 
 
+def _prepare_facts(cfg: LMRunConfig) -> dict[str, Any]:
+    """The fact task: closed-book questions (train and test phrasings of the same facts); validation
+    questions carved from the training ones. ``contexts`` gives each question's passage (the
+    ``{passage}`` of a self-context teacher); ``base_pairs`` are the questions about *other* invented
+    people (the task with the next seed), on which a model first learns to read passages
+    (``teacher.train`` with ``teacher.source: self``) without being told the facts it is tested on."""
+    d, f = cfg.data, cfg.data.facts
+    task = f.build()
+    pairs, test_pairs = task.split()
+    n_val = f.validation_count()
+    val_pairs, train_pairs = pairs[:n_val], pairs[n_val:]
+    base = f.model_copy(update={"seed": f.seed + 1, "entities": f.base_entities, "validation": 0}).build()
+    base_pairs = base.split()[0]
+    text = [p.prompt + p.response for p in train_pairs] + task.passages() + base.passages()
+    tokenizer = d.tokenizer.build(text)
+    try:
+        sets = {
+            name: TokenDataset.from_pairs(rows, tokenizer, d.seq_len)
+            for name, rows in (("train", train_pairs), ("validation", val_pairs), ("test", test_pairs))
+        }
+    except ValueError as exc:
+        raise ConfigError(f"data.seq_len={d.seq_len} is too short for the fact questions: {exc}") from None
+    eos = tokenizer.eos_token
+
+    def score(pair: Any, ids: list[int]) -> float:
+        return float(task.verify(pair.prompt, tokenizer.decode(ids, skip_special_tokens=False), eos=eos))
+
+    def contexts(pair: Any) -> dict[str, str]:
+        owner = task if pair.prompt in task else base
+        return {"response": pair.response, "passage": owner.context(pair.prompt)}
+
+    answers = encode_texts(tokenizer, [p.response for p in train_pairs + test_pairs])
+    return {"tokenizer": tokenizer, "train": sets["train"], "validation": _cap(sets["validation"], d.max_eval_blocks),
+            "test": _cap(sets["test"], d.max_eval_blocks), "problems": {"validation": val_pairs, "test": test_pairs},
+            "train_pairs": train_pairs, "base_pairs": base_pairs, "contexts": contexts,
+            "check": lambda prompt, text: task.verify(prompt, text, eos=eos), "score": score, "bos_in_rows": True,
+            "max_answer_tokens": max(len(a) for a in answers) + 1}  # fmt: skip
+
+
 def _cap(dataset: TokenDataset, limit: int | None) -> TokenDataset:
     if limit is not None and len(dataset) > limit:
         return dataset.subset(torch.arange(limit))
@@ -139,12 +189,19 @@ def method_data(cfg: LMRunConfig, data: dict, teacher: nn.Module, seed: int, con
         return data["train"], None
     if m.name == "sequence":
         cache = default_cache_root().parent / "sequences"
+        own = cfg.teacher.source == "self"
+        prompts = self_prompts(cfg.teacher.context, data) if own else data["train_pairs"]
         pairs = sequence_level_pairs(
-            teacher, data["train_pairs"], tokenizer, cache_dir=cache, max_new_tokens=m.max_new_tokens
+            teacher, prompts, tokenizer, cache_dir=cache, max_new_tokens=m.max_new_tokens
         )
         console.print(
             f"  seed {seed}: {len(pairs)} teacher responses for sequence-level KD (cached in {cache})"
         )
+        if own:  # SDFT: the model's rewrites, each kept when still correct, else the reference response
+            pairs, kept = keep_verified(data, pairs, tokenizer)
+            console.print(
+                f"  seed {seed}: {kept:.0%} of the rewrites pass the verifier; the rest keep the reference"
+            )
         return TokenDataset.from_pairs(pairs, tokenizer, cfg.data.seq_len), None
     common = {"max_new_tokens": m.max_new_tokens, "temperature": m.temperature, "seed": seed}
     if m.name == "on_policy":
@@ -345,7 +402,7 @@ class LMTask(BaseTask):
                 )
         if cfg.eval.max_new_tokens is not None:
             self.max_new = cfg.eval.max_new_tokens
-        elif cfg.data.name in USER_FORMATS:
+        elif cfg.data.name in (*USER_FORMATS, "facts"):
             self.max_new = min(self.data.get("max_answer_tokens", 1), cfg.data.seq_len)
         else:
             self.max_new = cfg.data.arithmetic.digits[1] + 2
@@ -388,6 +445,8 @@ class LMTask(BaseTask):
         t = self.cfg.teacher
         if t is None:
             return None
+        if t.source == "self":
+            return self._self_base(data)
         if t.train is None:
             return TeacherSpec(
                 load=lambda: (
@@ -431,6 +490,90 @@ class LMTask(BaseTask):
         if "digest" in data:  # the user's data: what it holds, not only where it is
             key["data_digest"] = data["digest"]
         return TeacherSpec(build=build, train=train, cache_key=key, cache=t.cache, cache_dir=t.cache_dir)
+
+    def _self_base(self, data: dict[str, Any]) -> TeacherSpec:
+        """``teacher.source: self``: the shared starting model, which is both arms' initial weights and the
+        teacher's. The student as configured (``student.pretrained``, or a fresh model), trained first on
+        :func:`~distillery.tasks.lm.self_context.base_rows` when ``teacher.train`` is set (cached like a
+        teacher)."""
+        cfg, t, seed = self.cfg, self.cfg.teacher, data["seed"]
+
+        def build() -> nn.Module:
+            return build_causal_lm(cfg.student, self.n_vocab, self.tokenizer, "student")
+
+        if t.train is None:
+            return TeacherSpec(
+                load=lambda: (build(), cfg.student.pretrained or "the student's initial weights")
+            )
+
+        def train() -> nn.Module:
+            torch.manual_seed(1000 + seed)
+            model = build()
+            pad_id, bos_id, _ = special_ids(self.tokenizer)
+            base = data.get("base_pairs")
+            rows = (
+                data["train"]
+                if base is None
+                else TokenDataset.from_pairs(base, self.tokenizer, cfg.data.seq_len)
+            )
+            contexts = self._contexts(data, base)
+            rows = base_rows(rows, contexts, t.train_context, bos_id=bos_id, pad_id=pad_id,
+                             max_length=self._max_length(model), truncate=t.truncate_context, seed=1000 + seed)  # fmt: skip
+            fit(
+                model,
+                rows,
+                build_objective({"ce": CrossEntropyConfig()}),
+                t.train,
+                adapter=HFCausalLMAdapter(),
+                seed=1000 + seed,
+                accelerator=self.context.accelerator,
+                progress=self.context.progress,
+                label=f"seed {seed} starting model",
+            )
+            return model
+
+        import transformers
+
+        key = {
+            "kind": "lm-self-base",
+            "transformers": transformers.__version__,
+            "model": cfg.student.model_dump(mode="json"),
+            "train": t.train.model_dump(mode="json"),
+            "data": cfg.data.cache_dump(),
+            "context": t.context,
+            "train_context": t.train_context,
+            "truncate_context": t.truncate_context,
+            "seed": seed,
+        }
+        if "digest" in data:
+            key["data_digest"] = data["digest"]
+        return TeacherSpec(build=build, train=train, cache_key=key, cache=t.cache, cache_dir=t.cache_dir)
+
+    def _contexts(self, data: dict[str, Any], pairs: list | None = None) -> list:
+        """The context table of ``pairs`` (default: the training pairs), indexed like their rows."""
+        fields = data.get("contexts", default_fields)
+        return build_contexts(self.cfg.teacher.context, pairs or data["train_pairs"], self.tokenizer, fields)
+
+    @staticmethod
+    def _max_length(model: nn.Module) -> int:
+        return int(getattr(model.config, "max_position_embeddings", None) or 2**31)
+
+    def _self_teacher(self, student: nn.Module, data: dict[str, Any], adapter: Any) -> SelfContextTeacher:
+        t = self.cfg.teacher
+        pad_id, bos_id, _ = special_ids(self.tokenizer)
+        contexts = self._contexts(data)
+        check_lengths(self.cfg, data["train"], contexts, self._max_length(student), bos_id)
+        return SelfContextTeacher(
+            student,
+            contexts,
+            adapter,
+            weights=t.weights,
+            momentum=t.momentum,
+            pad_id=pad_id,
+            bos_id=bos_id,
+            max_length=self._max_length(student),
+            truncate=t.truncate_context,
+        )
 
     # ---- teacher outputs (teacher.source: cache) ----------------------------------------------------
 
@@ -504,7 +647,9 @@ class LMTask(BaseTask):
     ) -> ArmJob:
         cfg = self.cfg
         student = self.new_student(data)
-        student.load_state_dict(init_state)
+        own = cfg.teacher is not None and cfg.teacher.source == "self"
+        # source=self: both arms start from the shared starting model, which is also the teacher
+        student.load_state_dict(teacher.state_dict() if own else init_state)
         cached = cfg.teacher is not None and cfg.teacher.source == "cache"
         # a cached teacher's forward runs only on on-policy batches: whether its head supports the
         # chunked loss matters then only
@@ -523,6 +668,8 @@ class LMTask(BaseTask):
             objective = build_objective(_aligned_loss(cfg, self.n_vocab, padded))
             train_cfg = cfg.train
             arm_teacher = None if teacher is None else FrozenTeacher(teacher, adapter)
+            if own:  # None when no term asks the teacher (SDFT: the teacher only generates)
+                arm_teacher = self._self_teacher(student, data, adapter) if objective.needs_teacher else None
             if cached:
                 arm_teacher = OutputCacheTeacher(
                     self.teacher_outputs(data, teacher),
@@ -539,6 +686,8 @@ class LMTask(BaseTask):
             out: dict[str, Any] = {"chunked_loss": chunked}
             if isinstance(arm_teacher, OutputCacheTeacher):
                 out["teacher_calls"] = {"cache": arm_teacher.cache_calls, "live": arm_teacher.live_calls}
+            if isinstance(arm_teacher, SelfContextTeacher):
+                out["teacher_calls"] = {"self": arm_teacher.calls, "weights": arm_teacher.weights}
             if transform is not None:
                 out["sampling"] = transform.metrics()
             return out

@@ -11,6 +11,8 @@ from distillery.cache.config import outputs_for
 from distillery.configbase import StrictModel
 from distillery.data.tables import TableSource
 from distillery.data.text.arithmetic import ArithmeticConfig
+from distillery.data.text.context import available_fields, check_template
+from distillery.data.text.facts import FactsConfig
 from distillery.data.text.tokenizer import BYTE_VOCAB_SIZE, TokenizerConfig
 from distillery.data.text.verifiers import VerifierConfig, verifier_shorthand
 from distillery.functional import sparse_divergence_support
@@ -19,9 +21,9 @@ from distillery.models.causal_lm import CausalLMConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig
 from distillery.train.config import TrainConfig
 
-BUILT_IN = ("austen", "arithmetic")
+BUILT_IN = ("austen", "arithmetic", "facts")
 USER_FORMATS = ("text", "prompt_completion", "messages")
-PROMPT_DATA = ("arithmetic", "prompt_completion", "messages")  # data the sampling methods can prompt
+PROMPT_DATA = ("arithmetic", "facts", "prompt_completion", "messages")  # data the sampling methods can prompt
 
 
 class LMFieldsConfig(StrictModel):
@@ -40,9 +42,10 @@ class LMFieldsConfig(StrictModel):
 class LMDataConfig(StrictModel):
     """Text for language modelling (packed blocks) or prompt data: built in, or the user's own files."""
 
-    name: Literal["austen", "arithmetic", "text", "prompt_completion", "messages"] = Field(
+    name: Literal["austen", "arithmetic", "facts", "text", "prompt_completion", "messages"] = Field(
         "austen",
-        description="austen: the built-in corpus (packed); arithmetic: the built-in verifiable task; text: the "
+        description="austen: the built-in corpus (packed); arithmetic: the built-in verifiable task; facts: the "
+        "built-in knowledge task (invented people, passages of their facts, questions); text: the "
         "user's plain text (packed); prompt_completion: the user's prompt/completion pairs; messages: the user's "
         "chats ({role, content} lists, rendered with the chat template)",
     )
@@ -57,6 +60,7 @@ class LMDataConfig(StrictModel):
         description="evaluate on at most this many validation and test blocks (prompt data: examples)",
     )
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
+    facts: FactsConfig = Field(default_factory=FactsConfig, description="facts: the entities and questions")
     # ---- the user's data (text, prompt_completion, messages) ----
     train: TableSource | None = Field(
         None, description="text, prompt_completion, messages: the training data (a file, folder or hub id)"
@@ -113,7 +117,11 @@ class LMDataConfig(StrictModel):
                 raise ValueError(
                     f"data.{given[0]} is for the user's data (data.name=text, prompt_completion or messages), but "
                     f"data.name={self.name} is built in"
-                    + ("; its splits are set in data.arithmetic" if self.name == "arithmetic" else "")
+                    + (
+                        f"; its splits are set in data.{self.name}"
+                        if self.name in ("arithmetic", "facts")
+                        else ""
+                    )
                 )
             return self
         for split in ("validation", "test"):
@@ -159,10 +167,11 @@ class LMDataConfig(StrictModel):
         evaluation caps; for built-in data exactly the fields it had before user data existed, so that
         cached teachers stay valid."""
         if self.name in BUILT_IN:
+            fields = {"name", "tokenizer", "seq_len", "max_train_blocks", "arithmetic"}
             return self.model_dump(
-                mode="json", include={"name", "tokenizer", "seq_len", "max_train_blocks", "arithmetic"}
+                mode="json", include=fields | ({"facts"} if self.name == "facts" else set())
             )
-        return self.model_dump(mode="json", exclude={"max_eval_blocks", "verifier", "arithmetic"})
+        return self.model_dump(mode="json", exclude={"max_eval_blocks", "verifier", "arithmetic", "facts"})
 
 
 class LMTeacherConfig(StrictModel):
@@ -170,8 +179,11 @@ class LMTeacherConfig(StrictModel):
     ``source: cache`` its outputs over the training data are computed once into an on-disk cache
     (``distillery cache``, or the run when it is missing) and read from it during training."""
 
-    source: Literal["frozen", "cache"] = Field(
-        "frozen", description="frozen: the teacher runs on every batch; cache: its outputs are read from disk"
+    source: Literal["frozen", "cache", "self"] = Field(
+        "frozen",
+        description="frozen: the teacher runs on every batch; cache: its outputs are read from disk; self: the "
+        "student's own weights, shown the privileged context teacher.context (the teacher section then has no "
+        "model: teacher.train trains the shared starting model first)",
     )
     model: CausalLMConfig = Field(default_factory=CausalLMConfig)
     train: TrainConfig | None = Field(None, description="train the teacher on the training split first")
@@ -180,9 +192,68 @@ class LMTeacherConfig(StrictModel):
     outputs: OutputsConfig | None = Field(
         None, description="source=cache: what the cache holds (dense, topk + tail, sampled) and where"
     )
+    # ---- source: self ----
+    weights: Literal["initial", "live", "ema"] = Field(
+        "initial",
+        description="source=self: the teacher's weights: a frozen copy of the initial student, the live student "
+        "(no gradient), or an EMA of it (teacher.momentum)",
+    )
+    momentum: float | None = Field(
+        None, ge=0.0, le=1.0, description="source=self, weights=ema: the EMA momentum"
+    )
+    context: str | None = Field(
+        None,
+        description="source=self: the teacher's prompt, a template over {prompt} (the student's prompt tokens), "
+        "{response} (the reference response) and, for data.name=facts, {passage}; e.g. 'Answer: {response}\\n{prompt}'",
+    )
+    truncate_context: bool = Field(
+        False,
+        description="source=self: drop a context's first tokens when the teacher's input would exceed the model's "
+        "maximum length (false: such a row is an error)",
+    )
+    train_context: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="source=self with teacher.train: the share of the starting model's training rows shown in the "
+        "teacher's format (context + prompt), so that it learns to read the context",
+    )
+
+    def _self_source(self) -> LMTeacherConfig:
+        """source=self: the student's own weights, a context template, no model of its own."""
+        if "model" in self.model_fields_set:
+            raise ValueError(
+                "conflicting fields: teacher.model is set, but teacher.source=self teaches with the student's own "
+                "weights (the student section); drop teacher.model (a pretrained start: student.pretrained)"
+            )
+        if self.context is None:
+            raise ValueError(
+                "teacher.source=self needs teacher.context, the template of the teacher's prompt, e.g. "
+                "'Answer: {response}\\n{prompt}' (the gold answer as privileged context)"
+            )
+        if self.outputs is not None:
+            raise ValueError("teacher.outputs is for teacher.source=cache; drop it with teacher.source=self")
+        if self.weights == "ema" and self.momentum is None:
+            raise ValueError(
+                "teacher.weights=ema needs teacher.momentum, the EMA momentum (e.g. 0.99: the share the teacher "
+                "keeps per step)"
+            )
+        if self.weights != "ema" and self.momentum is not None:
+            raise ValueError(
+                f"conflicting fields: teacher.momentum is for teacher.weights=ema, not {self.weights}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> LMTeacherConfig:
+        if self.source == "self":
+            return self._self_source()
+        given = [f for f in ("context", "momentum") if getattr(self, f) is not None]
+        given += [f for f in ("weights", "truncate_context", "train_context") if f in self.model_fields_set]
+        if given:
+            raise ValueError(
+                f"teacher.{given[0]} is for teacher.source=self (the student teaching itself), not source={self.source}"
+            )
         resolved = outputs_for(self.source, self.outputs)
         if resolved is not self.outputs:  # assigned only when it changes: assignment validates again
             self.outputs = resolved
@@ -329,6 +400,25 @@ class LMRunConfig(DistillationConfigBase):
                     f"the teacher's distribution at teacher.outputs.temperature={out.temperature:g}; set them equal"
                 )
 
+    def _self_fits(self) -> None:
+        """A self-context teacher reads each prompt's context: prompt data, a template it can fill."""
+        if self.data.name not in PROMPT_DATA:
+            raise ValueError(
+                f"conflicting fields: teacher.source=self shows the teacher a context before each prompt, but "
+                f"data.name={self.data.name} is packed text without prompts; use prompt data ("
+                f"{', '.join(PROMPT_DATA)})"
+            )
+        try:
+            check_template(self.teacher.context, available_fields(self.data.name))
+        except ValueError as exc:
+            raise ValueError(f"teacher.context: {exc}") from None
+        if self.method.name == "speculative":
+            raise ValueError(
+                "conflicting fields: method.name=speculative lets the teacher replace the student's tokens while "
+                "they are sampled, which a self-context teacher does not support; use token, sequence, on_policy "
+                "or paced"
+            )
+
     def _terms_without(self, capability: str) -> list[str]:
         """Labels of the loss terms whose module class lacks ``capability`` (a ClassVar flag)."""
         return [label for label, term in self.loss.items() if not getattr(LOSSES[term.name][1], capability)]
@@ -379,6 +469,8 @@ class LMRunConfig(DistillationConfigBase):
                 f"{self.data.name} is packed text without prompts; use data.name=arithmetic (the built-in task) or "
                 "your own prompt data (data.name=prompt_completion or messages)"
             )
+        if self.teacher is not None and self.teacher.source == "self":
+            self._self_fits()
         if self.data.streaming:
             lengths = [("train", self.train), ("teacher.train", None if self.teacher is None else self.teacher.train),
                        ("baseline.train", None if self.baseline is None else self.baseline.train)]  # fmt: skip
