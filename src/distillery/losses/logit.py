@@ -311,6 +311,62 @@ class JSDLoss(_FunctionalTerm):
         super().__init__(beta=beta, temperature=temperature, vocab_size=vocab_size)
 
 
+class ImportanceReverseKLConfig(TermConfig):
+    """Skill-SD's importance-weighted reverse KL at the sampled (or given) tokens, gradient-correct."""
+
+    name: Literal["importance_reverse_kl"] = "importance_reverse_kl"
+    estimator: Literal["k3", "k1"] = Field("k3", description="k3: e^-l - 1 + l (default); k1: l")
+    clip: float | None = Field(2.0, gt=0.0, description="cap on the importance ratio's value (null: none)")
+    behaviour_temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="the temperature the tokens were sampled at (method.temperature): the behaviour policy is the "
+        "student's own distribution at this temperature, detached",
+    )
+    vocab_size: int | None = _VOCAB
+
+
+class ImportanceReverseKLLoss(LossTerm):
+    """:func:`distillery.functional.importance_weighted_reverse_kl` over the rows' target tokens.
+
+    The tokens are the batch's targets (the sampled responses of an on-policy batch); the behaviour
+    policy is the student's own distribution at ``behaviour_temperature``, detached, which is the
+    policy that sampled them when the batch was sampled by the current student just before this
+    step (the ratio's value is then 1, its gradient the score-function term).
+    """
+
+    needs_teacher = True
+    supports_row_weight = False
+
+    def __init__(
+        self, estimator: str = "k3", clip: float | None = 2.0, behaviour_temperature: float = 1.0,
+        vocab_size: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.estimator, self.clip, self.behaviour_temperature = estimator, clip, behaviour_temperature
+        self.vocab_size = vocab_size
+
+    def rows(self, target: Tensor, mask: Tensor) -> Tensor:
+        return labelled_rows(target, mask)
+
+    def forward(self, inputs: LossInputs, num_valid: Tensor | float | None = None) -> Tensor:
+        if inputs.student_logits is None:
+            raise ValueError(
+                "importance_reverse_kl needs the student's logits; turn the chunked loss off (chunked_loss.enabled=false)"
+            )
+        student, teacher = inputs.student_logits, self._teacher_logits(inputs)
+        if self.vocab_size is not None:
+            student, teacher = student[..., : self.vocab_size], teacher[..., : self.vocab_size]
+        rows = self.rows(inputs.target, inputs.mask)
+        tokens = inputs.target.clamp_min(0)
+        behaviour = torch.log_softmax(student.detach().float() / self.behaviour_temperature, dim=-1)
+        behaviour = behaviour.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return DF.importance_weighted_reverse_kl(
+            student, teacher, tokens, behaviour, estimator=self.estimator, clip=self.clip, mask=rows,
+            num_valid=num_valid,
+        )  # fmt: skip
+
+
 class TVDConfig(TermConfig):
     """Total variation distance 0.5 * sum |p_t - p_s|, scaled by T^2."""
 
