@@ -334,6 +334,19 @@ def run_lm(*overrides: str) -> tuple[str, ...]:
     return ("run", "LM", *overrides)
 
 
+SELF = "teacher={source: self, context: 'answer {response}. {prompt}'}"
+SELF_TEACHER = [
+    bad("self-unknown-placeholder", *run_lm("teacher={source: self, context: '{hint} {prompt}'}"),
+        phrase="unknown placeholder {hint}; valid here: {prompt}, {response}"),
+    bad("self-context-too-long", *run_lm("teacher={source: self, context: '" + "x" * 40 + " {prompt}'}"),
+        phrase="more than the model's maximum length 32; shorten teacher.context"),
+    bad("self-ema-without-momentum", *run_lm(SELF, "teacher.weights=ema"), phrase="needs teacher.momentum"),
+    bad("self-with-teacher-model", *run_lm(SELF, "teacher.model={hidden_size: 16}"),
+        phrase="teacher.source=self teaches with the student's own weights"),
+    ok("self-context-truncated", *run_lm("teacher={source: self, truncate_context: true, context: '"
+                                         + "x" * 40 + " {prompt}'}")),
+]  # fmt: skip
+
 CKPT = ("teacher.train=null", "teacher.checkpoint={tmp}/w.safetensors")
 LM_PRETRAINED_TEACHER = ("teacher.train=null", "teacher.model.pretrained={tmp}/teacher")
 
@@ -683,7 +696,7 @@ CONTROLS = [
     ok("cls-valid-control", "run", "CLS"),
 ]
 
-CASES = [*YAML, *UNKNOWN_KEYS, *WRONG_TYPES, *BOUNDS, *COMBINATIONS, *CHECKPOINTS, *PRETRAINED, *VOCABULARY,
+CASES = [*YAML, *SELF_TEACHER, *UNKNOWN_KEYS, *WRONG_TYPES, *BOUNDS, *COMBINATIONS, *CHECKPOINTS, *PRETRAINED, *VOCABULARY,
          *DATA, *LOCATIONS, *CLI, *CONTROLS]  # fmt: skip
 
 

@@ -21,6 +21,18 @@ RECIPES = {
     "lm-speculative": ARITHMETIC,
     "lm-paced": [*ARITHMETIC, "method.paced.from_step=3", "method.paced.every=1"],
     "lm-fkl-then-rkl": [*AUSTEN, "train.log_every=1"],
+    "lm-opsd": ARITHMETIC,
+    "lm-sdft": ARITHMETIC,
+    "lm-prompt-distill": [
+        "teacher.train.steps=4",
+        "train.steps=4",
+        "train.eval_every=2",
+        "data.facts.entities=3",
+        "data.facts.base_entities=3",
+        "data.facts.validation=4",
+        "data.max_eval_blocks=6",
+        "--no-progress",
+    ],
 }
 
 
@@ -41,7 +53,8 @@ def test_lm_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["models"]) == {"teacher", "baseline", "distilled"}
     assert summary["paired_distilled_minus_baseline"]["perplexity"]["n"] == 1
-    assert "student KD" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "student KD" in printed
     arm = out / "seed-0" / "distilled"
     record = json.loads((arm / "result.json").read_text())
     train = [json.loads(line) for line in (arm / "metrics.jsonl").read_text().splitlines()]
@@ -56,6 +69,11 @@ def test_lm_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch, capsys):
         assert cfg.method.name == {"lm-gkd": "on_policy", "lm-speculative": "speculative"}[recipe]
     if recipe == "lm-speculative":
         assert 0.0 <= record["sampling"]["acceptance_rate"] <= 1.0
+    if recipe in ("lm-opsd", "lm-prompt-distill"):  # the model teaches itself: one teacher forward per batch
+        steps = 4 if recipe == "lm-prompt-distill" else 6
+        assert record["teacher_calls"] == {"self": steps, "weights": "initial"}
+    if recipe == "lm-sdft":
+        assert "rewrites pass the verifier" in printed
     if recipe == "lm-paced":
         assert 0.0 <= record["sampling"]["mean_pass_rate"] <= 1.0  # weights from step 3 on
     if recipe == "lm-fkl-then-rkl":  # forward KL before epoch 2, reverse KL from epoch 2 on

@@ -376,6 +376,10 @@ class LMTask(BaseTask):
         Metric(
             "task_accuracy", "task accuracy %", 1, unit="%", doc="exact match of greedy answers to the test problems"
         ),
+        Metric(
+            "context_accuracy", "with context %", 1, paired=False, unit="%",
+            doc="teacher.source=self: task accuracy of the starting model given the teacher's privileged context",
+        ),
     )  # fmt: skip
 
     def __init__(self, cfg: LMRunConfig, context: RunContext) -> None:
@@ -400,6 +404,12 @@ class LMTask(BaseTask):
                     f"teacher.outputs.k={t.outputs.k} must be between 1 and the vocabulary size {vocab} (the "
                     "teacher's ids per token); lower teacher.outputs.k, or use teacher.outputs.kind=dense"
                 )
+        if t is not None and t.source == "self" and cfg.student.pretrained is None:
+            # checked now, before anything is trained (a pretrained student: when its arm is built)
+            bos_id = special_ids(self.tokenizer)[1]
+            check_lengths(
+                cfg, self.data["train"], self._contexts(self.data), cfg.student.max_positions, bos_id
+            )
         if cfg.eval.max_new_tokens is not None:
             self.max_new = cfg.eval.max_new_tokens
         elif cfg.data.name in (*USER_FORMATS, "facts"):
@@ -626,6 +636,14 @@ class LMTask(BaseTask):
             out["task_accuracy"] = task_accuracy(
                 model, self.tokenizer, data["problems"][split], device, self.max_new, data["score"]
             )
+            t = self.cfg.teacher
+            if teacher is None and t is not None and t.source == "self":  # the starting model, as the teacher
+                problems = self_prompts(t.context, {**data, "train_pairs": data["problems"][split]})
+                originals = dict(zip(map(id, problems), data["problems"][split]))
+                out["context_accuracy"] = task_accuracy(
+                    model, self.tokenizer, problems, device, self.max_new,
+                    lambda p, ids: data["score"](originals[id(p)], ids),
+                )  # fmt: skip
         return out
 
     # ---- arms -------------------------------------------------------------------------------------
