@@ -41,7 +41,7 @@ def test_unknown_component_name_lists_valid_names():
         and "valid: attention_kl, attention_scores, attention_transfer, byol, ce, cka, consistency_mse, data2vec, deit, "
         "dino, dkd, features, forward_kl, hint, ibot, importance_reverse_kl, jsd, kd, koleo, nkd, pseudo_label, relation_kl, "
         "reverse_kl, "
-        "rkd_angle, rkd_distance, skew_kl, skew_reverse_kl, sp, tvd, uskd"
+        "rkd_angle, rkd_distance, skew_kl, skew_reverse_kl, sp, span_likelihood, tvd, uld, uskd"
         in msg
     )
     msg = _error(["student.name=resnet"])

@@ -36,3 +36,15 @@ def test_the_term_is_the_k3_estimate_at_the_targets_with_the_score_function_grad
     torch.testing.assert_close(value, (total / n).detach())
     torch.testing.assert_close(s.grad, s2.grad)
     assert term.rows(target, torch.ones(2, 3, dtype=torch.bool)).sum() == 3
+
+
+def test_row_weights_scale_each_token():
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    target = torch.tensor([[1, 4, 2], [0, 3, -100]])
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    term = build_objective({"irkl": ImportanceReverseKLConfig()}).terms["irkl"]
+    plain = term(LossInputs(student_logits=s, teacher_logits=t, target=target, mask=mask))
+    halved = term(LossInputs(student_logits=s, teacher_logits=t, target=target, mask=mask,
+                             row_weight=torch.full((2,), 0.5)))  # fmt: skip
+    torch.testing.assert_close(halved, 0.5 * plain)

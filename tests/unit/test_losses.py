@@ -45,14 +45,15 @@ def test_every_logit_family_name_is_in_the_table():
     # representation terms in tests/integration/test_representation_terms.py; the self-supervised ones
     # in test_ssl_terms.py / test_ssl_token_terms.py; the semi-supervised ones and deit in
     # tests/unit/functional/test_semi_supervised_losses.py and tests/integration/test_deit.py;
-    # importance_reverse_kl (sampled tokens) in test_importance_term.py
+    # importance_reverse_kl (sampled tokens) in test_importance_term.py; uld and span_likelihood (a teacher
+    # with another tokenizer) in test_cross_tokenizer_teacher.py
     from distillery.losses.representation import REPRESENTATION_LOSSES
     from distillery.losses.self_supervised import SELF_SUPERVISED_LOSSES
     from distillery.losses.semi_supervised import SEMI_SUPERVISED_LOSSES
 
-    assert set(CASES) | {"ce", "kd", "uskd", "hint", "importance_reverse_kl"} | set(REPRESENTATION_LOSSES) | set(
-        SELF_SUPERVISED_LOSSES
-    ) | set(SEMI_SUPERVISED_LOSSES) == set(LOSSES)
+    assert set(CASES) | {"ce", "kd", "uskd", "hint", "importance_reverse_kl", "uld", "span_likelihood"} | set(
+        REPRESENTATION_LOSSES
+    ) | set(SELF_SUPERVISED_LOSSES) | set(SEMI_SUPERVISED_LOSSES) == set(LOSSES)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -192,3 +192,16 @@ def test_a_toy_model_sees_the_prompt_through_the_context():
     # row 0: the position before the response reads the template's last token (40), then the response
     assert out.logits[0, 2:5].argmax(-1).tolist() == [40, 20, 21]
     assert out.logits[1, 1:3].argmax(-1).tolist() == [12, 22]  # row 1: no text after {prompt}
+
+
+def test_a_runs_saved_config_loads_again(tmp_path):
+    """config.yaml holds every field with its default; neither source reads them as choices."""
+    import yaml
+
+    for teacher in ({"source": "self", "context": "{response} {prompt}"}, {"model": {}, "train": {"steps": 1}}):
+        raw = {**OPSD, "teacher": teacher, "method": {"name": "token"}}
+        first = tmp_path / "a.yaml"
+        first.write_text(yaml.safe_dump(raw))
+        saved = tmp_path / "b.yaml"
+        saved.write_text(yaml.safe_dump(load_config(first).model_dump(mode="json")))
+        assert load_config(saved) == load_config(first)

@@ -13,6 +13,7 @@ from typing import Annotated
 from pydantic import Field
 
 from distillery.losses.base import IGNORE_INDEX, LossInputs, LossTerm, TermConfig
+from distillery.losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES
 from distillery.losses.features import HintConfig, HintLoss
 from distillery.losses.logit import (
     CrossEntropyConfig,
@@ -86,6 +87,7 @@ LOSSES: dict[str, tuple[type[TermConfig], type[LossTerm]]] = {
     **REPRESENTATION_LOSSES,
     **SELF_SUPERVISED_LOSSES,
     **SEMI_SUPERVISED_LOSSES,
+    **CROSS_TOKENIZER_LOSSES,
 }
 
 # The union of every term config, told apart by its `name` field.

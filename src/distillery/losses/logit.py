@@ -336,7 +336,7 @@ class ImportanceReverseKLLoss(LossTerm):
     """
 
     needs_teacher = True
-    supports_row_weight = False
+    supports_row_weight = True
 
     def __init__(
         self, estimator: str = "k3", clip: float | None = 2.0, behaviour_temperature: float = 1.0,
@@ -361,10 +361,11 @@ class ImportanceReverseKLLoss(LossTerm):
         tokens = inputs.target.clamp_min(0)
         behaviour = torch.log_softmax(student.detach().float() / self.behaviour_temperature, dim=-1)
         behaviour = behaviour.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        return DF.importance_weighted_reverse_kl(
-            student, teacher, tokens, behaviour, estimator=self.estimator, clip=self.clip, mask=rows,
-            num_valid=num_valid,
-        )  # fmt: skip
+        common = {"estimator": self.estimator, "clip": self.clip, "mask": rows}
+        if inputs.row_weight is not None:  # PACED: sum_i w_i loss_i / num_valid
+            per_row = DF.importance_weighted_reverse_kl(student, teacher, tokens, behaviour, reduction="none", **common)
+            return self._weighted(per_row, inputs, rows, num_valid)
+        return DF.importance_weighted_reverse_kl(student, teacher, tokens, behaviour, num_valid=num_valid, **common)
 
 
 class TVDConfig(TermConfig):

@@ -174,6 +174,9 @@ class LMDataConfig(StrictModel):
         return self.model_dump(mode="json", exclude={"max_eval_blocks", "verifier", "arithmetic", "facts"})
 
 
+SELF_FIELDS = ("context", "momentum", "weights", "truncate_context", "train_context")  # source=self only
+
+
 class LMTeacherConfig(StrictModel):
     """A frozen teacher LM: trained first by this run (cached by config hash), or loaded. With
     ``source: cache`` its outputs over the training data are computed once into an on-disk cache
@@ -221,7 +224,7 @@ class LMTeacherConfig(StrictModel):
 
     def _self_source(self) -> LMTeacherConfig:
         """source=self: the student's own weights, a context template, no model of its own."""
-        if "model" in self.model_fields_set:
+        if self.model != CausalLMConfig():  # a saved config.yaml holds the default: that is not a choice
             raise ValueError(
                 "conflicting fields: teacher.model is set, but teacher.source=self teaches with the student's own "
                 "weights (the student section); drop teacher.model (a pretrained start: student.pretrained)"
@@ -248,8 +251,9 @@ class LMTeacherConfig(StrictModel):
     def _one_source(self) -> LMTeacherConfig:
         if self.source == "self":
             return self._self_source()
-        given = [f for f in ("context", "momentum") if getattr(self, f) is not None]
-        given += [f for f in ("weights", "truncate_context", "train_context") if f in self.model_fields_set]
+        # compared with the defaults, not with the fields given: a run's saved config.yaml holds them all
+        defaults = {f: type(self).model_fields[f].default for f in SELF_FIELDS}
+        given = [f for f in SELF_FIELDS if getattr(self, f) != defaults[f]]
         if given:
             raise ValueError(
                 f"teacher.{given[0]} is for teacher.source=self (the student teaching itself), not source={self.source}"
