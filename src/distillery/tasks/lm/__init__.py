@@ -52,7 +52,7 @@ from distillery.models.causal_lm import build_causal_lm
 from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
 from distillery.models.hub import check_model_dir, from_pretrained
 from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
-from distillery.tasks.lm.config import USER_FORMATS, LMRunConfig
+from distillery.tasks.lm.config import CROSS_TOKENIZER_TERMS, USER_FORMATS, LMRunConfig
 from distillery.tasks.lm.self_context import (
     base_rows,
     build_contexts,
@@ -64,6 +64,7 @@ from distillery.tasks.lm.self_context import (
 from distillery.tasks.lm.user_data import prepare_user_data
 from distillery.tasks.outputs import teacher_outputs
 from distillery.teachers import FrozenTeacher, OutputCacheTeacher
+from distillery.teachers.cross_tokenizer import CrossTokenizerTeacher
 from distillery.teachers.self_context import SelfContextTeacher
 from distillery.teachers.store import default_cache_root
 from distillery.train import TrainConfig, fit
@@ -246,12 +247,14 @@ def _aligned_loss(cfg: LMRunConfig, shared_vocab: int, padded: bool) -> dict:
     return out
 
 
-def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any) -> list[str]:
+def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any, teacher_tokenizer: Any = None) -> list[str]:
     """Refuse pretrained models saved with a tokenizer other than the run's; return notes for the log.
 
     Token-level distillation compares distributions id by id, so the teacher, the student and the
     data must share one tokenizer (a model whose vocabulary is padded beyond it is fine). A pretrained
-    model directory (or hub id) without a tokenizer is assumed to use the run's, with a note.
+    model directory (or hub id) without a tokenizer is assumed to use the run's, with a note. With
+    ``teacher.tokenizer`` (the cross-tokenizer terms) the teacher is checked against its own,
+    ``teacher_tokenizer``.
     """
 
     notes = []
@@ -269,30 +272,43 @@ def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any) -> list[str]:
             continue
         # the post-processor (which special tokens a plain tokenizer(text) adds) does not matter: rows
         # are encoded without it; a model saved by distillery has one that adds <bos>
-        diffs = tokenizer_differences(own, tokenizer, post_processor=False)
+        expected = teacher_tokenizer if who == "teacher" and teacher_tokenizer is not None else tokenizer
+        diffs = tokenizer_differences(own, expected, post_processor=False)
+        if diffs and expected is not tokenizer:
+            raise ConfigError(
+                f"the teacher model {model.pretrained!r} comes with a tokenizer that differs from teacher.tokenizer "
+                f"(its vs teacher.tokenizer's: {'; '.join(diffs)}); set teacher.tokenizer={{kind: pretrained, "
+                f"pretrained: {model.pretrained}}}"
+            )
         if diffs:
             raise ConfigError(
                 f"the {who} model {model.pretrained!r} comes with a tokenizer that differs from the run's "
                 f"(its vs the run's: {'; '.join(diffs)}). Teacher, student and data must share one tokenizer: "
-                f"set data.tokenizer={{kind: pretrained, pretrained: {model.pretrained}}} (cross-tokenizer "
-                "distillation is not supported yet)"
+                f"set data.tokenizer={{kind: pretrained, pretrained: {model.pretrained}}}, or for a teacher with "
+                f"another tokenizer teacher.tokenizer={{kind: pretrained, pretrained: {model.pretrained}}} with the "
+                f"cross-tokenizer loss terms ({', '.join(CROSS_TOKENIZER_TERMS)})"
             )
     return notes
 
 
-def check_vocab_sizes(cfg: LMRunConfig, n_vocab: int, pretrained_student: bool = False) -> None:
+def check_vocab_sizes(
+    cfg: LMRunConfig, n_vocab: int, pretrained_student: bool = False, teacher_vocab: int | None = None
+) -> None:
     """Refuse a model whose vocabulary is smaller than the tokenizer's ``n_vocab`` ids.
 
     A model's embedding rows may exceed the tokenizer (a padded vocabulary) but never fall short:
     the data would hold ids the model has no row for. Checked from the config (``vocab_size``), and
     for a pretrained teacher (and, with ``pretrained_student``, a pretrained student) from its saved
     config, which is loaded here: a directory that does not hold a model, or a hub id that cannot be
-    reached, fails before anything is trained.
+    reached, fails before anything is trained. ``teacher_vocab``: the teacher's own tokenizer's size
+    (``teacher.tokenizer``), default ``n_vocab``.
     """
     sides = [("teacher.model", None if cfg.teacher is None else cfg.teacher.model), ("student", cfg.student)]
+    run_vocab = n_vocab
     for field, model in sides:
         if model is None:
             continue
+        n_vocab = teacher_vocab if field == "teacher.model" and teacher_vocab is not None else run_vocab
         if model.pretrained is None:
             if model.vocab_size is not None and model.vocab_size < n_vocab:
                 raise ConfigError(
@@ -391,12 +407,23 @@ class LMTask(BaseTask):
         self.tokenizer = self.data["tokenizer"]
         self.n_vocab = len(self.tokenizer)
         special_ids(self.tokenizer)  # a clear error now if pad, bos or eos is missing
-        check_vocab_sizes(
-            cfg, self.n_vocab
-        )  # the config's sizes and a pretrained teacher, before anything runs
-        for note in check_model_tokenizers(cfg, self.tokenizer):
-            context.console.print(f"  note: {note}")
         t = cfg.teacher
+        self.cross = t is not None and t.tokenizer is not None  # a teacher with its own tokenizer
+        # the cross-tokenizer terms take their teacher's outputs realigned through the texts
+        self.cross_terms = any(term.name in CROSS_TOKENIZER_TERMS for term in cfg.loss.values())
+        # the teacher's data: the same rows tokenized with its tokenizer (trains and evaluates it)
+        self.teacher_data = prepare_data(cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"tokenizer": t.tokenizer})})) if self.cross else self.data  # fmt: skip
+        self.teacher_tokenizer = self.teacher_data["tokenizer"]
+        self.teacher_vocab = len(self.teacher_tokenizer)
+        if self.cross:
+            special_ids(self.teacher_tokenizer)
+        # the config's sizes and a pretrained teacher, before anything runs
+        check_vocab_sizes(cfg, self.n_vocab, teacher_vocab=self.teacher_vocab)
+        for note in check_model_tokenizers(
+            cfg, self.tokenizer, self.teacher_tokenizer if self.cross else None
+        ):
+            context.console.print(f"  note: {note}")
         if t is not None and t.source == "cache" and t.outputs.k is not None and t.model.pretrained is None:
             vocab = t.model.vocab_size or self.n_vocab  # checked now, not after the teacher has trained
             if t.outputs.k > vocab:
@@ -460,23 +487,26 @@ class LMTask(BaseTask):
         if t.train is None:
             return TeacherSpec(
                 load=lambda: (
-                    build_causal_lm(t.model, self.n_vocab, self.tokenizer, "teacher.model"),
+                    build_causal_lm(t.model, self.teacher_vocab, self.teacher_tokenizer, "teacher.model"),
                     t.model.pretrained,
                 )
             )
         seed = data["seed"]
+        rows = {**self.teacher_data, "seed": seed} if self.cross else data
 
         def build() -> nn.Module:
-            return build_causal_lm(t.model, self.n_vocab, self.tokenizer, "teacher.model")
+            return build_causal_lm(t.model, self.teacher_vocab, self.teacher_tokenizer, "teacher.model")
 
         def train() -> nn.Module:
             # a pretrained student that cannot be loaded fails now, not after the teacher's training
-            check_vocab_sizes(self.cfg, self.n_vocab, pretrained_student=True)
+            check_vocab_sizes(
+                self.cfg, self.n_vocab, pretrained_student=True, teacher_vocab=self.teacher_vocab
+            )
             torch.manual_seed(1000 + seed)
             model = build()
             fit(
                 model,
-                self.train_set(data, t.train, 1000 + seed),
+                self.train_set(rows, t.train, 1000 + seed),
                 build_objective({"ce": CrossEntropyConfig()}),
                 t.train,
                 adapter=HFCausalLMAdapter(),
@@ -494,11 +524,14 @@ class LMTask(BaseTask):
             "transformers": transformers.__version__,
             "model": t.model.model_dump(mode="json"),
             "train": t.train.model_dump(mode="json"),
-            "data": self.cfg.data.cache_dump(),
+            # the data as the teacher reads it: with teacher.tokenizer, the key of a run whose tokenizer it is
+            "data": (
+                self.cfg.data.model_copy(update={"tokenizer": t.tokenizer}) if self.cross else self.cfg.data
+            ).cache_dump(),
             "seed": seed,
         }
-        if "digest" in data:  # the user's data: what it holds, not only where it is
-            key["data_digest"] = data["digest"]
+        if "digest" in rows:  # the user's data: what it holds, not only where it is
+            key["data_digest"] = rows["digest"]
         return TeacherSpec(build=build, train=train, cache_key=key, cache=t.cache, cache_dir=t.cache_dir)
 
     def _self_base(self, data: dict[str, Any]) -> TeacherSpec:
@@ -630,11 +663,23 @@ class LMTask(BaseTask):
     def evaluate(
         self, model: nn.Module, data: dict[str, Any], split: str, teacher: nn.Module | None
     ) -> dict[str, float]:
+        if self.cross:  # agreement needs one vocabulary; the teacher itself (teacher=None) reads its own rows
+            if teacher is None:
+                return self._evaluate_rows(
+                    model, {**self.teacher_data, "seed": data.get("seed")}, split, None
+                )
+            teacher = None
+        return self._evaluate_rows(model, data, split, teacher)
+
+    def _evaluate_rows(
+        self, model: nn.Module, data: dict[str, Any], split: str, teacher: nn.Module | None
+    ) -> dict[str, float]:
         device = self.context.accelerator.device
-        out = lm_metrics(model, data[split], self.cfg.eval.batch_size, device, teacher, self.n_vocab)
+        vocab = len(data["tokenizer"])
+        out = lm_metrics(model, data[split], self.cfg.eval.batch_size, device, teacher, vocab)
         if data["problems"] is not None:
             out["task_accuracy"] = task_accuracy(
-                model, self.tokenizer, data["problems"][split], device, self.max_new, data["score"]
+                model, data["tokenizer"], data["problems"][split], device, self.max_new, data["score"]
             )
             t = self.cfg.teacher
             if teacher is None and t is not None and t.source == "self":  # the starting model, as the teacher
@@ -679,13 +724,23 @@ class LMTask(BaseTask):
             train_cfg, arm_teacher = cfg.baseline.train or cfg.train, None
             train_set = self.train_set(data, train_cfg, data["seed"])
         else:
-            padded = teacher is not None and (
-                teacher.get_output_embeddings().weight.shape[0]
-                != student.get_output_embeddings().weight.shape[0]
+            padded = (
+                teacher is not None
+                and not self.cross
+                and (
+                    teacher.get_output_embeddings().weight.shape[0]
+                    != student.get_output_embeddings().weight.shape[0]
+                )
             )
             objective = build_objective(_aligned_loss(cfg, self.n_vocab, padded))
             train_cfg = cfg.train
             arm_teacher = None if teacher is None else FrozenTeacher(teacher, adapter)
+            if (
+                self.cross_terms
+            ):  # another tokenizer (or the cross-tokenizer terms): texts realigned per batch
+                arm_teacher = CrossTokenizerTeacher(
+                    teacher, self.teacher_tokenizer, self.tokenizer, max_length=self._max_length(teacher)
+                )
             if own:  # None when no term asks the teacher (SDFT: the teacher only generates)
                 arm_teacher = self._self_teacher(student, data, adapter) if objective.needs_teacher else None
             if cached:
@@ -704,8 +759,11 @@ class LMTask(BaseTask):
             out: dict[str, Any] = {"chunked_loss": chunked}
             if isinstance(arm_teacher, OutputCacheTeacher):
                 out["teacher_calls"] = {"cache": arm_teacher.cache_calls, "live": arm_teacher.live_calls}
-            if isinstance(arm_teacher, SelfContextTeacher):
-                out["teacher_calls"] = {"self": arm_teacher.calls, "weights": arm_teacher.weights}
+            if isinstance(arm_teacher, (SelfContextTeacher, CrossTokenizerTeacher)):
+                out["teacher_calls"] = {
+                    "calls": arm_teacher.calls,
+                    "weights": getattr(arm_teacher, "weights", "frozen"),
+                }
             if transform is not None:
                 out["sampling"] = transform.metrics()
             return out

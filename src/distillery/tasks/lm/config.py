@@ -174,6 +174,10 @@ class LMDataConfig(StrictModel):
         return self.model_dump(mode="json", exclude={"max_eval_blocks", "verifier", "arithmetic", "facts"})
 
 
+# the loss terms that compare a teacher and a student through their texts, not id by id
+CROSS_TOKENIZER_TERMS = tuple(
+    sorted(k for k, (_, cls) in LOSSES.items() if getattr(cls, "cross_tokenizer", False))
+)
 SELF_FIELDS = ("context", "momentum", "weights", "truncate_context", "train_context")  # source=self only
 
 
@@ -189,6 +193,12 @@ class LMTeacherConfig(StrictModel):
         "model: teacher.train trains the shared starting model first)",
     )
     model: CausalLMConfig = Field(default_factory=CausalLMConfig)
+    tokenizer: TokenizerConfig | None = Field(
+        None,
+        description="the teacher's own tokenizer (null: the run's, data.tokenizer); a teacher with another "
+        "tokenizer is trained and evaluated on the same rows in its tokens and distils through the "
+        "cross-tokenizer terms (uld, span_likelihood) only",
+    )
     train: TrainConfig | None = Field(None, description="train the teacher on the training split first")
     cache: bool = True
     cache_dir: str | None = None
@@ -423,6 +433,45 @@ class LMRunConfig(DistillationConfigBase):
                 "or paced"
             )
 
+    def _cross_fits(self, users: list[str]) -> None:
+        """The cross-tokenizer terms read a frozen teacher through texts; id-by-id terms need one tokenizer."""
+        cross = [label for label in users if self.loss[label].name in CROSS_TOKENIZER_TERMS]
+        t = self.teacher
+        if t is not None and t.tokenizer is not None and t.tokenizer == self.data.tokenizer:
+            raise ValueError(
+                "teacher.tokenizer equals data.tokenizer; drop teacher.tokenizer (the run's is used)"
+            )
+        other = t is not None and t.tokenizer is not None
+        if not cross and not other:
+            return
+        same = [label for label in users if label not in cross]
+        if same:
+            why = (
+                "teacher.tokenizer differs from the student's"
+                if other
+                else f"loss.{cross[0]} reads the teacher"
+            )
+            raise ValueError(
+                f"conflicting fields: loss.{same[0]} ({self.loss[same[0]].name}) compares the teacher and the student "
+                f"id by id, but {why} through the texts; the terms that accept a teacher with another tokenizer: "
+                f"{', '.join(CROSS_TOKENIZER_TERMS)} (ce needs no teacher)"
+            )
+        if other and not cross:
+            raise ValueError(
+                "conflicting fields: teacher.tokenizer gives the teacher its own tokenizer, but no loss term compares "
+                f"through the texts; use {' or '.join(CROSS_TOKENIZER_TERMS)}"
+            )
+        if t.source != "frozen":
+            raise ValueError(
+                f"conflicting fields: loss.{cross[0]} ({self.loss[cross[0]].name}) reads a frozen teacher's outputs "
+                f"through the texts; teacher.source={t.source} is not supported with it: use teacher.source=frozen"
+            )
+        if self.method.name not in ("token", "on_policy"):
+            raise ValueError(
+                f"conflicting fields: loss.{cross[0]} ({self.loss[cross[0]].name}) works with method.name=token or "
+                f"on_policy, not {self.method.name}"
+            )
+
     def _terms_without(self, capability: str) -> list[str]:
         """Labels of the loss terms whose module class lacks ``capability`` (a ClassVar flag)."""
         return [label for label, term in self.loss.items() if not getattr(LOSSES[term.name][1], capability)]
@@ -475,6 +524,7 @@ class LMRunConfig(DistillationConfigBase):
             )
         if self.teacher is not None and self.teacher.source == "self":
             self._self_fits()
+        self._cross_fits(users)
         if self.data.streaming:
             lengths = [("train", self.train), ("teacher.train", None if self.teacher is None else self.teacher.train),
                        ("baseline.train", None if self.baseline is None else self.baseline.train)]  # fmt: skip
