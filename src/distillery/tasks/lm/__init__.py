@@ -412,8 +412,8 @@ class LMTask(BaseTask):
         # the cross-tokenizer terms take their teacher's outputs realigned through the texts
         self.cross_terms = any(term.name in CROSS_TOKENIZER_TERMS for term in cfg.loss.values())
         # the teacher's data: the same rows tokenized with its tokenizer (trains and evaluates it)
-        self.teacher_data = prepare_data(cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"tokenizer": t.tokenizer})})) if self.cross else self.data  # fmt: skip
+        self.teacher_data = prepare_data(cfg.model_copy(update={"data": self._teacher_data_config()})) \
+            if self.cross else self.data  # fmt: skip
         self.teacher_tokenizer = self.teacher_data["tokenizer"]
         self.teacher_vocab = len(self.teacher_tokenizer)
         if self.cross:
@@ -525,14 +525,19 @@ class LMTask(BaseTask):
             "model": t.model.model_dump(mode="json"),
             "train": t.train.model_dump(mode="json"),
             # the data as the teacher reads it: with teacher.tokenizer, the key of a run whose tokenizer it is
-            "data": (
-                self.cfg.data.model_copy(update={"tokenizer": t.tokenizer}) if self.cross else self.cfg.data
-            ).cache_dump(),
+            "data": (self._teacher_data_config() if self.cross else self.cfg.data).cache_dump(),
             "seed": seed,
         }
         if "digest" in rows:  # the user's data: what it holds, not only where it is
             key["data_digest"] = rows["digest"]
         return TeacherSpec(build=build, train=train, cache_key=key, cache=t.cache, cache_dir=t.cache_dir)
+
+    def _teacher_data_config(self) -> Any:
+        """The data section as a teacher with its own tokenizer reads it (its tokenizer, its block length)."""
+        t = self.cfg.teacher
+        return self.cfg.data.model_copy(
+            update={"tokenizer": t.tokenizer, "seq_len": t.seq_len or self.cfg.data.seq_len}
+        )
 
     def _self_base(self, data: dict[str, Any]) -> TeacherSpec:
         """``teacher.source: self``: the shared starting model, which is both arms' initial weights and the

@@ -199,6 +199,12 @@ class LMTeacherConfig(StrictModel):
         "tokenizer is trained and evaluated on the same rows in its tokens and distils through the "
         "cross-tokenizer terms (uld, span_likelihood) only",
     )
+    seq_len: int | None = Field(
+        None,
+        ge=8,
+        description="with teacher.tokenizer: the teacher's block length in its own tokens (null: data.seq_len); a "
+        "byte-level teacher of a BPE student needs several times the student's",
+    )
     train: TrainConfig | None = Field(None, description="train the teacher on the training split first")
     cache: bool = True
     cache_dir: str | None = None
@@ -442,6 +448,10 @@ class LMRunConfig(DistillationConfigBase):
                 "teacher.tokenizer equals data.tokenizer; drop teacher.tokenizer (the run's is used)"
             )
         other = t is not None and t.tokenizer is not None
+        if t is not None and t.seq_len is not None and not other:
+            raise ValueError(
+                "teacher.seq_len is the block length of a teacher with its own tokenizer (teacher.tokenizer)"
+            )
         if not cross and not other:
             return
         same = [label for label in users if label not in cross]
