@@ -62,7 +62,11 @@ def run_injection(args, console: Console) -> dict[str, Any]:
     run_dir = ds.run(ds.load_config(recipe, overrides), console=console, progress=False).run_dir
     per_arm = {
         label: {s: metrics_of(run_dir, s, key) for s in args.seeds}
-        for key, label in (("teacher", "starting model"), ("baseline", "SFT"), ("distilled", "prompt distillation"))
+        for key, label in (
+            ("teacher", "starting model"),
+            ("baseline", "SFT"),
+            ("distilled", "prompt distillation"),
+        )
     }
     return {"recipe": recipe, "overrides": overrides, "per_seed": per_arm}
 
@@ -79,7 +83,9 @@ def injection_table(record: dict[str, Any]) -> str:
         {s: m["task_accuracy"] for s, m in per["SFT"].items()},
     )
     rows.append("")
-    rows.append(f"prompt distillation - SFT, closed-book accuracy: {fmt(diff, 1)} points (paired over seeds)")
+    rows.append(
+        f"prompt distillation - SFT, closed-book accuracy: {fmt(diff, 1, signed=True)} points (paired over seeds)"
+    )
     return "\n".join(rows)
 
 
@@ -100,7 +106,9 @@ def saved_model(model_dir: Path) -> torch.nn.Module:
 
 
 def run_forgetting(args, console: Console) -> dict[str, Any]:
-    per_arm: dict[str, dict[int, dict]] = {k: {} for k in ("Austen model", "starting model", "SFT", "SDFT", "OPSD")}
+    per_arm: dict[str, dict[int, dict]] = {
+        k: {} for k in ("Austen model", "starting model", "SFT", "SDFT", "OPSD")
+    }
     for seed in args.seeds:
         recipe, overrides = AUSTEN
         austen_over = [*overrides, f"seeds=[{seed}]", f"output.root={args.runs}", "name=lm-self-distillation-austen",
@@ -118,7 +126,9 @@ def run_forgetting(args, console: Console) -> dict[str, Any]:
                   f"data.tokenizer={{kind: pretrained, pretrained: '{austen_dir}'}}",
                   *(QUICK_FORGETTING if args.quick else [])]  # fmt: skip
         opsd = ds.run(
-            ds.load_config("lm-opsd", [*common, "name=lm-self-distillation-opsd"]), console=console, progress=False
+            ds.load_config("lm-opsd", [*common, "name=lm-self-distillation-opsd"]),
+            console=console,
+            progress=False,
         ).run_dir
         sdft = ds.run(
             ds.load_config("lm-sdft", [*common, "name=lm-self-distillation-sdft", "baseline.enabled=false"]),
@@ -127,10 +137,19 @@ def run_forgetting(args, console: Console) -> dict[str, Any]:
         ).run_dir
         per_arm["Austen model"][seed] = {"austen_perplexity": perplexity_on(saved_model(austen_dir), austen)}
         start = metrics_of(opsd, seed, "teacher")
-        per_arm["starting model"][seed] = {**start, "austen_perplexity": perplexity_on(starting_model(opsd, seed), austen)}
-        for label, run_dir, key in (("SFT", opsd, "baseline"), ("OPSD", opsd, "distilled"), ("SDFT", sdft, "distilled")):
+        per_arm["starting model"][seed] = {
+            **start,
+            "austen_perplexity": perplexity_on(starting_model(opsd, seed), austen),
+        }
+        for label, run_dir, key in (
+            ("SFT", opsd, "baseline"),
+            ("OPSD", opsd, "distilled"),
+            ("SDFT", sdft, "distilled"),
+        ):
             m = metrics_of(run_dir, seed, key)
-            m["austen_perplexity"] = perplexity_on(saved_model(run_dir / f"seed-{seed}" / key / "model"), austen)
+            m["austen_perplexity"] = perplexity_on(
+                saved_model(run_dir / f"seed-{seed}" / key / "model"), austen
+            )
             per_arm[label][seed] = m
     return {"overrides": FORGETTING, "per_seed": per_arm}
 
@@ -148,7 +167,10 @@ def starting_model(run_dir: Path, seed: int) -> torch.nn.Module:
 
 def forgetting_table(record: dict[str, Any]) -> str:
     per = record["per_seed"]
-    rows = ["| model | arithmetic exact match % | Austen perplexity | vs the Austen model |", "|---|---|---|---|"]
+    rows = [
+        "| model | arithmetic exact match % | Austen perplexity | vs the Austen model |",
+        "|---|---|---|---|",
+    ]
     base = {s: m["austen_perplexity"] for s, m in per["Austen model"].items()}
     for label, by_seed in per.items():
         acc = [m["task_accuracy"] for m in by_seed.values() if "task_accuracy" in m]
@@ -159,16 +181,77 @@ def forgetting_table(record: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+# ---- cross-tokenizer ----------------------------------------------------------------------------------
+
+# a byte-level teacher -> the BPE student of lm-kd; the upper reference: lm-kd's own BPE teacher (the same
+# architecture and steps) with token-level forward KL. Every arm: 0.5 CE + 0.5 of its divergence.
+CROSS = ["train.eval_every=0", "teacher.train.steps=1000", "train.steps=600"]
+QUICK_CROSS = ["teacher.train.steps=4", "train.steps=4", "data.max_train_blocks=48", "data.max_eval_blocks=8",
+               "data.seq_len=32", "data.tokenizer.vocab_size=300"]  # fmt: skip
+CROSS_ARMS = {
+    "ULD (byte teacher)": ("lm-cross-tokenizer", {"ce": {"weight": 0.5}, "uld": {"weight": 0.5}}),
+    "span likelihood (byte teacher)": (
+        "lm-cross-tokenizer", {"ce": {"weight": 0.5}, "span_likelihood": {"weight": 0.5}},
+    ),
+    "same-tokenizer KD (BPE teacher)": ("lm-kd", {"ce": {"weight": 0.5}, "forward_kl": {"weight": 0.5}}),
+}  # fmt: skip
+
+
+def run_cross(args, console: Console) -> dict[str, Any]:
+    common = [
+        *CROSS,
+        f"seeds={json.dumps(args.seeds)}",
+        f"output.root={args.runs}",
+        *(QUICK_CROSS if args.quick else []),
+    ]
+    per_arm: dict[str, dict[int, dict]] = {}
+    for i, (label, (recipe, loss)) in enumerate(CROSS_ARMS.items()):
+        overrides = [*common, f"loss={json.dumps(loss)}", f"name=lm-self-distillation-cross-{i}",
+                     f"baseline.enabled={'true' if i == 0 else 'false'}"]  # fmt: skip
+        run_dir = ds.run(ds.load_config(recipe, overrides), console=console, progress=False).run_dir
+        if i == 0:
+            per_arm["SFT"] = {s: metrics_of(run_dir, s, "baseline") for s in args.seeds}
+        per_arm[f"teacher of {label}"] = {s: metrics_of(run_dir, s, "teacher") for s in args.seeds}
+        per_arm[label] = {s: metrics_of(run_dir, s, "distilled") for s in args.seeds}
+    return {"overrides": common, "arms": CROSS_ARMS, "per_seed": per_arm}
+
+
+def cross_table(record: dict[str, Any]) -> str:
+    per = record["per_seed"]
+    rows = ["| student | test perplexity (BPE tokens) | vs SFT (paired) | its teacher's perplexity (own tokens) |",
+            "|---|---|---|---|"]  # fmt: skip
+    sft = {s: m["perplexity"] for s, m in per["SFT"].items()}
+    for label, by_seed in per.items():
+        if label.startswith("teacher of"):
+            continue
+        ppl = mean_std([m["perplexity"] for m in by_seed.values()])
+        diff = (
+            "-"
+            if label == "SFT"
+            else fmt(paired_difference({s: m["perplexity"] for s, m in by_seed.items()}, sft), 2, signed=True)
+        )
+        teacher = per.get(f"teacher of {label}")
+        t = fmt(mean_std([m["perplexity"] for m in teacher.values()]), 2) if teacher else "-"
+        rows.append(f"| {label} | {fmt(ppl, 2)} | {diff} | {t} |")
+    return "\n".join(rows)
+
+
 # ---- main -------------------------------------------------------------------------------------------
 
-PARTS = {"injection": (run_injection, injection_table), "forgetting": (run_forgetting, forgetting_table)}
+PARTS = {
+    "injection": (run_injection, injection_table),
+    "cross_tokenizer": (run_cross, cross_table),
+    "forgetting": (run_forgetting, forgetting_table),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["all", *PARTS], default="all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--quick", action="store_true", help="tiny step counts: checks the script, not the methods")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny step counts: checks the script, not the methods"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--runs", type=Path, default=Path("runs") / "benchmarks")
     args = p.parse_args(argv)
