@@ -127,13 +127,19 @@ def _other_source(new: Any, old: Any) -> bool:
     return new != old and not (new in FROZEN_LIKE and old in FROZEN_LIKE)
 
 
+def _source_of(teacher: dict[str, Any]) -> Any:
+    """A teacher section's source: ``source``, else ``members`` when it lists members, else ``frozen``."""
+    return teacher.get("source", "members" if "members" in teacher else "frozen")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides; ``value`` is parsed as YAML (numbers, lists, true, null...).
 
     ``teacher.source=<another source>`` starts a fresh teacher section (the old source's fields do not
     apply to the new one); later overrides can then set the new source's fields. ``frozen`` and
     ``cache`` share their fields (the same teacher, run live or read from its output cache): switching
-    between them keeps the section.
+    between them keeps the section. ``teacher.members=[...]`` over a section of another source starts a
+    fresh section of several teachers as well.
     """
     data = json.loads(json.dumps(data))  # deep copy of plain data
     for item in overrides:
@@ -147,9 +153,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.strip().split(".")
         teacher = data.get("teacher")
         if parts == ["teacher", "source"] and isinstance(teacher, dict):
-            if _other_source(value, teacher.get("source", "frozen")):  # its own fields, not these
+            if _other_source(value, _source_of(teacher)):  # its own fields, not these
                 data["teacher"] = {"source": value}
                 continue
+        if parts == ["teacher", "members"] and isinstance(teacher, dict) and _source_of(teacher) != "members":
+            data["teacher"] = {"members": value}  # several teachers: a fresh section (source: members)
+            continue
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             where = ".".join(parts[: i + 1])
@@ -226,7 +235,8 @@ def merge_configs(base: dict[str, Any], derived: dict[str, Any]) -> dict[str, An
     replaced = [k for k in REPLACED_SECTIONS if k in derived]
     b_teacher, d_teacher = base.get("teacher"), derived.get("teacher")
     if isinstance(b_teacher, dict) and isinstance(d_teacher, dict):
-        if "source" in d_teacher and _other_source(d_teacher["source"], b_teacher.get("source", "frozen")):
+        given = "source" in d_teacher or "members" in d_teacher  # members: source members
+        if given and _other_source(_source_of(d_teacher), _source_of(b_teacher)):
             replaced.append("teacher")
     b_student, d_student = base.get("student"), derived.get("student")
     if isinstance(b_student, dict) and isinstance(d_student, dict):

@@ -155,13 +155,13 @@ def _chmod(name: str, mode: int) -> Callable:
     return lambda tmp, mp: os.chmod(tmp / name, mode)
 
 
-def _mlp_weights(name: str, hidden: list[int]) -> Callable:
+def _mlp_weights(name: str, hidden: list[int], classes: int = 10) -> Callable:
     def setup(tmp: Path, monkeypatch) -> None:
         from safetensors.torch import save_model
 
         from distillery.models import MLP
 
-        save_model(MLP(64, 10, hidden), str(tmp / name))
+        save_model(MLP(64, classes, hidden), str(tmp / name))
 
     return setup
 
@@ -692,12 +692,35 @@ CLI = [
     bad("cli-recipes-extra-argument", "recipes", "extra", phrase="unrecognized arguments"),
 ]  # fmt: skip
 
+# Several teachers (teacher.members): a trained member and a checkpoint one, as the CLS teacher.
+MEMBER = "{model: {name: mlp, hidden: [8]}, train: {steps: 1, batch_size: 16, eval_every: 0}}"
+LOADED = "{model: {name: mlp, hidden: [8]}, checkpoint: '{tmp}/w3.safetensors'}"
+
+
+def members(*extra: str) -> tuple[str, ...]:
+    return (f"teacher={{members: [{MEMBER}, {LOADED}]}}", *extra)
+
+
+MULTI_TEACHER = [
+    bad("multi-members-of-other-sizes", *run_cls(*members()), phrase="the members give outputs of different sizes",
+        setup=_mlp_weights("w3.safetensors", [8], classes=3)),
+    bad("multi-member-of-another-architecture", *run_cls(*members()), phrase="teacher.members.1.checkpoint",
+        setup=_mlp_weights("w3.safetensors", [16])),
+    bad("multi-one-member", *run_cls(f"teacher={{members: [{MEMBER}]}}"), phrase="need at least 2"),
+    bad("multi-weights-length", *run_cls(*members("teacher.combine=weighted", "teacher.weights=[1]")),
+        phrase="teacher.weights has 1 entries for 2 members"),
+    bad("multi-weights-without-weighted", *run_cls(*members("teacher.weights=[1, 1]")),
+        phrase="teacher.combine=weighted"),
+    bad("multi-drop-every-member", *run_cls(*members("teacher.drop=2")), phrase="teacher.drop=2"),
+    ok("multi-valid-control", *run_cls(*members()), setup=_mlp_weights("w3.safetensors", [8])),
+]  # fmt: skip
+
 CONTROLS = [
     ok("cls-valid-control", "run", "CLS"),
 ]
 
 CASES = [*YAML, *SELF_TEACHER, *UNKNOWN_KEYS, *WRONG_TYPES, *BOUNDS, *COMBINATIONS, *CHECKPOINTS, *PRETRAINED, *VOCABULARY,
-         *DATA, *LOCATIONS, *CLI, *CONTROLS]  # fmt: skip
+         *DATA, *LOCATIONS, *CLI, *MULTI_TEACHER, *CONTROLS]  # fmt: skip
 
 
 def test_the_catalogue_is_large_and_its_ids_unique():

@@ -132,8 +132,10 @@ def teacher_card(
     data: str,
     run_dir: Path,
     command: list[str] | None = None,
+    section: dict[str, Any] | None = None,
 ) -> str:
-    """The ``README.md`` of a teacher that a run trained and saved in the teacher cache."""
+    """The ``README.md`` of a teacher that a run trained and saved in the teacher cache. ``section``: the
+    config section of this teacher when it is not the run's ``teacher`` (a member of several)."""
     config = cfg.model_dump(mode="json")
     task = str(config.get("task"))
     meta = {"library_name": "distillery", "tags": ["distillery", "knowledge-distillation", "teacher", task]}
@@ -160,7 +162,9 @@ def teacher_card(
         "## Architecture and training",
         "",
         "```yaml",
-        yaml.safe_dump({"teacher": config.get("teacher")}, sort_keys=False).strip(),
+        yaml.safe_dump(
+            {"teacher": config.get("teacher") if section is None else section}, sort_keys=False
+        ).strip(),
         "```",
         "",
         f"Trained in {float(info.get('seconds', 0.0)):.1f} s, seed {seed}.",

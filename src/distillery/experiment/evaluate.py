@@ -33,6 +33,12 @@ def _saved_teacher(spec: TeacherSpec | None, info: dict) -> nn.Module | None:
     """The teacher a run used, if it can still be had: loaded again, or from the teacher cache."""
     if spec is None:
         return None
+    if spec.members is not None:  # several teachers: every member, or none
+        infos = info.get("members") or []
+        if len(infos) != len(spec.members):
+            return None
+        modules = [_saved_teacher(member, member_info) for member, member_info in zip(spec.members, infos)]
+        return None if any(m is None for m in modules) else spec.combine(modules)
     if spec.load is not None:
         return spec.load()[0]
     store = TeacherStore(spec.cache_dir)

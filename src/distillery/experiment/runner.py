@@ -12,7 +12,7 @@ paired differences) and writes the run directory::
     <run_dir>/summary.json           every number of the report
     <run_dir>/report.md              tables and the learning-curve plot
     <run_dir>/learning_curves.png
-    <run_dir>/seed-<s>/teacher.json
+    <run_dir>/seed-<s>/teacher.json     (several teachers: each member's record under "members")
     <run_dir>/seed-<s>/<arm>/{metrics.jsonl, checkpoints/, result.json, the saved student}
 
 With ``resume``, finished arms (a ``result.json``) are kept and an interrupted arm continues from its
@@ -149,6 +149,35 @@ def _cached_teacher(
     return model
 
 
+def _evaluated_teacher(
+    task: Task, spec: TeacherSpec, data: Any, seed: int, context: RunContext
+) -> tuple[nn.Module, dict[str, Any]]:
+    """One teacher (or one member of several) obtained, on the run's device, with its test metrics
+    and one console line."""
+    acc, console = context.accelerator, context.console
+    model, info = obtain_teacher(spec, seed, context)
+    model = model.to(acc.device)
+    if spec.label is not None:
+        info = {"name": spec.label, **info}
+    info.update(metrics=task.evaluate(model, data, "test", None), params=count_parameters(model))
+    if info.get("loaded"):
+        how = f"loaded from {info['source']}"
+    else:
+        how = "cached" if info["cached"] else f"trained in {info['seconds']:.1f}s"
+    who = "teacher" if spec.label is None else f"teacher {spec.label}"
+    console.print(f"  seed {seed} {who}: {_metric_line(task, info['metrics'])} ({how})")
+    return model, info
+
+
+def _add_teacher_card(
+    spec: TeacherSpec, info: dict[str, Any], cfg: RunConfigBase, seed: int, data: str, run_dir: Path, command
+) -> None:
+    """The model card of a teacher-cache entry this run just trained (none for a cached or loaded one)."""
+    if not info.get("cached") and not info.get("loaded") and "source" in info:
+        card = teacher_card(cfg, seed, info, data, run_dir, command, section=spec.section)
+        TeacherStore(spec.cache_dir).add_card(info["cache_key"], card)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------
@@ -249,21 +278,32 @@ def _run(
         teacher = None
         spec = task.teacher(data)
         if spec is not None:
-            teacher, info = obtain_teacher(spec, seed, context)
-            teacher = teacher.to(acc.device)
-            info.update(metrics=task.evaluate(teacher, data, "test", None), params=count_parameters(teacher))
+            if spec.members is None:
+                teacher, info = _evaluated_teacher(task, spec, data, seed, context)
+                entries = [(spec, info)]
+            else:  # several teachers: each obtained, cached and evaluated as one teacher, then combined
+                modules, members = [], []
+                for member in spec.members:
+                    module, member_info = _evaluated_teacher(task, member, data, seed, context)
+                    modules.append(module)
+                    members.append(member_info)
+                entries = list(zip(spec.members, members))
+                teacher = spec.combine(modules).to(acc.device)
+                info = {
+                    "source": "members",
+                    "cached": all(m["cached"] for m in members),
+                    "loaded": all(m.get("loaded", False) for m in members),
+                    "seconds": sum(m["seconds"] for m in members),
+                    "metrics": task.evaluate(teacher, data, "test", None),
+                    "params": count_parameters(teacher),
+                    "members": members,
+                }
+                console.print(f"  seed {seed} teacher (combined): {_metric_line(task, info['metrics'])}")
             result.teachers[seed] = info
             if main:
                 write_atomic(seed_dir / "teacher.json", json.dumps(info, indent=2))
-                if not info.get("cached") and not info.get("loaded") and "source" in info:
-                    # the entry this run just trained and cached gets its model card
-                    card = teacher_card(cfg, seed, info, task.describe(data), run_dir, command)
-                    TeacherStore(spec.cache_dir).add_card(info["cache_key"], card)
-            if info.get("loaded"):
-                how = f"loaded from {info['source']}"
-            else:
-                how = "cached" if info["cached"] else f"trained in {info['seconds']:.1f}s"
-            console.print(f"  seed {seed} teacher: {_metric_line(task, info['metrics'])} ({how})")
+                for entry, entry_info in entries:  # each entry this run just trained gets its model card
+                    _add_teacher_card(entry, entry_info, cfg, seed, task.describe(data), run_dir, command)
 
         # ---- arms, all from the same initial weights ---------------------------------------------
         torch.manual_seed(seed)

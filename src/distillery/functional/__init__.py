@@ -16,6 +16,7 @@ from distillery.functional.chunked import (
     should_chunk,
 )
 from distillery.functional.classification import cross_entropy
+from distillery.functional.cross_tokenizer import span_likelihood_loss, uld_loss
 from distillery.functional.divergences import (
     forward_kl,
     generalized_jsd,
@@ -27,7 +28,15 @@ from distillery.functional.divergences import (
 from distillery.functional.dkd import dkd_loss
 from distillery.functional.ensemble import mean_probability_logits
 from distillery.functional.features import attention_transfer, feature_distance, hint_loss
+from distillery.functional.importance import importance_weighted_reverse_kl
 from distillery.functional.kd import kd_loss
+from distillery.functional.multi_teacher import (
+    MultiTeacherTarget,
+    agreement_mask,
+    combine_teachers,
+    drop_members,
+    member_weights,
+)
 from distillery.functional.nkd import nkd_loss
 from distillery.functional.paced import paced_weights
 from distillery.functional.relations import (
@@ -61,6 +70,8 @@ from distillery.functional.sparse import (
 from distillery.functional.uskd import uskd_loss
 
 __all__ = [
+    "MultiTeacherTarget",
+    "agreement_mask",
     "attention_kl",
     "attention_score_mse",
     "attention_transfer",
@@ -69,6 +80,7 @@ __all__ = [
     "chunked_cross_entropy_from_hidden",
     "chunked_kd_from_hidden",
     "chunked_sparse_kd_from_hidden",
+    "combine_teachers",
     "composed_gradients",
     "consistency_mse",
     "cross_entropy",
@@ -78,15 +90,18 @@ __all__ = [
     "dino_loss",
     "dino_target_entropies",
     "dkd_loss",
+    "drop_members",
     "feature_distance",
     "forward_kl",
     "generalized_jsd",
     "hint_loss",
     "ibot_patch_loss",
+    "importance_weighted_reverse_kl",
     "kd_loss",
     "koleo_loss",
     "linear_cka_loss",
     "mean_probability_logits",
+    "member_weights",
     "nkd_loss",
     "paced_weights",
     "pseudo_label_loss",
@@ -101,10 +116,12 @@ __all__ = [
     "similarity_preserving",
     "skew_kl",
     "skew_reverse_kl",
+    "span_likelihood_loss",
     "sparse_divergence_support",
     "topk_tail",
     "topk_tail_divergence",
     "total_variation",
+    "uld_loss",
     "update_center",
     "uskd_loss",
     "value_relation_kl",

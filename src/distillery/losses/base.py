@@ -37,7 +37,9 @@ class LossInputs:
     that shape (one weight per sequence ``[B]`` for token rows ``[B, T-1]``), repeated over the trailing
     dims. A term given weights returns ``sum_i w_i * loss_i / num_valid`` over its rows: the normaliser
     stays the (global) number of rows the term averages over, not the sum of the weights (PACED's
-    pass-rate weights, :func:`distillery.functional.paced.paced_weights`).
+    pass-rate weights, :func:`distillery.functional.paced.paced_weights`). A teacher's own row weights
+    (the feature ``TEACHER_ROW_WEIGHT`` of its output) are multiplied in by the objective, for the
+    terms that use the teacher only.
     """
 
     student_logits: Tensor | None  # None: computed chunk by chunk from student_features (chunked loss)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from distillery.functional.paced import expand_row_weight
 from distillery.losses.base import LossInputs, LossTerm
+from distillery.models.adapters import TEACHER_ROW_WEIGHT
 
 
 class Objective(nn.Module):
@@ -21,6 +24,11 @@ class Objective(nn.Module):
 
     Per-row weights (``inputs.row_weight``, e.g. PACED's pass-rate weights) apply to every term; each
     term is still divided by its global row count. A term that cannot weight its rows is an error.
+
+    A teacher may weigh the rows too: its output feature ``TEACHER_ROW_WEIGHT`` (in
+    ``inputs.teacher_features``, the rows' shape or a prefix of it) multiplies the row weights of the
+    terms that use the teacher (``needs_teacher``) only; the others (``ce``) keep every row. A
+    multi-teacher's agreement filter gives 0 on the rows its members disagree on.
     """
 
     def __init__(
@@ -85,6 +93,19 @@ class Objective(nn.Module):
                     f"the batch has per-row weights (row_weight), but loss term(s) {unsupported} cannot "
                     "weight their rows; use terms over logits (ce, forward_kl, kd, jsd, ...) with them"
                 )
+        teacher_weight = inputs.teacher_features.get(TEACHER_ROW_WEIGHT)
+        taught = inputs
+        if teacher_weight is not None:  # the teacher's row weights: for the terms that use the teacher
+            unsupported = [n for n, t in self.terms.items() if t.needs_teacher and not t.supports_row_weight]
+            if unsupported:
+                raise ValueError(
+                    f"the teacher weighs the rows (it leaves some out of the loss), but loss term(s) {unsupported} "
+                    "cannot weight their rows; use terms over logits (kd, forward_kl, jsd, ...) with this teacher"
+                )
+            weight = expand_row_weight(teacher_weight.to(inputs.mask.device), inputs.mask.shape)
+            if inputs.row_weight is not None:
+                weight = inputs.row_weight * weight
+            taught = dataclasses.replace(inputs, row_weight=weight)
         parts = {}
         for name, term in self.terms.items():
             start, length = self.spans[name]
@@ -92,7 +113,7 @@ class Objective(nn.Module):
                 counts = None
             else:  # a 0-d count for a one-count term, as LossTerm.counts gives it
                 counts = num_valid[start] if length == 1 else num_valid[start : start + length]
-            parts[name] = term(inputs, counts)
+            parts[name] = term(taught if term.needs_teacher else inputs, counts)
         return parts
 
     def total(self, parts: Mapping[str, Tensor], epoch: float) -> Tensor:

@@ -29,6 +29,10 @@ TEACHER_WEIGHTS = "teacher_weights"
 HINT_FEATURE = "hint"
 # Optional batch key: one weight per example ``[B]`` (PACED); the loop turns it into per-row weights.
 ROW_WEIGHT_KEY = "row_weight"
+# Optional feature of a teacher's output: per-row weights with the rows' shape (or a prefix of it), which
+# the objective multiplies into the row weights of the terms that use the teacher (a multi-teacher's
+# agreement filter gives 0 on the rows its members disagree on, distillery.teachers.multi).
+TEACHER_ROW_WEIGHT = "teacher_row_weight"
 
 
 @dataclass

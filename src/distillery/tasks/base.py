@@ -17,7 +17,8 @@ member                                         what it gives the runner
 ``prepare(seed) -> data``                      the seed's data: splits drawn for that seed (any object)
 ``describe(data) -> str``                      one line about the data, printed once
 ``teacher(data) -> TeacherSpec | None``        how the seed's teacher is obtained (trained and
-                                               cached by the runner, or loaded); None: no teacher
+                                               cached by the runner, or loaded; or several members,
+                                               each obtained so); None: no teacher
 ``new_student(data) -> nn.Module``             a freshly initialised student; the runner seeds torch
                                                with the run seed first, and every arm starts from
                                                these initial weights
@@ -237,6 +238,12 @@ class TeacherSpec:
     ``train`` (trains and returns the module) with ``build`` (the untrained architecture, to load
     cached weights into) and ``cache_key`` (a JSON-serialisable description of everything that
     determines the trained teacher; the runner hashes it with the training-code version).
+
+    Several teachers: give ``members`` (one spec each, obtained, cached and evaluated one by one;
+    ``teacher.json`` holds each member's record under ``members``) and ``combine`` (the members'
+    modules -> the module the task is given as the seed's teacher). ``label`` names a member in the
+    console and in ``teacher.json``; ``section`` is the config section that describes it, shown in
+    the model card of a member the run trained (default: the run's ``teacher`` section).
     """
 
     build: Callable[[], nn.Module] | None = None
@@ -245,8 +252,18 @@ class TeacherSpec:
     cache_key: dict[str, Any] | None = None
     cache: bool = True
     cache_dir: str | None = None
+    members: list[TeacherSpec] | None = None
+    combine: Callable[[list[nn.Module]], nn.Module] | None = None
+    label: str | None = None
+    section: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.members is not None:
+            if self.load is not None or self.train is not None or self.combine is None:
+                raise ValueError("a TeacherSpec with members needs combine, and neither load nor train")
+            if any(m.members is not None for m in self.members):
+                raise ValueError("a member of a TeacherSpec cannot have members of its own")
+            return
         if (self.load is None) == (self.train is None):
             raise ValueError("a TeacherSpec needs exactly one of load or train")
         if self.train is not None and (self.build is None or self.cache_key is None):

@@ -3,6 +3,7 @@
 from distillery.teachers.base import BaseTeacher, Teacher, TeacherOutput
 from distillery.teachers.cached import CachedTeacher, OutputCacheTeacher
 from distillery.teachers.frozen import FrozenTeacher
+from distillery.teachers.multi import MultiTeacher
 from distillery.teachers.store import (
     DamagedTeacherError,
     TeacherStore,
@@ -16,6 +17,7 @@ __all__ = [
     "CachedTeacher",
     "DamagedTeacherError",
     "FrozenTeacher",
+    "MultiTeacher",
     "OutputCacheTeacher",
     "Teacher",
     "TeacherOutput",

@@ -378,6 +378,8 @@ def fit(
                 last = {"loss": total, **values}
                 if step % config.log_every == 0 or step == total_steps:
                     log.log(step, "train", {"epoch": epoch, "lr": lr, **last})
+                    if hasattr(teacher, "metrics"):  # e.g. a multi-teacher's weight per member
+                        log.log(step, "teacher", teacher.metrics())
                 bar.update(step, config.batch_size, last)
                 if step == total_steps or (eval_every and step % eval_every == 0):
                     run_eval(step)

@@ -55,10 +55,11 @@ from distillery.tasks.classification.arms import ArmSetup, build_arm, model_inpu
 from distillery.tasks.classification.config import ClassificationConfig
 from distillery.tasks.classification.signals import tap_arm, tapped_teacher
 from distillery.tasks.outputs import teacher_outputs
-from distillery.teachers import CachedTeacher, FrozenTeacher, OutputCacheTeacher
+from distillery.teachers import CachedTeacher, FrozenTeacher, MultiTeacher, OutputCacheTeacher
 from distillery.train import fit
 
 ENSEMBLE = "ensemble"
+MULTI_TEACHER = "multi_teacher"  # the arm record's section of each member's contribution
 LATENCY_BATCH = 256
 # Batch key of the teacher's token ids when its tokenizer is not the student's (the student reads "x").
 TEACHER_INPUT = "x_teacher"
@@ -70,6 +71,7 @@ SOURCE_LABELS = {
     "past_predictions": "student PS-KD",
     "peers": "student DML (peer 1)",
     "exits": "student multi-exit (final)",
+    "members": "student multi-teacher KD",
 }
 SOURCE_HOW = {
     None: "no teacher",
@@ -79,6 +81,7 @@ SOURCE_HOW = {
     "past_predictions": "its own previous-epoch predictions mixed with the labels as targets",
     "peers": "peers trained together, each taught by the others' mean prediction",
     "exits": "auxiliary exits taught by its deepest exit",
+    "members": "several trained teachers, combined per row",
 }
 MEMBER_HEADERS = ["output", "accuracy %", "ECE %", "params", "latency ms (batch of 256)"]
 
@@ -110,11 +113,13 @@ def _files_key(cfg: FilesDataConfig, tables: dict[str, str] | None) -> dict[str,
 
 
 def teacher_cache_key(
-    cfg: ClassificationConfig, seed: int, tables: dict[str, str] | None = None
+    cfg: ClassificationConfig, seed: int, tables: dict[str, str] | None = None, teacher: Any = None
 ) -> dict[str, Any]:
     """Everything that determines a trained `frozen` teacher (the runner hashes it). ``tables``: the
-    content hashes of a ``files`` data section's tables (:meth:`UserData.fingerprint`)."""
-    t = cfg.teacher
+    content hashes of a ``files`` data section's tables (:meth:`UserData.fingerprint`); ``teacher``:
+    the frozen teacher's section (default ``cfg.teacher``; one of ``teacher.members``, whose key is the
+    key of the same section given as the run's only teacher, so that the two share a cache entry)."""
+    t = cfg.teacher if teacher is None else teacher
     if isinstance(cfg.data, FilesDataConfig):
         data = _files_key(cfg.data, tables)
     else:
@@ -161,6 +166,10 @@ def check_model_files(cfg: ClassificationConfig) -> None:
         if t.checkpoint is not None:
             read_header(t.checkpoint, "teacher.checkpoint")
         check_pretrained(t.model, "teacher.model")
+    for i, member in enumerate(cfg.teacher_members()):
+        if member.checkpoint is not None:
+            read_header(member.checkpoint, f"teacher.members.{i}.checkpoint")
+        check_pretrained(member.model, f"teacher.members.{i}.model")
     check_pretrained(cfg.student, "student")
 
 
@@ -208,7 +217,9 @@ class ClassificationTask(BaseTask):
         if len(shape) == 3:
             return
         t = self.cfg.teacher
-        for field, train in (("train", self.cfg.train), ("teacher.train", getattr(t, "train", None))):
+        trains = [("train", self.cfg.train), ("teacher.train", getattr(t, "train", None))]
+        trains += [(f"teacher.members.{i}.train", m.train) for i, m in enumerate(self.cfg.teacher_members())]
+        for field, train in trains:
             if train is not None and not train.augment.is_identity():
                 raise ConfigError(
                     f"{field}.augment transforms images [C, H, W], but the rows of data.features_field have "
@@ -235,8 +246,20 @@ class ClassificationTask(BaseTask):
         student = self._tokenizer(cfg.student, "student")
         tokenizers = {"x": student}
         t = cfg.teacher
+        teacher = None
         if self.source == "frozen":
             teacher = self._tokenizer(t.model, "teacher.model")
+        elif self.source == "members":  # the members read one batch key: they share one tokenizer
+            found = [self._tokenizer(m.model, f"teacher.members.{i}.model") for i, m in enumerate(t.members)]
+            teacher = found[0]
+            for i, other in enumerate(found[1:], start=1):
+                if other is not teacher and not same_tokenizer(other, teacher):
+                    raise ConfigError(
+                        f"teacher.members.{i}.model maps text to other token ids than teacher.members.0.model (another "
+                        "tokenizer); the members of one run read the same token ids: give them models with one "
+                        "tokenizer (the same pretrained family, or the same tokenizer settings)"
+                    )
+        if teacher is not None:
             if teacher is not student and not same_tokenizer(teacher, student):
                 tokenizers[TEACHER_INPUT] = teacher
                 self.teacher_adapter = KeyedClassifierAdapter(TEACHER_INPUT)
@@ -280,30 +303,46 @@ class ClassificationTask(BaseTask):
 
     def teacher(self, data: SeedData) -> TeacherSpec | None:
         self._check_signals(data)
+        if self.source == "members":
+            return self._members_spec(data)
         if self.source != "frozen":
             return None
-        t, seed = self.cfg.teacher, data.seed
+        return self._frozen_spec(self.cfg.teacher, data)
+
+    def _frozen_spec(
+        self, t: Any, data: SeedData, where: str = "teacher", name: str | None = None
+    ) -> TeacherSpec:
+        """How the runner obtains the frozen teacher of section ``t`` (at ``where`` in the config): a
+        pretrained classifier as it is, a checkpoint, or trained on the labelled split and cached."""
+        seed = data.seed
+        who = "teacher" if name is None else f"teacher {name}"
         if t.train is None and t.checkpoint is None:  # a pretrained classifier, as it is
             return TeacherSpec(
-                load=lambda: (self._teacher_module(self._build(t.model, data)), t.model.pretrained)
+                load=lambda: (
+                    self._teacher_module(self._build(t.model, data, f"{where}.model")),
+                    t.model.pretrained,
+                ),
+                label=name,
             )
         if t.checkpoint is not None:
 
             def load() -> tuple[nn.Module, str]:
                 # a teacher-cache entry holds an ensemble (members.<k>.*): rebuild as many members
-                keys = read_header(t.checkpoint, "teacher.checkpoint")
+                keys = read_header(t.checkpoint, f"{where}.checkpoint")
                 members = {k.split(".")[1] for k in keys if k.startswith("members.")}
                 if keys and members and all(k.startswith("members.") for k in keys):
-                    model = Ensemble([self._build(t.model, data) for _ in members])
+                    model = Ensemble([self._build(t.model, data, f"{where}.model") for _ in members])
                 else:
-                    model = self._build(t.model, data)
-                load_weights(model, t.checkpoint, "teacher.checkpoint")  # a clear error for a wrong file
+                    model = self._build(t.model, data, f"{where}.model")
+                load_weights(model, t.checkpoint, f"{where}.checkpoint")  # a clear error for a wrong file
                 return self._teacher_module(model), str(Path(t.checkpoint))
 
-            return TeacherSpec(load=load)
+            return TeacherSpec(load=load, label=name)
 
         def build() -> nn.Module:
-            return self._teacher_module(Ensemble([self._build(t.model, data) for _ in range(t.ensemble)]))
+            return self._teacher_module(
+                Ensemble([self._build(t.model, data, f"{where}.model") for _ in range(t.ensemble)])
+            )
 
         def train() -> nn.Module:
             objective = build_objective({"ce": CrossEntropyConfig()})
@@ -311,7 +350,7 @@ class ClassificationTask(BaseTask):
             for k in range(t.ensemble):
                 member_seed = 1000 + 100 * seed + k
                 torch.manual_seed(member_seed)
-                member = self._build(t.model, data)
+                member = self._build(t.model, data, f"{where}.model")
                 fit(
                     member,
                     data.splits.labelled,
@@ -321,7 +360,7 @@ class ClassificationTask(BaseTask):
                     adapter=self.teacher_adapter,
                     accelerator=self.context.accelerator,
                     progress=self.context.progress,
-                    label=f"seed {seed} teacher {k + 1}/{t.ensemble}",
+                    label=f"seed {seed} {who} {k + 1}/{t.ensemble}",
                 )
                 members.append(member)
             return self._teacher_module(Ensemble(members))
@@ -330,10 +369,98 @@ class ClassificationTask(BaseTask):
         return TeacherSpec(
             build=build,
             train=train,
-            cache_key=teacher_cache_key(self.cfg, seed, tables),
+            cache_key=teacher_cache_key(self.cfg, seed, tables, teacher=t),
             cache=t.cache,
             cache_dir=t.cache_dir,
+            label=name,
         )
+
+    def _members_spec(self, data: SeedData) -> TeacherSpec:
+        """Several teachers (``teacher.members``): each obtained as a frozen teacher of its own section
+        (cached under the key the same section would have as the only teacher); the seed's teacher
+        module is their (weighted) mean, on which the teacher's test metrics and the students'
+        agreement are computed. The combination the students learn from is built per arm."""
+        t = self.cfg.teacher
+        self._check_member_outputs(data)
+        names = t.member_names()
+        specs = [
+            dataclasses.replace(
+                self._frozen_spec(member, data, f"teacher.members.{i}", names[i]),
+                section=member.model_dump(mode="json", exclude={"name"}),
+            )
+            for i, member in enumerate(t.members)
+        ]
+        weights = t.weights if t.combine == "weighted" else None
+        return TeacherSpec(
+            members=specs, combine=lambda modules: self._teacher_module(Ensemble(modules, weights))
+        )
+
+    def _check_member_outputs(self, data: SeedData) -> None:
+        """Every member must predict the data's classes, or its distribution cannot be combined with the
+        others' (nor compared with the student's): checked from the files before any member trains, so
+        that a wrong member fails the run before anything is written."""
+        classes = data.splits.num_classes
+        found = []  # (index, classes, where they come from) of the members that predict other classes
+        for i, member in enumerate(self.cfg.teacher.members):
+            where = f"teacher.members.{i}"
+            size = None
+            model = member.model
+            if model.name == "pretrained" and not (member.train is not None and model.new_head):
+                size, what = self._pretrained_classes(model, f"{where}.model"), f"{where}.model.pretrained"
+            elif member.checkpoint is not None:
+                size, what = self._checkpoint_classes(member, data, where), f"{where}.checkpoint"
+            if size is not None and size != classes:
+                found.append((i, size, what))
+        if not found:
+            return
+        names = self.cfg.teacher.member_names()
+        listed = "; ".join(f"{names[i]} ({what}) predicts {size}" for i, size, what in found)
+        i = found[0][0]
+        raise ConfigError(
+            f"teacher.members: the members give outputs of different sizes: the data has {classes} classes, but "
+            f"{listed}; the members' distributions are combined class by class and compared with the student's "
+            f"{classes}-class output, so every member must predict exactly the data's classes: give "
+            f"teacher.members.{i} a checkpoint trained on these labels, or train it in this run "
+            f"(teacher.members.{i}.train, with new_head: true for a pretrained model)"
+        )
+
+    @staticmethod
+    def _pretrained_classes(model: Any, field: str) -> int | None:
+        import transformers
+
+        config = from_pretrained(
+            transformers.AutoConfig.from_pretrained, model.pretrained, f"{field}.pretrained", "config"
+        )
+        return getattr(config, "num_labels", None)
+
+    def _checkpoint_classes(self, member: Any, data: SeedData, where: str) -> int | None:
+        """The number of classes a member's checkpoint predicts, read from its header against the
+        architecture. A file that does not fit the architecture otherwise is refused now (the error of
+        loading it), before any other member trains."""
+        if member.model.name == "pretrained":
+            return None
+        field = f"{where}.checkpoint"
+        shapes = read_header(member.checkpoint, field)
+        ensemble = {k.split(".")[1] for k in shapes if k.startswith("members.")}
+        if shapes and ensemble and all(k.startswith("members.") for k in shapes):  # a teacher-cache entry
+            model = Ensemble([self._build(member.model, data, f"{where}.model") for _ in ensemble])
+        else:
+            model = self._build(member.model, data, f"{where}.model")
+        state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if state.keys() == shapes.keys():
+            classes, sizes = data.splits.num_classes, set()
+            for key, shape in shapes.items():
+                want = state[key]
+                if want != shape and want[0] == classes and shape[0] != classes and want[1:] == shape[1:]:
+                    sizes.add(shape[0])
+                elif want != shape:
+                    sizes = set()
+                    break
+            if len(sizes) == 1:  # only the output layer differs: the member predicts other classes
+                return sizes.pop()
+        if state != shapes:
+            load_weights(model, member.checkpoint, field)  # says what else is wrong with the file
+        return None
 
     def _check_signals(self, data: SeedData) -> None:
         """The representation terms' module paths and signal shapes, checked on untrained models of
@@ -353,6 +480,29 @@ class ClassificationTask(BaseTask):
         setup = ArmSetup(student, self.adapter, None, lambda m: m)
         tap_arm(setup, network, pairs, example, self.teacher_adapter, data.seed)
         self._signals_checked = True
+
+    def _multi_teacher(self, data: SeedData, module: Ensemble) -> MultiTeacher:
+        """The students' teacher for ``teacher.members``: the members (their outputs precomputed once per
+        seed when allowed) combined by a :class:`MultiTeacher`, new for each arm (it counts each
+        member's contribution, and its drops follow the arm's steps)."""
+        t = self.cfg.teacher
+        if data.frozen_teacher is None:
+            members = [FrozenTeacher(m, self.teacher_adapter) for m in module.members]
+            if self.cfg.teacher_precomputed():
+                rows = data.splits.distillation_set()
+                members = [CachedTeacher.precompute(m, rows, self.cfg.eval.batch_size) for m in members]
+            data.frozen_teacher = members
+        return MultiTeacher(
+            data.frozen_teacher,
+            t.combine,
+            weights=t.weights,
+            confidence=t.confidence or "entropy",
+            temperature=1.0 if t.temperature is None else t.temperature,
+            drop=t.drop,
+            seed=data.seed,
+            names=t.member_names(),
+            adapter=self.teacher_adapter,
+        )
 
     def _frozen_teacher(self, data: SeedData, module: nn.Module):
         """The seed's teacher for the `frozen` source: built once (outputs precomputed when allowed)."""
@@ -489,6 +639,8 @@ class ClassificationTask(BaseTask):
             arm_teacher = None
             if self.source == "frozen":
                 arm_teacher = self._frozen_teacher(data, teacher)
+            elif self.source == "members":
+                arm_teacher = self._multi_teacher(data, teacher)
             elif self.source == "snapshot":  # generation k learns from generation k-1 (0: the CE student)
                 k = int(name.removeprefix("gen-"))
                 previous = trained[BASELINE if k == 1 else f"gen-{k - 1}"]
@@ -524,6 +676,8 @@ class ClassificationTask(BaseTask):
         if name != BASELINE and signal_pairs(cfg.loss):
             described = dict(projectors)
             job.record = lambda model, final: {"projectors": described}
+        if name != BASELINE and isinstance(setup.teacher, MultiTeacher):
+            job.record = _contributions(setup.teacher)
         return job
 
     def combined_arms(
@@ -596,6 +750,11 @@ class ClassificationTask(BaseTask):
         if arm.startswith("gen-"):
             k = int(arm.removeprefix("gen-"))
             return f"a fresh student trained with {terms} {data}, taught by generation {k - 1} (0 = the CE student)"
+        if self.source == "members":
+            t = cfg.teacher
+            how = f"{len(t.members)} trained teachers ({', '.join(t.member_names())}) combined by {t.combine}"
+            how += "" if not t.drop else f", with teacher dropping (drop={t.drop})"
+            return f"the student trained with {terms} {data}; {how}"
         return f"the student trained with {terms} {data}; {SOURCE_HOW[self.source]}"
 
     def sections(self, summary: dict[str, Any]) -> list[Section]:
@@ -614,12 +773,48 @@ class ClassificationTask(BaseTask):
         return out
 
     def arm_lines(self, record: dict[str, Any]) -> list[str]:
-        """Extra console lines under an arm's result: each output of a stacked student."""
+        """Extra console lines under an arm's result: each output of a stacked student; each member's
+        contribution to the targets of a multi-teacher student."""
         lines = []
+        multi = record.get(MULTI_TEACHER)
+        if multi is not None:
+            steps = multi["steps"]
+            kept = (
+                f", rows kept {100 * multi['kept_fraction']:.1f}%" if multi["combine"] == "agreement" else ""
+            )
+            lines.append(f"    teachers combined by {multi['combine']}{kept}")
+            for name, m in multi["members"].items():
+                dropped = f", dropped from {m['dropped_steps']} of {steps} steps" if multi["drop"] else ""
+                lines.append(f"    {name}: mean weight {m['mean_weight']:.3f}{dropped}")
         for name, r in record.get("members", {}).items():
             extra = f", {r['params']:,} params, {r['latency_ms']:.2f} ms" if "params" in r else ""
             lines.append(f"    {name}: accuracy {r['accuracy']:.2f}%, ECE {r['ece']:.2f}%{extra}")
         return lines
+
+
+def _contributions(teacher: MultiTeacher):
+    """The arm's record of what each member contributed to the training targets."""
+    t = teacher
+
+    def record(model: nn.Module, final: dict[str, float]) -> dict[str, Any]:
+        numbers = t.metrics()
+        return {
+            MULTI_TEACHER: {
+                "combine": t.combine,
+                **(
+                    {"confidence": t.confidence, "temperature": t.temperature}
+                    if t.combine == "confidence"
+                    else {}
+                ),
+                "drop": t.drop,
+                "steps": int(numbers["steps"]),
+                "rows": int(numbers["rows"]),
+                "kept_fraction": numbers["kept_fraction"],
+                "members": t.member_metrics(),
+            }
+        }
+
+    return record
 
 
 def _save_stacked(model: nn.Module, arm_dir: Path) -> None:

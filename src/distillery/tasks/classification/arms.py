@@ -6,6 +6,7 @@ The training loop is the same for every source; only these three objects change:
 source             student trained                             teacher
 =================  ==========================================  ===============================
 frozen             the student (DeiT: its two heads)            a trained network (or cache)
+members            the student (DeiT: its two heads)            several trained networks combined
 ema                the student                                 EMA of the student's weights
 random             the student                                 frozen random copy of the student
 past_predictions   the student                                 its own previous-epoch outputs
@@ -80,8 +81,9 @@ def build_arm(
 ) -> ArmSetup:
     """The student, adapter and teacher of the distilled arm for ``cfg.teacher.source``.
 
-    ``teacher`` is the already built teacher for the ``frozen`` and ``snapshot`` sources (a trained
-    network, or the previous generation); the other sources build theirs from the student. With
+    ``teacher`` is the already built teacher for the ``frozen``, ``members`` and ``snapshot`` sources
+    (a trained network, several combined, or the previous generation); the other sources build theirs
+    from the student. With
     ``baseline`` the arm is the plain student and no teacher (the cross-entropy control).
     """
 
@@ -100,7 +102,7 @@ def build_arm(
         if isinstance(model, ViTClassifier):  # no distillation head to average in: predict with [CLS]
             model.mean_heads.fill_(0.0)
         return ArmSetup(model, plain, None, _identity)
-    if source in (None, "frozen", "cache", "snapshot"):
+    if source in (None, "frozen", "cache", "snapshot", "members"):
         model = initialised()
         deit = isinstance(model, ViTClassifier) and model.distillation_token
         return ArmSetup(model, DeiTAdapter() if deit else plain, teacher, _identity)

@@ -95,6 +95,138 @@ class CacheTeacherConfig(FrozenTeacherConfig):
         return self
 
 
+class MemberTeacherConfig(FrozenTeacherConfig):
+    """One of several teachers (``teacher.members``): a frozen teacher, trained first by this run (and
+    cached exactly as a single ``teacher`` section with the same fields would be), loaded from a
+    checkpoint, or pretrained."""
+
+    name: str | None = Field(
+        None,
+        min_length=1,
+        description="how the console, teacher.json and the arm's result name this member "
+        "(default: member <k>, from 1)",
+    )
+
+    @model_validator(mode="after")
+    def _precompute_for_all(self) -> MemberTeacherConfig:
+        if self.precompute is not None:
+            raise ValueError(
+                "conflicting fields: a member's outputs are precomputed with the others': set teacher.precompute "
+                "(for every member) and remove precompute from the member"
+            )
+        return self
+
+
+class MultiTeacherConfig(StrictModel):
+    """Several frozen teachers whose distributions are combined per row (``teacher.members``).
+
+    ``combine``: ``mean`` (of the probabilities), ``weighted`` (fixed ``weights``), ``confidence``
+    (per-row weights, a softmax over the members of their ``confidence``: ``entropy`` (the negative
+    entropy of each member's prediction) or ``label`` (each member's log-probability of the row's
+    label; unlabelled rows use the entropy), at ``temperature``), or ``agreement`` (the mean, and the
+    terms that use the teacher count only the rows where every member's top-1 class is the same;
+    ``ce`` keeps every labelled row). ``drop`` leaves members out of each optimizer step at random
+    (UNIC's teacher dropping)."""
+
+    source: Literal["members"] = "members"
+    members: list[MemberTeacherConfig] = Field(
+        description="the teachers, each like a frozen `teacher` section (model with train, checkpoint or "
+        "pretrained), plus an optional name"
+    )
+    combine: Literal["mean", "weighted", "confidence", "agreement"] = Field(
+        "mean", description="how the members' distributions are combined per row"
+    )
+    weights: list[float] | None = Field(
+        None, description="combine=weighted: one non-negative weight per member, in order (normalised)"
+    )
+    confidence: Literal["entropy", "label"] | None = Field(
+        None,
+        description="combine=confidence: each member's score, entropy (no label needed) or label (default entropy)",
+    )
+    temperature: float | None = Field(
+        None,
+        gt=0.0,
+        description="combine=confidence: temperature of the softmax over the members (default 1)",
+    )
+    drop: int | float = Field(
+        0,
+        description="teacher dropping per optimizer step: a number of members (an integer below the number of "
+        "members) or a probability per member (a float in [0, 1), one member always kept); 0: none",
+    )
+    precompute: bool | None = Field(
+        None,
+        description="compute each member's outputs once per training example (null: whenever the student's "
+        "training has no augmentation)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MultiTeacherConfig:
+        k = len(self.members)
+        if k < 2:
+            raise ValueError(
+                f"teacher.members has {k} member(s); several teachers need at least 2 (for one teacher, give its "
+                "model and train or checkpoint directly under teacher, without members)"
+            )
+        if self.weights is not None and self.combine != "weighted":
+            raise ValueError(
+                f"conflicting fields: teacher.weights are the fixed weights of teacher.combine=weighted, but "
+                f"teacher.combine={self.combine}; set teacher.combine=weighted or remove teacher.weights"
+            )
+        if self.combine == "weighted":
+            if self.weights is None:
+                raise ValueError(
+                    f"teacher.combine=weighted needs teacher.weights: one weight per member ({k} numbers, in the "
+                    "order of teacher.members)"
+                )
+            if len(self.weights) != k:
+                raise ValueError(
+                    f"teacher.weights has {len(self.weights)} entries for {k} members; give one weight per member, "
+                    "in the order of teacher.members"
+                )
+            if any(not w >= 0 or w == float("inf") for w in self.weights) or not sum(self.weights) > 0:
+                raise ValueError(
+                    f"teacher.weights={self.weights}: the weights must be finite and >= 0, and not all 0"
+                )
+        for field in ("confidence", "temperature"):
+            if getattr(self, field) is not None and self.combine != "confidence":
+                raise ValueError(
+                    f"conflicting fields: teacher.{field} is a setting of teacher.combine=confidence, but "
+                    f"teacher.combine={self.combine}; set teacher.combine=confidence or remove teacher.{field}"
+                )
+        if isinstance(self.drop, int):
+            if not 0 <= self.drop < k:
+                raise ValueError(
+                    f"teacher.drop={self.drop} members per step of {k}: give a number from 0 to {k - 1} (one member "
+                    "must stay), or a probability in [0, 1) such as 0.3"
+                )
+        elif not 0.0 <= self.drop < 1.0:
+            raise ValueError(
+                f"teacher.drop={self.drop}: a probability of dropping each member must lie in [0, 1) (an integer "
+                "drops that many members)"
+            )
+        names = self.member_names()
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"teacher.members: the name {repeated[0]!r} is given to several members; names must differ"
+            )
+        seen: dict[str, int] = {}
+        for i, member in enumerate(self.members):
+            same = member.model_dump(mode="json", exclude={"name", "cache", "cache_dir"})
+            key = repr(same)
+            if key in seen:
+                raise ValueError(
+                    f"teacher.members.{seen[key]} and teacher.members.{i} are the same teacher (the same settings train "
+                    "or load the same network); make them differ (architecture, training, checkpoint), or use "
+                    "teacher.members.<k>.ensemble for several seeds of one architecture"
+                )
+            seen[key] = i
+        return self
+
+    def member_names(self) -> list[str]:
+        return [m.name or f"member {i + 1}" for i, m in enumerate(self.members)]
+
+
 class EMATeacherConfig(StrictModel):
     """Mean teacher: an exponential moving average of the student's weights (and float buffers)."""
 
@@ -150,6 +282,7 @@ SELF_SOURCES = ("ema", "random", "past_predictions", "snapshot", "peers", "exits
 TeacherConfig = Annotated[
     FrozenTeacherConfig
     | CacheTeacherConfig
+    | MultiTeacherConfig
     | EMATeacherConfig
     | RandomTeacherConfig
     | PastPredictionsTeacherConfig
@@ -182,9 +315,10 @@ class ClassificationConfig(DistillationConfigBase):
     @field_validator("teacher", mode="before")
     @classmethod
     def _frozen_by_default(cls, value: Any) -> Any:
-        """A teacher section without ``source`` is a frozen (trained or loaded) teacher."""
+        """A teacher section without ``source`` is a frozen (trained or loaded) teacher, or several of
+        them when it has ``members``."""
         if isinstance(value, dict) and "source" not in value:
-            return {"source": "frozen", **value}
+            return {"source": "members" if "members" in value else "frozen", **value}
         return value
 
     @model_validator(mode="after")
@@ -244,6 +378,24 @@ class ClassificationConfig(DistillationConfigBase):
                 "trains them; add a `hint` term (e.g. loss.hint={weight: 1.0}) or drop hint_at"
             )
         signal_terms = [label for label, term in self.loss.items() if isinstance(term, SignalTermConfig)]
+        if signal_terms and source == "members":
+            raise ValueError(
+                f"conflicting fields: loss.{signal_terms[0]} ({self.loss[signal_terms[0]].name}) matches the layers "
+                "of the student and one teacher network, but teacher.members gives several; distil the layers of one "
+                "teacher (teacher.source=frozen), or use terms over the logits (kd, forward_kl, ...) with members"
+            )
+        if source == "members" and self.teacher.combine == "agreement":
+            unweighted = [
+                label
+                for label, term in self.loss.items()
+                if LOSSES[term.name][1].needs_teacher and not LOSSES[term.name][1].supports_row_weight
+            ]
+            if unweighted:
+                raise ValueError(
+                    f"conflicting fields: teacher.combine=agreement leaves out of the teacher's terms the rows its "
+                    f"members disagree on (per-row weights), but loss.{unweighted[0]} ({self.loss[unweighted[0]].name}) "
+                    "cannot weight its rows; use terms over the logits (kd, forward_kl, ...) or another teacher.combine"
+                )
         if signal_terms and source not in ("frozen", "cache", "snapshot"):
             raise ValueError(
                 f"conflicting fields: loss.{signal_terms[0]} ({self.loss[signal_terms[0]].name}) matches the layers "
@@ -272,7 +424,7 @@ class ClassificationConfig(DistillationConfigBase):
                 "conflicting fields: student.distillation_token=true adds a distillation head that no loss term "
                 "trains (and the prediction averages it in); add loss.deit or set distillation_token=false"
             )
-        if deit_terms and source not in ("frozen", "snapshot"):
+        if deit_terms and source not in ("frozen", "snapshot", "members"):
             raise ValueError(
                 f"conflicting fields: loss.{deit_terms[0]} learns a separate teacher's decisions, but "
                 f"teacher.source={source}; use teacher.source=frozen"
@@ -283,7 +435,11 @@ class ClassificationConfig(DistillationConfigBase):
                 "conflicting fields: teacher.source=cache stores one output per example, but train.augment changes "
                 "the inputs every step; use teacher.source=frozen or turn augmentation off"
             )
-        if source == "frozen" and self.teacher.precompute and not self.train.augment.is_identity():
+        if (
+            source in ("frozen", "members")
+            and self.teacher.precompute
+            and not self.train.augment.is_identity()
+        ):
             raise ValueError(
                 "conflicting fields: teacher.precompute=true stores one output per example, but train.augment "
                 "changes the inputs every step; set teacher.precompute=false (or null) or turn augmentation off"
@@ -300,6 +456,8 @@ class ClassificationConfig(DistillationConfigBase):
         models = [("student", self.student)]
         if self.teacher is not None and self.teacher.source in ("frozen", "cache"):
             models.append(("teacher.model", self.teacher.model))
+        for i, member in enumerate(self.teacher_members()):
+            models.append((f"teacher.members.{i}.model", member.model))
         for field, model in models:
             if text and model.name in NUMBER_MODELS:
                 raise ValueError(
@@ -322,10 +480,9 @@ class ClassificationConfig(DistillationConfigBase):
                     "text data (data: {name: files, text_field: <field>})"
                 )
         if text:
-            for field, train in (
-                ("train", self.train),
-                ("teacher.train", getattr(self.teacher, "train", None)),
-            ):
+            trains = [("train", self.train), ("teacher.train", getattr(self.teacher, "train", None))]
+            trains += [(f"teacher.members.{i}.train", m.train) for i, m in enumerate(self.teacher_members())]
+            for field, train in trains:
                 if train is not None and not train.augment.is_identity():
                     raise ValueError(
                         f"conflicting fields: {field}.augment transforms images, but data.text_field="
@@ -338,8 +495,17 @@ class ClassificationConfig(DistillationConfigBase):
             return self.data.transfer != 0
         return bool(self.data.transfer)
 
+    def teacher_members(self) -> list[MemberTeacherConfig]:
+        """The members of ``teacher.members`` (empty for every other teacher source)."""
+        return (
+            list(self.teacher.members)
+            if self.teacher is not None and self.teacher.source == "members"
+            else []
+        )
+
     def teacher_precomputed(self) -> bool:
-        if self.teacher is None or self.teacher.source != "frozen":
+        """Whether the frozen teacher's outputs (or each member's) are computed once per training example."""
+        if self.teacher is None or self.teacher.source not in ("frozen", "members"):
             return False
         if any(isinstance(term, SignalTermConfig) for term in self.loss.values()):
             return False  # representation terms read the teacher's layers on every batch
