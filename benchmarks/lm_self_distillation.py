@@ -185,7 +185,7 @@ def forgetting_table(record: dict[str, Any]) -> str:
 
 # a byte-level teacher -> the BPE student of lm-kd; the upper reference: lm-kd's own BPE teacher (the same
 # architecture and steps) with token-level forward KL. Every arm: 0.5 CE + 0.5 of its divergence.
-CROSS = ["train.eval_every=0", "teacher.train.steps=1000", "train.steps=600"]
+CROSS = ["train.eval_every=0", "teacher.train.steps=800", "train.steps=600", "data.seq_len=48"]
 QUICK_CROSS = ["teacher.train.steps=4", "train.steps=4", "data.max_train_blocks=48", "data.max_eval_blocks=8",
                "data.seq_len=32", "data.tokenizer.vocab_size=300"]  # fmt: skip
 CROSS_ARMS = {
