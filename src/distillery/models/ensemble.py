@@ -34,3 +34,29 @@ class Ensemble(nn.Module):
         logits = torch.stack([m(x) for m in self.members])  # (K, B, C)
         weights = None if self.weights is None else torch.tensor(self.weights, device=logits.device)
         return mean_probability_logits(logits, weights)  # (B, C)
+
+
+class CausalLMEnsemble(Ensemble):
+    """Causal LMs (``transformers``) as one: the logits of the members' (weighted) mean next-token
+    probabilities, in a ``CausalLMOutput``. It has no ``generate``: a task evaluates its likelihoods only.
+
+    Example:
+        >>> import transformers
+        >>> cfg = transformers.LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        >>> lm = CausalLMEnsemble([transformers.LlamaForCausalLM(cfg), transformers.LlamaForCausalLM(cfg)])
+        >>> lm(input_ids=torch.tensor([[1, 2, 3]])).logits.shape
+        torch.Size([1, 3, 10])
+    """
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        logits = torch.stack(
+            [
+                m(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits.float()
+                for m in self.members
+            ]
+        )  # (K, B, T, V)
+        weights = None if self.weights is None else torch.tensor(self.weights, device=logits.device)
+        return CausalLMOutput(logits=mean_probability_logits(logits, weights))

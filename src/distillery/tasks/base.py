@@ -49,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 from rich.console import Console
@@ -160,6 +160,100 @@ class RunConfigBase(StrictModel):
 
     def baseline_enabled(self) -> bool:
         return self.baseline is not None and self.baseline.enabled
+
+
+class MembersConfigBase(StrictModel):
+    """The fields of several teachers combined per row (``teacher.members``) that every task shares: how
+    they are combined and dropped (:class:`distillery.teachers.multi.MultiTeacher`). A task's subclass
+    adds ``members`` (a list of its frozen teacher sections, each with an optional ``name``)."""
+
+    combine: Literal["mean", "weighted", "confidence", "agreement"] = Field(
+        "mean", description="how the members' distributions are combined per row"
+    )
+    weights: list[float] | None = Field(
+        None, description="combine=weighted: one non-negative weight per member, in order (normalised)"
+    )
+    confidence: Literal["entropy", "label"] | None = Field(
+        None,
+        description="combine=confidence: each member's score, entropy (no label needed) or label (default entropy)",
+    )
+    temperature: float | None = Field(
+        None,
+        gt=0.0,
+        description="combine=confidence: temperature of the softmax over the members (default 1)",
+    )
+    drop: int | float = Field(
+        0,
+        description="teacher dropping per optimizer step: a number of members (an integer below the number of "
+        "members) or a probability per member (a float in [0, 1), one member always kept); 0: none",
+    )
+
+    @model_validator(mode="after")
+    def _members_consistent(self) -> MembersConfigBase:
+        k = len(self.members)
+        if k < 2:
+            raise ValueError(
+                f"teacher.members has {k} member(s); several teachers need at least 2 (for one teacher, give its "
+                "model and train or checkpoint directly under teacher, without members)"
+            )
+        if self.weights is not None and self.combine != "weighted":
+            raise ValueError(
+                f"conflicting fields: teacher.weights are the fixed weights of teacher.combine=weighted, but "
+                f"teacher.combine={self.combine}; set teacher.combine=weighted or remove teacher.weights"
+            )
+        if self.combine == "weighted":
+            if self.weights is None:
+                raise ValueError(
+                    f"teacher.combine=weighted needs teacher.weights: one weight per member ({k} numbers, in the "
+                    "order of teacher.members)"
+                )
+            if len(self.weights) != k:
+                raise ValueError(
+                    f"teacher.weights has {len(self.weights)} entries for {k} members; give one weight per member, "
+                    "in the order of teacher.members"
+                )
+            if any(not w >= 0 or w == float("inf") for w in self.weights) or not sum(self.weights) > 0:
+                raise ValueError(
+                    f"teacher.weights={self.weights}: the weights must be finite and >= 0, and not all 0"
+                )
+        for name in ("confidence", "temperature"):
+            if getattr(self, name) is not None and self.combine != "confidence":
+                raise ValueError(
+                    f"conflicting fields: teacher.{name} is a setting of teacher.combine=confidence, but "
+                    f"teacher.combine={self.combine}; set teacher.combine=confidence or remove teacher.{name}"
+                )
+        if isinstance(self.drop, int):
+            if not 0 <= self.drop < k:
+                raise ValueError(
+                    f"teacher.drop={self.drop} members per step of {k}: give a number from 0 to {k - 1} (one member "
+                    "must stay), or a probability in [0, 1) such as 0.3"
+                )
+        elif not 0.0 <= self.drop < 1.0:
+            raise ValueError(
+                f"teacher.drop={self.drop}: a probability of dropping each member must lie in [0, 1) (an integer "
+                "drops that many members)"
+            )
+        names = self.member_names()
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"teacher.members: the name {repeated[0]!r} is given to several members; names must differ"
+            )
+        seen: dict[str, int] = {}
+        for i, member in enumerate(self.members):
+            same = member.model_dump(mode="json", exclude={"name", "cache", "cache_dir"})
+            key = repr(same)
+            if key in seen:
+                raise ValueError(
+                    f"teacher.members.{seen[key]} and teacher.members.{i} are the same teacher (the same settings train "
+                    "or load the same network); make them differ (architecture, training, checkpoint), or use "
+                    "teacher.members.<k>.ensemble for several seeds of one architecture"
+                )
+            seen[key] = i
+        return self
+
+    def member_names(self) -> list[str]:
+        return [m.name or f"member {i + 1}" for i, m in enumerate(self.members)]
 
 
 class DistillationConfigBase(RunConfigBase):

@@ -49,6 +49,7 @@ from distillery.generation import (
 from distillery.losses import LOSSES, build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models.causal_lm import build_causal_lm
+from distillery.models.ensemble import CausalLMEnsemble
 from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
 from distillery.models.hub import check_model_dir, from_pretrained
 from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
@@ -65,6 +66,7 @@ from distillery.tasks.lm.user_data import prepare_user_data
 from distillery.tasks.outputs import teacher_outputs
 from distillery.teachers import FrozenTeacher, OutputCacheTeacher
 from distillery.teachers.cross_tokenizer import CrossTokenizerTeacher
+from distillery.teachers.multi import MultiTeacher
 from distillery.teachers.self_context import SelfContextTeacher
 from distillery.teachers.store import default_cache_root
 from distillery.train import TrainConfig, fit
@@ -258,11 +260,11 @@ def check_model_tokenizers(cfg: LMRunConfig, tokenizer: Any, teacher_tokenizer: 
     """
 
     notes = []
-    sides = [("teacher", None if cfg.teacher is None else cfg.teacher.model), ("student", cfg.student)]
-    for who, model in sides:
-        if model is None or model.pretrained is None:
+    sides = [("teacher", f, m) for f, m in cfg.teacher_models()] + [("student", "student", cfg.student)]
+    for who, where, model in sides:
+        if model.pretrained is None:
             continue
-        field = "teacher.model.pretrained" if who == "teacher" else "student.pretrained"
+        field = f"{where}.pretrained" if who == "teacher" else "student.pretrained"
         try:
             own = load_pretrained_tokenizer(model.pretrained, field)
         except TokenizerNotFoundError:
@@ -303,12 +305,10 @@ def check_vocab_sizes(
     reached, fails before anything is trained. ``teacher_vocab``: the teacher's own tokenizer's size
     (``teacher.tokenizer``), default ``n_vocab``.
     """
-    sides = [("teacher.model", None if cfg.teacher is None else cfg.teacher.model), ("student", cfg.student)]
+    sides = [*cfg.teacher_models(), ("student", cfg.student)]
     run_vocab = n_vocab
     for field, model in sides:
-        if model is None:
-            continue
-        n_vocab = teacher_vocab if field == "teacher.model" and teacher_vocab is not None else run_vocab
+        n_vocab = teacher_vocab if field != "student" and teacher_vocab is not None else run_vocab
         if model.pretrained is None:
             if model.vocab_size is not None and model.vocab_size < n_vocab:
                 raise ConfigError(
@@ -408,7 +408,7 @@ class LMTask(BaseTask):
         self.n_vocab = len(self.tokenizer)
         special_ids(self.tokenizer)  # a clear error now if pad, bos or eos is missing
         t = cfg.teacher
-        self.cross = t is not None and t.tokenizer is not None  # a teacher with its own tokenizer
+        self.cross = getattr(t, "tokenizer", None) is not None  # a teacher with its own tokenizer
         # the cross-tokenizer terms take their teacher's outputs realigned through the texts
         self.cross_terms = any(term.name in CROSS_TOKENIZER_TERMS for term in cfg.loss.values())
         # the teacher's data: the same rows tokenized with its tokenizer (trains and evaluates it)
@@ -484,18 +484,30 @@ class LMTask(BaseTask):
             return None
         if t.source == "self":
             return self._self_base(data)
-        if t.train is None:
-            return TeacherSpec(
-                load=lambda: (
-                    build_causal_lm(t.model, self.teacher_vocab, self.teacher_tokenizer, "teacher.model"),
-                    t.model.pretrained,
-                )
-            )
-        seed = data["seed"]
-        rows = {**self.teacher_data, "seed": seed} if self.cross else data
+        if t.source == "members":  # each member obtained and cached as it would be alone, then combined
+            names = t.member_names()
+            specs = [
+                self._frozen_spec(m.model, m.train, data, f"teacher.members.{i}.model", t.cache, t.cache_dir, names[i])
+                for i, m in enumerate(t.members)
+            ]  # fmt: skip
+            weights = t.weights if t.combine == "weighted" else None
+            return TeacherSpec(members=specs, combine=lambda modules: CausalLMEnsemble(modules, weights))
+        return self._frozen_spec(t.model, t.train, data, "teacher.model", t.cache, t.cache_dir)
+
+    def _frozen_spec(
+        self, model_cfg: Any, train_cfg: TrainConfig | None, data: dict[str, Any], where: str, cache: bool,
+        cache_dir: str | None, label: str | None = None,
+    ) -> TeacherSpec:  # fmt: skip
+        """A frozen teacher LM: loaded (``model.pretrained``), or trained on the training rows (in its own
+        tokens with ``teacher.tokenizer``) and cached by everything that determines it."""
 
         def build() -> nn.Module:
-            return build_causal_lm(t.model, self.teacher_vocab, self.teacher_tokenizer, "teacher.model")
+            return build_causal_lm(model_cfg, self.teacher_vocab, self.teacher_tokenizer, where)
+
+        if train_cfg is None:
+            return TeacherSpec(load=lambda: (build(), model_cfg.pretrained), label=label)
+        seed = data["seed"]
+        rows = {**self.teacher_data, "seed": seed} if self.cross else data
 
         def train() -> nn.Module:
             # a pretrained student that cannot be loaded fails now, not after the teacher's training
@@ -506,14 +518,14 @@ class LMTask(BaseTask):
             model = build()
             fit(
                 model,
-                self.train_set(rows, t.train, 1000 + seed),
+                self.train_set(rows, train_cfg, 1000 + seed),
                 build_objective({"ce": CrossEntropyConfig()}),
-                t.train,
+                train_cfg,
                 adapter=HFCausalLMAdapter(),
                 seed=1000 + seed,
                 accelerator=self.context.accelerator,
                 progress=self.context.progress,
-                label=f"seed {seed} teacher",
+                label=f"seed {seed} {label or 'teacher'}",
             )
             return model
 
@@ -522,15 +534,17 @@ class LMTask(BaseTask):
         key = {
             "kind": "lm-teacher",
             "transformers": transformers.__version__,
-            "model": t.model.model_dump(mode="json"),
-            "train": t.train.model_dump(mode="json"),
+            "model": model_cfg.model_dump(mode="json"),
+            "train": train_cfg.model_dump(mode="json"),
             # the data as the teacher reads it: with teacher.tokenizer, the key of a run whose tokenizer it is
             "data": (self._teacher_data_config() if self.cross else self.cfg.data).cache_dump(),
             "seed": seed,
         }
         if "digest" in rows:  # the user's data: what it holds, not only where it is
             key["data_digest"] = rows["digest"]
-        return TeacherSpec(build=build, train=train, cache_key=key, cache=t.cache, cache_dir=t.cache_dir)
+        return TeacherSpec(
+            build=build, train=train, cache_key=key, cache=cache, cache_dir=cache_dir, label=label
+        )
 
     def _teacher_data_config(self) -> Any:
         """The data section as a teacher with its own tokenizer reads it (its tokenizer, its block length)."""
@@ -682,7 +696,9 @@ class LMTask(BaseTask):
         device = self.context.accelerator.device
         vocab = len(data["tokenizer"])
         out = lm_metrics(model, data[split], self.cfg.eval.batch_size, device, teacher, vocab)
-        if data["problems"] is not None:
+        if data["problems"] is not None and hasattr(
+            model, "generate"
+        ):  # an ensemble of teachers: likelihoods only
             out["task_accuracy"] = task_accuracy(
                 model, data["tokenizer"], data["problems"][split], device, self.max_new, data["score"]
             )
@@ -729,17 +745,27 @@ class LMTask(BaseTask):
             train_cfg, arm_teacher = cfg.baseline.train or cfg.train, None
             train_set = self.train_set(data, train_cfg, data["seed"])
         else:
+            first = (
+                teacher.members[0] if isinstance(teacher, CausalLMEnsemble) else teacher
+            )  # members: one size
             padded = (
                 teacher is not None
                 and not self.cross
                 and (
-                    teacher.get_output_embeddings().weight.shape[0]
+                    first.get_output_embeddings().weight.shape[0]
                     != student.get_output_embeddings().weight.shape[0]
                 )
             )
             objective = build_objective(_aligned_loss(cfg, self.n_vocab, padded))
             train_cfg = cfg.train
             arm_teacher = None if teacher is None else FrozenTeacher(teacher, adapter)
+            if cfg.teacher.source == "members":  # combined per token; the ensemble's members run one by one
+                t = cfg.teacher
+                arm_teacher = MultiTeacher(
+                    [(m, adapter) for m in teacher.members], t.combine, weights=t.weights,
+                    confidence=t.confidence or "entropy", temperature=1.0 if t.temperature is None else t.temperature,
+                    drop=t.drop, seed=data["seed"], names=t.member_names(), adapter=adapter,
+                )  # fmt: skip
             if (
                 self.cross_terms
             ):  # another tokenizer (or the cross-tokenizer terms): texts realigned per batch
@@ -764,6 +790,9 @@ class LMTask(BaseTask):
             out: dict[str, Any] = {"chunked_loss": chunked}
             if isinstance(arm_teacher, OutputCacheTeacher):
                 out["teacher_calls"] = {"cache": arm_teacher.cache_calls, "live": arm_teacher.live_calls}
+            if isinstance(arm_teacher, MultiTeacher):
+                out["multi_teacher"] = {"combine": cfg.teacher.combine, **arm_teacher.metrics(),
+                                        "members": arm_teacher.member_metrics()}  # fmt: skip
             if isinstance(arm_teacher, (SelfContextTeacher, CrossTokenizerTeacher)):
                 out["teacher_calls"] = {
                     "calls": arm_teacher.calls,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from distillery.cache import OutputsConfig
 from distillery.cache.config import outputs_for
@@ -18,7 +18,7 @@ from distillery.data.text.verifiers import VerifierConfig, verifier_shorthand
 from distillery.functional import sparse_divergence_support
 from distillery.losses import LOSSES, SignalTermConfig
 from distillery.models.causal_lm import CausalLMConfig
-from distillery.tasks.base import DistillationConfigBase, EvalConfig
+from distillery.tasks.base import DistillationConfigBase, EvalConfig, MembersConfigBase
 from distillery.train.config import TrainConfig
 
 BUILT_IN = ("austen", "arithmetic", "facts")
@@ -296,6 +296,57 @@ class LMTeacherConfig(StrictModel):
         return self
 
 
+class LMMemberConfig(StrictModel):
+    """One of several teacher LMs (``teacher.members``): trained first on the training split (and cached,
+    under the key it would have as the run's only teacher), or loaded (``model.pretrained``)."""
+
+    name: str | None = Field(
+        None, description="the member's name in logs and teacher.json (default: member <k>)"
+    )
+    model: CausalLMConfig = Field(default_factory=CausalLMConfig)
+    train: TrainConfig | None = Field(None, description="train this teacher on the training split first")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LMMemberConfig:
+        if (self.train is None) == (self.model.pretrained is None):
+            raise ValueError(
+                "conflicting fields: a member needs exactly one of train (train it first) or model.pretrained (load it)"
+            )
+        return self
+
+
+class LMMembersTeacherConfig(MembersConfigBase):
+    """Several frozen teacher LMs whose next-token distributions are combined per token
+    (:class:`~distillery.teachers.multi.MultiTeacher`): ``combine`` ``mean``, ``weighted``,
+    ``confidence`` (per token, a softmax over the members of their negative entropy, or of their
+    log-probability of the target token with ``confidence: label``), ``agreement`` (the teacher's
+    terms learn only the tokens whose top-1 every member shares), ``drop`` members per step."""
+
+    source: Literal["members"] = "members"
+    members: list[LMMemberConfig] = Field(
+        description="the teachers: each a model with train, or model.pretrained"
+    )
+    cache: bool = True
+    cache_dir: str | None = None
+
+
+def _teacher_kind(value: Any) -> str:
+    """Which teacher section a value is: several members, or one teacher."""
+    if isinstance(value, dict):
+        return (
+            "members"
+            if value.get("source", "members" if "members" in value else None) == "members"
+            else "one"
+        )
+    return "members" if isinstance(value, LMMembersTeacherConfig) else "one"
+
+
+TeacherSection = Annotated[
+    Annotated[LMTeacherConfig, Tag("one")] | Annotated[LMMembersTeacherConfig, Tag("members")],
+    Discriminator(_teacher_kind),
+]
+
+
 class PacedConfig(StrictModel):
     """PACED's pass-rate weights ("PACED: Distillation at the Frontier of Student Competence").
 
@@ -375,7 +426,7 @@ class LMRunConfig(DistillationConfigBase):
     task: Literal["lm"] = "lm"
     name: str = Field("lm-run", pattern=r"^[A-Za-z0-9_.-]+$")
     data: LMDataConfig = Field(default_factory=LMDataConfig)
-    teacher: LMTeacherConfig | None = None
+    teacher: TeacherSection | None = None
     student: CausalLMConfig = Field(default_factory=CausalLMConfig)
     method: LMMethodConfig = Field(default_factory=LMMethodConfig)
     eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
@@ -418,6 +469,58 @@ class LMRunConfig(DistillationConfigBase):
                 raise ValueError(
                     f"conflicting fields: loss.{label}.temperature={temperature:g}, but the {out.kind} cache stores "
                     f"the teacher's distribution at teacher.outputs.temperature={out.temperature:g}; set them equal"
+                )
+
+    def teacher_models(self) -> list[tuple[str, CausalLMConfig]]:
+        """``(field, model)`` of every teacher LM of the run: the teacher's, or each member's."""
+        t = self.teacher
+        if t is None or t.source == "self":
+            return []
+        if t.source == "members":
+            return [(f"teacher.members.{i}.model", m.model) for i, m in enumerate(t.members)]
+        return [("teacher.model", t.model)]
+
+    def teacher_trains(self) -> list[tuple[str, TrainConfig | None]]:
+        """``(field of the model, train section)`` of every teacher LM of the run."""
+        t = self.teacher
+        if t is None or t.source == "self":
+            return [] if t is None else [("teacher.model", t.train)]
+        if t.source == "members":
+            return [(f"teacher.members.{i}.model", m.train) for i, m in enumerate(t.members)]
+        return [("teacher.model", t.train)]
+
+    def _members_fit(self) -> None:
+        """Several teachers are scored on every token: the methods that make a teacher generate refuse them."""
+        if self.method.name in ("sequence", "speculative"):
+            raise ValueError(
+                f"conflicting fields: method.name={self.method.name} has the teacher generate, which several teachers "
+                "(teacher.members) do not; use token, on_policy or paced"
+            )
+        sizes = {m.model.vocab_size for m in self.teacher.members if m.model.pretrained is None}
+        if len(sizes) > 1:
+            shown = ", ".join(
+                f"members.{i}: {m.model.vocab_size}" for i, m in enumerate(self.teacher.members)
+            )
+            raise ValueError(
+                f"teacher.members give outputs of different sizes (model.vocab_size {shown}); the members' "
+                "distributions are combined token id by token id and compared with the student's: give every member "
+                "the same vocab_size (null: the tokenizer's)"
+            )
+        cross = [label for label, term in self.loss.items() if term.name in CROSS_TOKENIZER_TERMS]
+        if cross:
+            raise ValueError(
+                f"loss.{cross[0]}: the cross-tokenizer terms take one teacher, not teacher.members"
+            )
+        if self.teacher.combine == "agreement":
+            unweighted = [
+                label
+                for label in self._terms_without("supports_row_weight")
+                if LOSSES[self.loss[label].name][1].needs_teacher
+            ]
+            if unweighted:
+                raise ValueError(
+                    f"conflicting fields: teacher.combine=agreement leaves out of the teacher's terms the tokens its "
+                    f"members disagree on, but loss.{unweighted[0]} cannot weight its rows; use forward_kl, reverse_kl, jsd, ..."
                 )
 
     def _self_fits(self) -> None:
@@ -508,10 +611,7 @@ class LMRunConfig(DistillationConfigBase):
                 "language-model runs distil over token logits (ce, forward_kl, reverse_kl, jsd, ...)"
             )
         kind = self.data.tokenizer.kind
-        sides = [
-            ("student", self.student),
-            ("teacher.model", None if self.teacher is None else self.teacher.model),
-        ]
+        sides = [("student", self.student), *self.teacher_models()]
         for field, model in sides:
             if kind == "pretrained" or model is None or model.pretrained is not None:
                 continue
@@ -534,9 +634,12 @@ class LMRunConfig(DistillationConfigBase):
             )
         if self.teacher is not None and self.teacher.source == "self":
             self._self_fits()
-        self._cross_fits(users)
+        if self.teacher is not None and self.teacher.source == "members":
+            self._members_fit()
+        else:
+            self._cross_fits(users)
         if self.data.streaming:
-            lengths = [("train", self.train), ("teacher.train", None if self.teacher is None else self.teacher.train),
+            lengths = [("train", self.train), *[(f.replace("model", "train"), t) for f, t in self.teacher_trains()],
                        ("baseline.train", None if self.baseline is None else self.baseline.train)]  # fmt: skip
             for field, train in lengths:
                 if train is not None and train.epochs is not None:
