@@ -21,7 +21,16 @@ from distillery.config import RunConfig, load_config
 from distillery.errors import ConfigError, DataNotFoundError, DistilleryError, NonFiniteLossError
 from distillery.experiment import RunResult, cache_outputs, evaluate_run, run
 from distillery.losses import Objective
-from distillery.teachers import CachedTeacher, FrozenTeacher, OutputCacheTeacher, Teacher, TeacherOutput
+from distillery.teachers import (
+    CachedTeacher,
+    CrossTokenizerTeacher,
+    FrozenTeacher,
+    MultiTeacher,
+    OutputCacheTeacher,
+    SelfContextTeacher,
+    Teacher,
+    TeacherOutput,
+)
 from distillery.train import FitResult, TrainConfig, fit
 
 __version__ = "0.1.0"
@@ -29,15 +38,18 @@ __version__ = "0.1.0"
 __all__ = [
     "CachedTeacher",
     "ConfigError",
+    "CrossTokenizerTeacher",
     "DataNotFoundError",
     "DistilleryError",
     "FitResult",
     "FrozenTeacher",
+    "MultiTeacher",
     "NonFiniteLossError",
     "Objective",
     "OutputCacheTeacher",
     "RunConfig",
     "RunResult",
+    "SelfContextTeacher",
     "Teacher",
     "TeacherOutput",
     "TrainConfig",

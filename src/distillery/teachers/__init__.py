@@ -2,8 +2,10 @@
 
 from distillery.teachers.base import BaseTeacher, Teacher, TeacherOutput
 from distillery.teachers.cached import CachedTeacher, OutputCacheTeacher
+from distillery.teachers.cross_tokenizer import CrossTokenizerTeacher
 from distillery.teachers.frozen import FrozenTeacher
 from distillery.teachers.multi import MultiTeacher
+from distillery.teachers.self_context import SelfContextTeacher
 from distillery.teachers.store import (
     DamagedTeacherError,
     TeacherStore,
@@ -15,10 +17,12 @@ from distillery.teachers.store import (
 __all__ = [
     "BaseTeacher",
     "CachedTeacher",
+    "CrossTokenizerTeacher",
     "DamagedTeacherError",
     "FrozenTeacher",
     "MultiTeacher",
     "OutputCacheTeacher",
+    "SelfContextTeacher",
     "Teacher",
     "TeacherOutput",
     "TeacherStore",
