@@ -236,12 +236,90 @@ def cross_table(record: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+# ---- several teachers -----------------------------------------------------------------------------------
+
+# task -> (recipe, headline metric): three members of different quality (the first the strongest by
+# design, chosen before any run) -> one student; every arm from the same cached members
+TEACHER_TASKS = {
+    "digits": ("digits-multi-teacher", "accuracy"),
+    "fashion-mnist": ("fashion-mnist-multi-teacher", "accuracy"),
+    "arithmetic": ("lm-multi-teacher", "task_accuracy"),
+}
+TEACHER_RULES = ("mean", "confidence", "agreement")
+QUICK_TEACHERS = {
+    "digits": [],
+    "fashion-mnist": ["train.steps=10", "data.train=200", "data.validation=50", "data.test=100"],
+    "arithmetic": ["train.steps=6", "data.arithmetic.train=120", "data.arithmetic.validation=10",
+                   "data.arithmetic.test=10"],
+}  # fmt: skip
+
+
+def run_teachers(args, console: Console) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for task in args.teacher_tasks:
+        recipe, metric = TEACHER_TASKS[task]
+        common = [f"seeds={json.dumps(args.seeds)}", f"output.root={args.runs}", "train.eval_every=0",
+                  *(QUICK_TEACHERS[task] if args.quick else [])]  # fmt: skip
+        cfg = ds.load_config(recipe, common)
+        strongest = cfg.teacher.members[0]
+        single = strongest.model_dump(mode="json", exclude={"name", "precompute"}, exclude_none=True)
+        arms = {f"single teacher ({strongest.name})": [f"teacher={json.dumps(single)}"]}
+        arms.update({f"{rule} of 3": [f"teacher.combine={rule}"] for rule in TEACHER_RULES})
+        per_arm: dict[str, dict[int, dict]] = {}
+        for i, (label, extra) in enumerate(arms.items()):
+            overrides = [
+                *common,
+                *extra,
+                f"name=teachers-{task}-{i}",
+                f"baseline.enabled={'true' if i == 0 else 'false'}",
+            ]
+            run_dir = ds.run(ds.load_config(recipe, overrides), console=console, progress=False).run_dir
+            if i == 0:
+                per_arm["student alone (CE)"] = {s: metrics_of(run_dir, s, "baseline") for s in args.seeds}
+            if i == 1:  # the members, once
+                for seed in args.seeds:
+                    info = json.loads((run_dir / f"seed-{seed}" / "teacher.json").read_text())
+                    for m in info["members"]:
+                        per_arm.setdefault(f"teacher {m['name']}", {})[seed] = m["metrics"]
+            per_arm[label] = {}
+            for seed in args.seeds:
+                record = json.loads((run_dir / f"seed-{seed}" / "distilled" / "result.json").read_text())
+                per_arm[label][seed] = {**record["metrics"], **{
+                    k: v for k, v in record.get("multi_teacher", {}).items() if k == "kept_fraction"}}  # fmt: skip
+        out[task] = {"recipe": recipe, "metric": metric, "per_seed": per_arm}
+    return {"tasks": out}
+
+
+def teachers_table(record: dict[str, Any]) -> str:
+    rows = []
+    for task, part in record["tasks"].items():
+        metric, per = part["metric"], part["per_seed"]
+        base = {s: m[metric] for s, m in per["student alone (CE)"].items()}
+        rows += [f"{task} (`{part['recipe']}`), {metric}:", "",
+                 "| model | test % | vs the student alone (paired) | rows kept |", "|---|---|---|---|"]  # fmt: skip
+        for label, by_seed in per.items():
+            value = mean_std([m[metric] for m in by_seed.values()])
+            student = not label.startswith("teacher ") and label != "student alone (CE)"
+            diff = (
+                fmt(paired_difference({s: m[metric] for s, m in by_seed.items()}, base), 2, signed=True)
+                if student
+                else "-"
+            )
+            kept = [m["kept_fraction"] for m in by_seed.values() if "kept_fraction" in m]
+            rows.append(
+                f"| {label} | {fmt(value, 2)} | {diff} | {fmt(mean_std([100 * k for k in kept]), 0) + '%' if kept else '-'} |"
+            )
+        rows.append("")
+    return "\n".join(rows)
+
+
 # ---- main -------------------------------------------------------------------------------------------
 
 PARTS = {
     "injection": (run_injection, injection_table),
     "cross_tokenizer": (run_cross, cross_table),
     "forgetting": (run_forgetting, forgetting_table),
+    "teachers": (run_teachers, teachers_table),
 }
 
 
@@ -251,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
         "--quick", action="store_true", help="tiny step counts: checks the script, not the methods"
+    )
+    p.add_argument(
+        "--teacher-tasks",
+        nargs="+",
+        choices=list(TEACHER_TASKS),
+        default=list(TEACHER_TASKS),
+        help="teachers: the tasks (digits runs in minutes; fashion-mnist and arithmetic take longer)",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--runs", type=Path, default=Path("runs") / "benchmarks")
@@ -264,7 +349,12 @@ def main(argv: list[str] | None = None) -> int:
                   **run(args, console)}  # fmt: skip
         record["seconds"] = time.perf_counter() - t0
         text = table(record)
-        stem = f"lm_self_distillation-{part}" + ("-quick" if args.quick else "")
+        suffix = (
+            "-" + "-".join(args.teacher_tasks)
+            if part == "teachers" and args.teacher_tasks != list(TEACHER_TASKS)
+            else ""
+        )
+        stem = f"lm_self_distillation-{part}{suffix}" + ("-quick" if args.quick else "")
         (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2))
         (args.out / f"{stem}.md").write_text(text + "\n")
         console.print(text)
