@@ -23,6 +23,7 @@ RECIPES = {
     "lm-fkl-then-rkl": [*AUSTEN, "train.log_every=1"],
     "lm-cross-tokenizer": AUSTEN,
     "lm-opsd": ARITHMETIC,
+    "lm-sd-zero": ARITHMETIC,
     "lm-sdft": ARITHMETIC,
     "lm-prompt-distill": [
         "teacher.train.steps=4",
@@ -75,6 +76,9 @@ def test_lm_recipe_runs_end_to_end(recipe, tmp_path, monkeypatch, capsys):
     if recipe in ("lm-opsd", "lm-prompt-distill"):  # the model teaches itself: one teacher forward per batch
         steps = 4 if recipe == "lm-prompt-distill" else 6
         assert record["teacher_calls"] == {"calls": steps, "weights": "initial"}
+    if recipe == "lm-sd-zero":  # every batch: attempts judged, then revised by the model itself
+        assert 0.0 <= record["sampling"]["reward"] <= 1.0 and "revised_reward" in record["sampling"]
+        assert record["teacher_calls"] == {"calls": 6, "weights": "initial"}
     if recipe == "lm-sdft":
         assert "rewrites pass the verifier" in printed
     if recipe == "lm-paced":

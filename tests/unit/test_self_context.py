@@ -198,10 +198,43 @@ def test_a_runs_saved_config_loads_again(tmp_path):
     """config.yaml holds every field with its default; neither source reads them as choices."""
     import yaml
 
-    for teacher in ({"source": "self", "context": "{response} {prompt}"}, {"model": {}, "train": {"steps": 1}}):
+    for teacher in (
+        {"source": "self", "context": "{response} {prompt}"},
+        {"model": {}, "train": {"steps": 1}},
+    ):
         raw = {**OPSD, "teacher": teacher, "method": {"name": "token"}}
         first = tmp_path / "a.yaml"
         first.write_text(yaml.safe_dump(raw))
         saved = tmp_path / "b.yaml"
         saved.write_text(yaml.safe_dump(load_config(first).model_dump(mode="json")))
         assert load_config(saved) == load_config(first)
+
+
+def test_a_batchs_own_teacher_prompts_replace_the_fixed_contexts():
+    """Self-revision: each row's reviser prompt travels with the batch; the response realigns after it."""
+    from distillery.teachers.self_context import TEACHER_PROMPT_IDS, TEACHER_PROMPT_LENGTHS
+
+    batch = batch_of(ROWS)
+    batch[TEACHER_PROMPT_IDS] = torch.tensor([[BOS, 50, 51, 10, 11], [BOS, 52, 12, PAD, PAD]])
+    batch[TEACHER_PROMPT_LENGTHS] = torch.tensor([5, 3])
+    tb, shifts = context_batch(batch, CONTEXTS, pad_id=PAD, bos_id=BOS)
+    assert tb["input_ids"][0].tolist() == [BOS, 50, 51, 10, 11, 20, 21, EOS]
+    assert tb["input_ids"][1, :5].tolist() == [BOS, 52, 12, 22, EOS]
+    assert shifts.tolist() == [2, 1]
+
+
+def test_revision_needs_the_self_teacher_and_offers_attempt_and_reward(tmp_path):
+    import yaml
+
+    raw = {
+        **OPSD,
+        "method": {"name": "revision"},
+        "teacher": {"source": "self", "context": "{attempt} {reward} {prompt}"},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path).method.name == "revision"
+    raw["teacher"] = {"model": {}, "train": {"steps": 1}}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="method.name=revision .* needs teacher.source=self"):
+        load_config(path)

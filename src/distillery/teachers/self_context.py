@@ -42,6 +42,12 @@ Context = tuple[Sequence[int], Sequence[int] | None]
 
 WEIGHTS = ("initial", "live", "ema")
 
+# batch keys that give each row's whole teacher prompt (``<bos>`` included) instead of the fixed
+# contexts: ``[B, P]`` ids, right padded, and ``[B]`` lengths (SD-Zero's reviser prompts, built per
+# batch by :class:`distillery.generation.revision.RevisionBatches`)
+TEACHER_PROMPT_IDS = "teacher_prompt_ids"
+TEACHER_PROMPT_LENGTHS = "teacher_prompt_lengths"
+
 
 def response_starts(labels: Tensor) -> Tensor:
     """``[B]`` index of each row's first learned token (``labels != -100``); a row with none gets its length.
@@ -125,7 +131,11 @@ def context_batch(
         room = None if max_length is None else max_length - len(response)
         key = int(batch["index"][b])
         try:
-            prompt = teacher_prompt(ids[b, :r].tolist(), contexts[key], bos_id, room, truncate)
+            if TEACHER_PROMPT_IDS in batch:  # this batch's own teacher prompts (self-revision)
+                given = batch[TEACHER_PROMPT_IDS][b, : int(batch[TEACHER_PROMPT_LENGTHS][b])].tolist()
+                prompt = teacher_prompt(given[:1], (given[1:], None), given[0], room, truncate)
+            else:
+                prompt = teacher_prompt(ids[b, :r].tolist(), contexts[key], bos_id, room, truncate)
         except ValueError as exc:
             raise ValueError(f"sample {key}: {exc}") from None
         rows.append(prompt + response)

@@ -25,7 +25,10 @@ FIELD_DOCS = {
     "prompt": "the student's prompt, as its own tokens",
     "response": "the reference response of the example (the gold answer), as text",
     "passage": "the fact task: the passage stating the facts of the entity a question asks about",
+    "attempt": "method.name=revision: the student's own answer to the prompt, as text",
+    "reward": "method.name=revision: the verifier's verdict on that answer, `correct` or `wrong`",
 }
+REWARD_TEXT = {True: "correct", False: "wrong"}
 
 
 def template_fields(template: str) -> list[str]:
@@ -93,11 +96,13 @@ def split_template(template: str, fields: Mapping[str, str]) -> tuple[str, str |
     return before, after
 
 
-def available_fields(data_name: str) -> list[str]:
-    """The placeholders a template may use for ``data.name`` (prompt data only).
+def available_fields(data_name: str, revision: bool = False) -> list[str]:
+    """The placeholders a template may use for ``data.name`` (prompt data only); with ``revision``
+    (SD-Zero's reviser) also the student's attempt and its reward.
 
     Example:
-        >>> available_fields("facts"), available_fields("arithmetic")
-        (['prompt', 'response', 'passage'], ['prompt', 'response'])
+        >>> available_fields("facts"), available_fields("arithmetic", revision=True)
+        (['prompt', 'response', 'passage'], ['prompt', 'response', 'attempt', 'reward'])
     """
-    return ["prompt", "response", "passage"] if data_name == "facts" else ["prompt", "response"]
+    names = ["prompt", "response", "passage"] if data_name == "facts" else ["prompt", "response"]
+    return names + (["attempt", "reward"] if revision else [])

@@ -28,6 +28,7 @@ from distillery.cache import OutputCache, OutputSource, weights_sha256
 from distillery.data.text import TokenDataset, lm_datasets, split_austen
 from distillery.data.text.arithmetic import verify
 from distillery.data.text.collate import encode_texts, special_ids
+from distillery.data.text.context import REWARD_TEXT, split_template
 from distillery.data.text.stream import TextStream
 from distillery.data.text.tokenizer import (
     TokenizerNotFoundError,
@@ -46,6 +47,7 @@ from distillery.generation import (
     SpeculativeBatches,
     sequence_level_pairs,
 )
+from distillery.generation.revision import RevisionBatches
 from distillery.losses import LOSSES, build_objective
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models.causal_lm import build_causal_lm
@@ -60,6 +62,7 @@ from distillery.tasks.lm.self_context import (
     check_lengths,
     default_fields,
     keep_verified,
+    revision_fields,
     self_prompts,
 )
 from distillery.tasks.lm.user_data import prepare_user_data
@@ -67,7 +70,7 @@ from distillery.tasks.outputs import teacher_outputs
 from distillery.teachers import FrozenTeacher, OutputCacheTeacher
 from distillery.teachers.cross_tokenizer import CrossTokenizerTeacher
 from distillery.teachers.multi import MultiTeacher
-from distillery.teachers.self_context import SelfContextTeacher
+from distillery.teachers.self_context import SelfContextTeacher, teacher_prompt
 from distillery.teachers.store import default_cache_root
 from distillery.train import TrainConfig, fit
 from distillery.train.batches import BatchPlan
@@ -614,7 +617,33 @@ class LMTask(BaseTask):
     def _contexts(self, data: dict[str, Any], pairs: list | None = None) -> list:
         """The context table of ``pairs`` (default: the training pairs), indexed like their rows."""
         fields = data.get("contexts", default_fields)
-        return build_contexts(self.cfg.teacher.context, pairs or data["train_pairs"], self.tokenizer, fields)
+        pairs = pairs or data["train_pairs"]
+        if (
+            self.cfg.method.name == "revision"
+        ):  # fixed rows: a correct or a wrong attempt (another row's answer)
+            fields = revision_fields(pairs, fields, data.get("check"))
+        return build_contexts(self.cfg.teacher.context, pairs, self.tokenizer, fields)
+
+    def _revision(self, teacher: SelfContextTeacher, data: dict[str, Any]) -> RevisionBatches:
+        """SD-Zero's data step: the student's attempt judged by the task's verifier, revised by ``teacher``."""
+        m, tokenizer, pairs = self.cfg.method, self.tokenizer, data["train_pairs"]
+        pad_id, bos_id, eos_id = special_ids(tokenizer)
+        fields = data.get("contexts", default_fields)
+
+        def judge(index: int, ids: list[int]) -> bool:
+            return data["score"](pairs[index], ids) > 0
+
+        def context(index: int, prompt: list[int], attempt: list[int], reward: bool) -> list[int]:
+            text = tokenizer.decode(attempt, skip_special_tokens=True)
+            values = {**fields(pairs[index]), "attempt": text, "reward": REWARD_TEXT[reward]}
+            before, after = split_template(self.cfg.teacher.context, values)
+            ids = encode_texts(tokenizer, [before, after or ""])
+            return teacher_prompt(prompt, (ids[0], None if after is None else ids[1]), bos_id, None, False)
+
+        return RevisionBatches(
+            lambda: teacher.module, judge=judge, context=context, max_new_tokens=m.max_new_tokens,
+            temperature=m.temperature, seed=data["seed"], pad_id=pad_id, eos_id=eos_id,
+        )  # fmt: skip
 
     @staticmethod
     def _max_length(model: nn.Module) -> int:
@@ -703,7 +732,8 @@ class LMTask(BaseTask):
                 model, data["tokenizer"], data["problems"][split], device, self.max_new, data["score"]
             )
             t = self.cfg.teacher
-            if teacher is None and t is not None and t.source == "self":  # the starting model, as the teacher
+            # the starting model, as the teacher (a reviser's context needs an attempt: not measured)
+            if teacher is None and t is not None and t.source == "self" and self.cfg.method.name != "revision":
                 problems = self_prompts(t.context, {**data, "train_pairs": data["problems"][split]})
                 originals = dict(zip(map(id, problems), data["problems"][split]))
                 out["context_accuracy"] = task_accuracy(
@@ -781,7 +811,10 @@ class LMTask(BaseTask):
                     live=arm_teacher if cfg.method.name == "on_policy" else None,
                     use_live=lambda batch: SAMPLED_KEY in batch,
                 )
-            train_set, transform = method_data(cfg, data, teacher, data["seed"], self.context.console)
+            if cfg.method.name == "revision":
+                train_set, transform = data["train"], self._revision(arm_teacher, data)
+            else:
+                train_set, transform = method_data(cfg, data, teacher, data["seed"], self.context.console)
             train_set = self.train_set({**data, "train": train_set}, train_cfg, data["seed"])
         for term in objective.terms.values():
             term.chunk_size = cfg.chunked_loss.chunk_size

@@ -372,12 +372,15 @@ class PacedConfig(StrictModel):
 class LMMethodConfig(StrictModel):
     """Which data the distilled student trains on (the data-regime axis)."""
 
-    name: Literal["token", "sequence", "on_policy", "speculative", "paced"] = Field(
+    name: Literal["token", "sequence", "on_policy", "speculative", "paced", "revision"] = Field(
         "token",
         description="token: the fixed training data; sequence: the teacher's responses, generated once "
         "(sequence-level KD); on_policy: with probability student_lambda, responses sampled from the student "
         "(GKD); speculative: student proposals, replaced by the teacher outside its top-k (SKD); paced: the "
-        "fixed training data, each problem's loss weighted by the student's pass rate on it (PACED)",
+        "fixed training data, each problem's loss weighted by the student's pass rate on it (PACED); revision: "
+        "the student answers, the verifier judges, the same model shown both ({attempt}, {reward} in "
+        "teacher.context) revises, and the student learns the reviser's distributions over the revision "
+        "(SD-Zero; teacher.source=self)",
     )
     student_lambda: float = Field(
         0.5, ge=0.0, le=1.0, description="on_policy / speculative: share of sampled batches"
@@ -532,7 +535,9 @@ class LMRunConfig(DistillationConfigBase):
                 f"{', '.join(PROMPT_DATA)})"
             )
         try:
-            check_template(self.teacher.context, available_fields(self.data.name))
+            check_template(
+                self.teacher.context, available_fields(self.data.name, self.method.name == "revision")
+            )
         except ValueError as exc:
             raise ValueError(f"teacher.context: {exc}") from None
         if self.method.name == "speculative":
@@ -649,6 +654,11 @@ class LMRunConfig(DistillationConfigBase):
                     )
         if self.teacher is not None and self.teacher.source == "cache":
             self._cache_fits()
+        if method == "revision" and (self.teacher is None or self.teacher.source != "self"):
+            raise ValueError(
+                "conflicting fields: method.name=revision has the model revise its own answers (SD-Zero): it needs "
+                "teacher.source=self with {attempt} and {reward} in teacher.context"
+            )
         if method != "token" and self.teacher is None:
             raise ValueError(f"conflicting fields: method.name={method} needs a teacher section")
         if self.chunked_loss.enabled is True:

@@ -18,7 +18,7 @@ import torch
 
 from distillery.data.text import TokenDataset
 from distillery.data.text.collate import encode_texts
-from distillery.data.text.context import split_template
+from distillery.data.text.context import REWARD_TEXT, split_template
 from distillery.data.text.jsonl import PromptResponse
 from distillery.errors import ConfigError
 from distillery.tasks.lm.config import LMRunConfig
@@ -160,3 +160,22 @@ def keep_verified(
         kept += ok
         out.append(PromptResponse(pair.prompt, gen.response if ok else pair.response))
     return out, kept / max(len(out), 1)
+
+
+def revision_fields(
+    pairs: Sequence[Any], fields: Callable[[Any], dict[str, str]], check: Callable[[str, str], bool] | None
+) -> Callable[[Any], dict[str, str]]:
+    """``{attempt}`` and ``{reward}`` for the fixed rows of a self-revision run (the starting model's rows
+    and the length check): every other row shows its own reference answer as the attempt, judged
+    correct; the rest show the next row's answer, judged by the task's ``check`` (wrong unless it
+    happens to be right), so that the starting model learns to copy a correct attempt and to answer
+    anew after a wrong one."""
+    where = {id(p): i for i, p in enumerate(pairs)}
+
+    def with_attempt(pair: Any) -> dict[str, str]:
+        i = where[id(pair)]
+        attempt = pair.response if i % 2 == 0 else pairs[(i + 1) % len(pairs)].response
+        ok = attempt == pair.response or (check is not None and bool(check(pair.prompt, attempt)))
+        return {**fields(pair), "attempt": attempt, "reward": REWARD_TEXT[ok]}
+
+    return with_attempt
