@@ -519,18 +519,10 @@ class LMTask(BaseTask):
             )
             torch.manual_seed(1000 + seed)
             model = build()
-            fit(
-                model,
-                self.train_set(rows, train_cfg, 1000 + seed),
-                build_objective({"ce": CrossEntropyConfig()}),
-                train_cfg,
-                adapter=HFCausalLMAdapter(),
-                seed=1000 + seed,
-                accelerator=self.context.accelerator,
-                progress=self.context.progress,
-                label=f"seed {seed} {label or 'teacher'}",
+            rows_set = self.train_set(rows, train_cfg, 1000 + seed)
+            return self._train_ce(
+                model, rows_set, train_cfg, 1000 + seed, f"seed {seed} {label or 'teacher'}"
             )
-            return model
 
         import transformers
 
@@ -548,6 +540,21 @@ class LMTask(BaseTask):
         return TeacherSpec(
             build=build, train=train, cache_key=key, cache=cache, cache_dir=cache_dir, label=label
         )
+
+    def _train_ce(self, model: nn.Module, rows: Any, train: TrainConfig, seed: int, label: str) -> nn.Module:
+        """``model`` trained with cross-entropy on ``rows`` (a teacher, or a self-context starting model)."""
+        fit(
+            model,
+            rows,
+            build_objective({"ce": CrossEntropyConfig()}),
+            train,
+            adapter=HFCausalLMAdapter(),
+            seed=seed,
+            accelerator=self.context.accelerator,
+            progress=self.context.progress,
+            label=label,
+        )
+        return model
 
     def _teacher_data_config(self) -> Any:
         """The data section as a teacher with its own tokenizer reads it (its tokenizer, its block length)."""
@@ -584,18 +591,7 @@ class LMTask(BaseTask):
             contexts = self._contexts(data, base)
             rows = base_rows(rows, contexts, t.train_context, bos_id=bos_id, pad_id=pad_id,
                              max_length=self._max_length(model), truncate=t.truncate_context, seed=1000 + seed)  # fmt: skip
-            fit(
-                model,
-                rows,
-                build_objective({"ce": CrossEntropyConfig()}),
-                t.train,
-                adapter=HFCausalLMAdapter(),
-                seed=1000 + seed,
-                accelerator=self.context.accelerator,
-                progress=self.context.progress,
-                label=f"seed {seed} starting model",
-            )
-            return model
+            return self._train_ce(model, rows, t.train, 1000 + seed, f"seed {seed} starting model")
 
         import transformers
 
@@ -733,7 +729,12 @@ class LMTask(BaseTask):
             )
             t = self.cfg.teacher
             # the starting model, as the teacher (a reviser's context needs an attempt: not measured)
-            if teacher is None and t is not None and t.source == "self" and self.cfg.method.name != "revision":
+            if (
+                teacher is None
+                and t is not None
+                and t.source == "self"
+                and self.cfg.method.name != "revision"
+            ):
                 problems = self_prompts(t.context, {**data, "train_pairs": data["problems"][split]})
                 originals = dict(zip(map(id, problems), data["problems"][split]))
                 out["context_accuracy"] = task_accuracy(
