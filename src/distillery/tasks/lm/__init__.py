@@ -736,6 +736,9 @@ class LMTask(BaseTask):
                 and self.cfg.method.name != "revision"
             ):
                 problems = self_prompts(t.context, {**data, "train_pairs": data["problems"][split]})
+                longest = max(len(ids) for ids in encode_texts(self.tokenizer, [p.prompt for p in problems]))
+                if longest + 1 + self.max_new > self._max_length(model):  # would not fit: not measured
+                    return out
                 originals = dict(zip(map(id, problems), data["problems"][split]))
                 out["context_accuracy"] = task_accuracy(
                     model, self.tokenizer, problems, device, self.max_new,

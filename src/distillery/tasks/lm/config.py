@@ -331,18 +331,17 @@ class LMMembersTeacherConfig(MembersConfigBase):
 
 
 def _teacher_kind(value: Any) -> str:
-    """Which teacher section a value is: several members, or one teacher."""
+    """Which teacher section a value is: several members, or one teacher (tagged ``frozen``, its default
+    source, whatever its source: the tag only picks the model, and error paths drop it)."""
     if isinstance(value, dict):
-        return (
-            "members"
-            if value.get("source", "members" if "members" in value else None) == "members"
-            else "one"
-        )
-    return "members" if isinstance(value, LMMembersTeacherConfig) else "one"
+        several = value.get("source", "members" if "members" in value else None) == "members"
+    else:
+        several = isinstance(value, LMMembersTeacherConfig)
+    return "members" if several else "frozen"
 
 
 TeacherSection = Annotated[
-    Annotated[LMTeacherConfig, Tag("one")] | Annotated[LMMembersTeacherConfig, Tag("members")],
+    Annotated[LMTeacherConfig, Tag("frozen")] | Annotated[LMMembersTeacherConfig, Tag("members")],
     Discriminator(_teacher_kind),
 ]
 
