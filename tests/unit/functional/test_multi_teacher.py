@@ -1,6 +1,7 @@
 """Several teachers combined: every rule against a hand computation and a float64 loop reference."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -150,7 +151,8 @@ CASES = [
 @pytest.mark.parametrize("combine,kw", CASES)
 @pytest.mark.parametrize("keep", [None, [True, False, True]])
 def test_against_the_loop_reference(shape, combine, kw, keep):
-    g = torch.Generator().manual_seed(hash((shape, combine)) % 2**31)
+    # a seed fixed per case (hash() of a string changes with every interpreter: PYTHONHASHSEED)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, combine)).encode()))
     logits = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
     # every member leans to class 0 on about half the rows: agreement keeps some rows and drops others
     logits[..., 0] += 8.0 * (torch.rand(shape[1:-1], generator=g) > 0.5)

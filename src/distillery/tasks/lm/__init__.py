@@ -793,7 +793,9 @@ class LMTask(BaseTask):
             objective = build_objective(_aligned_loss(cfg, self.n_vocab, padded))
             train_cfg = cfg.train
             arm_teacher = None if teacher is None else FrozenTeacher(teacher, adapter)
-            if cfg.teacher.source == "members":  # combined per token; the ensemble's members run one by one
+            if (
+                cfg.teacher is not None and cfg.teacher.source == "members"
+            ):  # combined per token; the ensemble's members run one by one
                 t = cfg.teacher
                 arm_teacher = MultiTeacher(
                     [(m, adapter) for m in teacher.members], t.combine, weights=t.weights,
