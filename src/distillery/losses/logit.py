@@ -363,9 +363,13 @@ class ImportanceReverseKLLoss(LossTerm):
         behaviour = behaviour.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         common = {"estimator": self.estimator, "clip": self.clip, "mask": rows}
         if inputs.row_weight is not None:  # PACED: sum_i w_i loss_i / num_valid
-            per_row = DF.importance_weighted_reverse_kl(student, teacher, tokens, behaviour, reduction="none", **common)
+            per_row = DF.importance_weighted_reverse_kl(
+                student, teacher, tokens, behaviour, reduction="none", **common
+            )
             return self._weighted(per_row, inputs, rows, num_valid)
-        return DF.importance_weighted_reverse_kl(student, teacher, tokens, behaviour, num_valid=num_valid, **common)
+        return DF.importance_weighted_reverse_kl(
+            student, teacher, tokens, behaviour, num_valid=num_valid, **common
+        )
 
 
 class TVDConfig(TermConfig):
