@@ -315,6 +315,18 @@ def teachers_table(record: dict[str, Any]) -> str:
 
 # ---- main -------------------------------------------------------------------------------------------
 
+
+def _drop_run_folders(record: Any) -> None:
+    """Remove ``output.root=...`` overrides (a local folder) from every list in ``record``, in place."""
+    if isinstance(record, dict):
+        for value in record.values():
+            _drop_run_folders(value)
+    elif isinstance(record, list):
+        record[:] = [v for v in record if not (isinstance(v, str) and v.startswith("output.root="))]
+        for value in record:
+            _drop_run_folders(value)
+
+
 PARTS = {
     "injection": (run_injection, injection_table),
     "cross_tokenizer": (run_cross, cross_table),
@@ -348,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"benchmark": "lm_self_distillation", "part": part, "seeds": args.seeds, "quick": args.quick,
                   **run(args, console)}  # fmt: skip
         record["seconds"] = time.perf_counter() - t0
+        _drop_run_folders(record)  # where this machine kept its runs is not part of the result
         text = table(record)
         suffix = (
             "-" + "-".join(args.teacher_tasks)
