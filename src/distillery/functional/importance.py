@@ -165,3 +165,25 @@ def importance_weighted_reverse_kl(
     weight = torch.exp(log_w + (logp - logp.detach()))
     value = log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
     return reduce_rows(weight * value, index, lead, reduction, num_valid)
+
+
+def sampled_logp(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""The detached log-probability of each row's token under ``softmax(logits / temperature)``:
+    the behaviour log-probabilities of tokens the model itself sampled at ``temperature``.
+
+    .. math::
+
+        \log \pi_b(y) = z_y / T - \log \sum_j e^{z_j / T}
+
+    Args:
+        logits: ``[..., V]``.
+        tokens: ``[...]`` token ids (negative ids are read as 0; mask those rows in the loss).
+        temperature: the sampling temperature.
+
+    Example:
+        >>> import torch
+        >>> sampled_logp(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).exp()
+        tensor([0.5000])
+    """
+    logp = torch.log_softmax(logits.detach().float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1)

@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import Tensor
 
 from distillery import functional as DF
+from distillery.functional.importance import sampled_logp
 from distillery.functional.kd import kd_loss_parts
 from distillery.losses.base import IGNORE_INDEX, LossInputs, LossTerm, TermConfig, labelled_rows
 
@@ -359,8 +360,7 @@ class ImportanceReverseKLLoss(LossTerm):
             student, teacher = student[..., : self.vocab_size], teacher[..., : self.vocab_size]
         rows = self.rows(inputs.target, inputs.mask)
         tokens = inputs.target.clamp_min(0)
-        behaviour = torch.log_softmax(student.detach().float() / self.behaviour_temperature, dim=-1)
-        behaviour = behaviour.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        behaviour = sampled_logp(student, tokens, self.behaviour_temperature)
         common = {"estimator": self.estimator, "clip": self.clip, "mask": rows}
         if inputs.row_weight is not None:  # PACED: sum_i w_i loss_i / num_valid
             per_row = DF.importance_weighted_reverse_kl(
