@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 
 def softmax(row, T=1.0):
@@ -158,3 +159,25 @@ def sampled_forward_kl_row(s, ids, weights, logp, T):
     """T^2 sum_j w_j (log p_j - log q(id_j)) over the slots with nonzero weight."""
     q = softmax(s, T)
     return T * T * sum(w * (lp - math.log(q[i])) for i, w, lp in zip(ids, weights, logp) if w != 0)
+
+
+# ---- shared by the tests' random cases --------------------------------------------------------------
+
+
+def case_seed(*key) -> int:
+    """A seed fixed per test case (``hash()`` of a string changes with every interpreter)."""
+    return zlib.crc32(repr(key).encode())
+
+
+def flat_rows(x) -> list:
+    """``[..., C]`` as a list of float64 rows."""
+    return x.reshape(-1, x.shape[-1]).double().tolist()
+
+
+def random_mask(shape, g):
+    """A random boolean mask with about 60% True, its first entry always True."""
+    import torch
+
+    mask = torch.rand(shape, generator=g) > 0.4
+    mask.view(-1)[0] = True
+    return mask

@@ -8,7 +8,6 @@ vocabulary, symmetry, bounds); then spans from ``aligned_spans`` end to end, and
 
 import math
 import random
-import zlib
 
 import pytest
 import torch
@@ -17,19 +16,7 @@ from distillery.data.text.alignment import aligned_spans, span_index
 from distillery.functional import span_likelihood_loss, uld_loss
 from tests.unit.functional import reference as ref
 
-
-def _seed(*key):
-    return zlib.crc32(repr(key).encode())
-
-
-def _rows(x):
-    return x.reshape(-1, x.shape[-1]).double().tolist()
-
-
-def _mask(shape, g):
-    mask = torch.rand(shape, generator=g) > 0.4
-    mask.view(-1)[0] = True
-    return mask
+_seed, _rows, _mask = ref.case_seed, ref.flat_rows, ref.random_mask
 
 
 def _check(got, values, valid, reduction, num_valid=None):

@@ -7,7 +7,6 @@ hidden states, the refusals and the error messages.
 """
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -42,18 +41,7 @@ TOPK_CASES = {
 SHAPES = [(5, 7), (2, 3, 6)]
 
 
-def _seed(*key):
-    return zlib.crc32(repr(key).encode())
-
-
-def _rows(x):
-    return x.reshape(-1, x.shape[-1]).double().tolist()
-
-
-def _mask(shape, g):
-    mask = torch.rand(shape, generator=g) > 0.4
-    mask.view(-1)[0] = True
-    return mask
+_seed, _rows, _mask = ref.case_seed, ref.flat_rows, ref.random_mask
 
 
 def _teacher_topk(t, k, T, g, perturb=True):
