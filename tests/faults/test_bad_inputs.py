@@ -715,12 +715,32 @@ MULTI_TEACHER = [
     ok("multi-valid-control", *run_cls(*members()), setup=_mlp_weights("w3.safetensors", [8])),
 ]  # fmt: skip
 
+# Real-size LM settings: dtypes, mixed precision, checkpointing, LoRA, placement of the teacher.
+SCALE = [
+    bad("scale-fp16-on-cpu", *run_lm("train.mixed_precision=fp16"), phrase="fp16 needs a CUDA GPU"),
+    bad("scale-mixed-precision-conflict", *run_lm("train.mixed_precision=bf16", "teacher.train.mixed_precision=no"),
+        phrase="teacher.train.mixed_precision=no"),
+    bad("scale-unknown-dtype", *run_lm("student.dtype=float8"), phrase="student.dtype"),
+    bad("scale-checkpointing-not-hf", *run_cls("train.gradient_checkpointing=true"),
+        phrase="needs a Hugging Face model"),
+    bad("scale-device-map-without-pretrained", *run_lm("teacher.model.device_map=auto"),
+        phrase="device_map is for a pretrained model"),
+    bad("scale-offload-with-cache", *run_lm("teacher.source=cache", "teacher.offload=true"),
+        phrase="teacher.offload is for teacher.source=frozen"),
+    bad("scale-peft-unmerged-without-base", *run_lm("student.peft={r: 2, merge: false}"),
+        phrase="student.peft.merge=false"),
+    bad("scale-peft-unknown-module", *run_lm("student.peft={r: 2, target_modules: [no_such_proj]}"),
+        phrase="student.peft.target_modules"),
+    ok("scale-valid-control", *run_lm("student.peft={r: 2}", "train.gradient_checkpointing=true",
+                                      "teacher.offload=true")),
+]  # fmt: skip
+
 CONTROLS = [
     ok("cls-valid-control", "run", "CLS"),
 ]
 
 CASES = [*YAML, *SELF_TEACHER, *UNKNOWN_KEYS, *WRONG_TYPES, *BOUNDS, *COMBINATIONS, *CHECKPOINTS, *PRETRAINED, *VOCABULARY,
-         *DATA, *LOCATIONS, *CLI, *MULTI_TEACHER, *CONTROLS]  # fmt: skip
+         *DATA, *LOCATIONS, *CLI, *MULTI_TEACHER, *SCALE, *CONTROLS]  # fmt: skip
 
 
 def test_the_catalogue_is_large_and_its_ids_unique():

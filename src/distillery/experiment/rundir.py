@@ -23,7 +23,7 @@ from distillery.fileio import write_atomic
 from distillery.tasks import RunConfigBase, RunContext
 from distillery.train import make_accelerator
 from distillery.train.checkpoint import latest_checkpoint
-from distillery.train.config import check_processes
+from distillery.train.config import check_processes, run_mixed_precision
 from distillery.train.launch import describe_processes, launch_warning, process_line
 from distillery.train.progress import progress_interval
 
@@ -293,7 +293,7 @@ def start_run(
     the run folder (created or found by the main process, locked, agreed by all processes) with the
     resolved config written into it, and ``run.json`` (how the run was launched, see
     :func:`_run_info`)."""
-    acc = accelerator or make_accelerator()
+    acc = accelerator or make_accelerator(run_mixed_precision(cfg))
     check_processes(cfg, acc.num_processes)
     progress_interval()  # a bad DISTILLERY_PROGRESS_EVERY fails now, not at the first progress line
     main = acc.is_main_process

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from distillery.configbase import StrictModel
 from distillery.errors import ConfigError
 from distillery.models.hub import from_pretrained
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CausalLMConfig(StrictModel):
@@ -30,9 +33,28 @@ class CausalLMConfig(StrictModel):
         ge=1,
         description="embedding rows (null: the tokenizer's size; larger: a padded vocabulary; never smaller)",
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="the weights' dtype (bfloat16 / float16 halve their memory; the losses are computed in "
+        "float32 whatever it is). On a CPU, bfloat16 matmuls are far slower than float32",
+    )
+    device_map: str | None = Field(
+        None,
+        description="pretrained models: transformers' device_map (e.g. auto: spread over the GPUs, then the "
+        "CPU), for a model that does not fit on one device; the model is then left where it was placed",
+    )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     @model_validator(mode="after")
     def _heads_divide(self) -> CausalLMConfig:
+        if self.device_map is not None and self.pretrained is None:
+            raise ValueError(
+                "device_map is for a pretrained model (it places the weights as they are loaded); set pretrained, "
+                "or drop device_map"
+            )
         if self.pretrained is None and self.hidden_size % self.heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of heads={self.heads}")
         if self.pretrained is None and (self.hidden_size // self.heads) % 2:
@@ -46,7 +68,8 @@ class CausalLMConfig(StrictModel):
 def build_causal_lm(
     cfg: CausalLMConfig, vocab_size: int, tokenizer: Any | None = None, field: str = "model"
 ) -> nn.Module:
-    """An ``AutoModelForCausalLM``: ``from_pretrained(cfg.pretrained)``, or a Llama of the given size.
+    """An ``AutoModelForCausalLM``: ``from_pretrained(cfg.pretrained)``, or a Llama of the given size,
+    in ``cfg.dtype`` (a pretrained model with ``cfg.device_map`` placed by transformers as it loads).
 
     Args:
         cfg: the model section of a run config.
@@ -61,8 +84,13 @@ def build_causal_lm(
     import transformers
 
     if cfg.pretrained is not None:
+        placement = {} if cfg.device_map is None else {"device_map": cfg.device_map}
         model = from_pretrained(
-            transformers.AutoModelForCausalLM.from_pretrained, cfg.pretrained, f"{field}.pretrained"
+            transformers.AutoModelForCausalLM.from_pretrained,
+            cfg.pretrained,
+            f"{field}.pretrained",
+            dtype=cfg.torch_dtype,
+            **placement,
         )
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < vocab_size:
@@ -88,7 +116,7 @@ def build_causal_lm(
             max_position_embeddings=cfg.max_positions,
             tie_word_embeddings=True,
         )
-        model = transformers.LlamaForCausalLM(config)
+        model = transformers.LlamaForCausalLM(config).to(cfg.torch_dtype)
     if tokenizer is not None:
         for name in ("pad", "bos", "eos"):
             value = getattr(tokenizer, f"{name}_token_id", None)

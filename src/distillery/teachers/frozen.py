@@ -12,6 +12,7 @@ from distillery.errors import ConfigError
 from distillery.models.adapters import ClassifierAdapter
 from distillery.models.hf import hf_task
 from distillery.models.hub import from_pretrained
+from distillery.models.placement import is_placed
 from distillery.teachers.base import BaseTeacher, TeacherOutput
 
 
@@ -33,7 +34,7 @@ class FrozenTeacher(BaseTeacher):
     """
 
     def __init__(self, module: nn.Module, adapter=None, *, keep_dtype: bool = False) -> None:
-        self.module = module if keep_dtype else module.float()
+        self.module = module if keep_dtype or is_placed(module) else module.float()
         self.module.eval()
         self.module.requires_grad_(False)
         self.adapter = adapter or ClassifierAdapter()
@@ -46,7 +47,8 @@ class FrozenTeacher(BaseTeacher):
         return TeacherOutput(logits=logits, features={k: v.float() for k, v in out.features.items()})
 
     def to(self, device: torch.device | str) -> FrozenTeacher:
-        self.module.to(device)
+        if not is_placed(self.module):  # offloaded or device_map: its placement is its own
+            self.module.to(device)
         return self
 
     @classmethod

@@ -67,6 +67,24 @@ class TrainConfig(StrictModel):
         None, ge=1, description="steps between checkpoints (null: only at the end and on Ctrl-C)"
     )
     keep_checkpoints: int = Field(1, ge=1, description="how many recent checkpoints to keep")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None,
+        description="autocast the model's forward through Accelerate (bf16; fp16 with loss scaling, CUDA only); "
+        "one setting per process: null takes the run's (its train.mixed_precision); the losses stay float32",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute activations in the backward pass instead of keeping them (Hugging Face models): "
+        "less memory, about a third more compute per step",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_no(cls, data: Any) -> Any:
+        # YAML reads a bare `no` as false: mixed_precision: no means "no"
+        if isinstance(data, dict) and data.get("mixed_precision") is False:
+            data = {**data, "mixed_precision": "no"}
+        return data
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -122,6 +140,26 @@ def train_configs(config: Any, prefix: str = "") -> Iterator[tuple[str, TrainCon
     elif isinstance(config, (list, tuple)):
         for i, value in enumerate(config):
             yield from train_configs(value, f"{prefix}[{i}]")
+
+
+def run_mixed_precision(config: Any) -> str | None:
+    """The mixed precision of a run (its ``train.mixed_precision``; None: the launcher's or ``no``), checked
+    against every other train section, since Accelerate has one setting per process.
+
+    Raises:
+        ConfigError: a train section (``teacher.train``, ``baseline.train``, ...) asks for another one.
+    """
+    main = getattr(config, "train", None)
+    wanted = main.mixed_precision if isinstance(main, TrainConfig) else None
+    for field, train in train_configs(config):
+        if train.mixed_precision is not None and wanted is not None and train.mixed_precision != wanted:
+            raise ConfigError(
+                f"{field}.mixed_precision={train.mixed_precision}, but train.mixed_precision={wanted}: mixed "
+                f"precision is one setting per process (Accelerate); set {field}.mixed_precision={wanted} or null"
+            )
+        if wanted is None and train.mixed_precision is not None:
+            wanted = train.mixed_precision
+    return wanted
 
 
 def check_processes(config: Any, processes: int) -> None:

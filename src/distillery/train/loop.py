@@ -62,11 +62,73 @@ class FitResult:
     resumed_from: int | None = None
 
 
-def make_accelerator():
-    """An Accelerator for this process: the CPU (gloo for several processes) unless CUDA is present."""
-    from accelerate import Accelerator
+def make_accelerator(mixed_precision: str | None = None):
+    """An Accelerator for this process: the CPU (gloo for several processes) unless CUDA is present.
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    ``mixed_precision`` (``no``, ``bf16``, ``fp16``; None: what ``accelerate launch`` was told, else
+    ``no``) is one setting per process in Accelerate. In one process, asking for another setting than
+    an earlier accelerator's starts Accelerate's state again (a script or notebook that runs an fp32
+    and a bf16 run one after the other); under ``accelerate launch`` it is an error.
+
+    Raises:
+        ConfigError: fp16 without CUDA, or another setting than the launched processes'.
+    """
+    import os
+
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    cuda = torch.cuda.is_available()
+    wanted = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if wanted == "fp16" and not cuda:
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA GPU (fp16 autocast with loss scaling); on a CPU use "
+            "bf16 or no"
+        )
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != wanted:
+        if PartialState().num_processes > 1:
+            raise ConfigError(
+                f"train.mixed_precision={wanted}, but these processes were started with mixed precision "
+                f"{current}; set them equal (accelerate launch --mixed_precision {wanted})"
+            )
+        AcceleratorState._reset_state()  # one process: nothing else shares the state
+    return Accelerator(cpu=not cuda, mixed_precision=wanted)
+
+
+def _gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn Hugging Face gradient (activation) checkpointing on or off: non-reentrant, so gradients are
+    exact and frozen embeddings (LoRA) need no extra hook; the KV cache is off while it is on.
+
+    Raises:
+        ConfigError: the model has no gradient checkpointing.
+    """
+    # the outermost Hugging Face model (a wrapper such as an image classifier holds one)
+    model = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), model)
+    # transformers 5 renamed it activation checkpointing; older releases have the gradient_* names only
+    names = ("activation_checkpointing", "activation_checkpointing_kwargs")
+    if not hasattr(model, "activation_checkpointing_enable"):
+        names = ("gradient_checkpointing", "gradient_checkpointing_kwargs")
+    config = getattr(model, "config", None)
+    if not on:
+        if getattr(model, f"is_{names[0]}", False):
+            getattr(model, f"{names[0]}_disable")()
+            if config is not None and hasattr(model, "_distillery_use_cache"):
+                config.use_cache = model._distillery_use_cache
+        return
+    enable = getattr(model, f"{names[0]}_enable", None)
+    if enable is None:
+        raise ConfigError(
+            f"train.gradient_checkpointing=true needs a Hugging Face model (activation_checkpointing_enable); "
+            f"{type(model).__name__} has none: set train.gradient_checkpointing=false"
+        )
+    try:
+        enable(**{names[1]: {"use_reentrant": False}})
+    except ValueError as exc:  # transformers: the architecture does not support it
+        raise ConfigError(f"train.gradient_checkpointing=true: {exc}") from None
+    if config is not None and getattr(config, "use_cache", None):
+        model._distillery_use_cache = config.use_cache
+        config.use_cache = False
 
 
 class _StopFlag:
@@ -199,7 +261,13 @@ def fit(
     batch: a Hugging Face model trained with the default :class:`ClassifierAdapter` (keys ``x``,
     ``y``) is an error that names the adapter to use, not a ``KeyError``.
     """
-    acc = accelerator or make_accelerator()
+    acc = accelerator or make_accelerator(config.mixed_precision)
+    if config.mixed_precision is not None and config.mixed_precision != acc.mixed_precision:
+        raise ConfigError(
+            f"train.mixed_precision={config.mixed_precision}, but the run's accelerator uses "
+            f"{acc.mixed_precision} (one setting per process in Accelerate): give every train section the same "
+            "mixed_precision, or leave it null (the run's)"
+        )
     adapter = adapter or ClassifierAdapter()
     run_dir = None if run_dir is None else Path(run_dir)
     train_set = batch_source(train_set, collate_fn)
@@ -219,6 +287,7 @@ def fit(
     objective = objective.to(acc.device)
     optimizer = build_optimizer(list(model.parameters()) + list(objective.parameters()), config.optimizer)
     scheduler = build_scheduler(optimizer, config.schedule, total_steps)
+    _gradient_checkpointing(model, config.gradient_checkpointing)
     model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
     if teacher is not None and hasattr(teacher, "to"):
@@ -407,6 +476,8 @@ def fit(
     finally:
         bar.close()
         log.close()
+        if config.gradient_checkpointing:  # the model leaves as it came
+            _gradient_checkpointing(raw_model, False)
     seconds = time.perf_counter() - t0
     done = step - start
     if acc.num_processes > 1:  # evaluation ran on the main process: give every rank its records

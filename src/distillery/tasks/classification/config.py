@@ -206,6 +206,10 @@ TeacherConfig = Annotated[
 ]
 
 
+# the model names built on Hugging Face models (which have gradient checkpointing)
+HF_MODELS = ("pretrained", "vit")
+
+
 class ClassificationEvalConfig(EvalConfig):
     ece_bins: int = Field(15, ge=1, description="confidence bins of the expected calibration error")
 
@@ -236,6 +240,20 @@ class ClassificationConfig(DistillationConfigBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> ClassificationConfig:
+        for field, model in (
+            ("train", self.student),
+            ("teacher.train", getattr(self.teacher, "model", None)),
+        ):
+            train = self.train if field == "train" else getattr(self.teacher, "train", None)
+            if (
+                train is not None
+                and train.gradient_checkpointing
+                and getattr(model, "name", None) not in HF_MODELS
+            ):
+                raise ValueError(
+                    f"{field}.gradient_checkpointing=true needs a Hugging Face model ({' or '.join(HF_MODELS)}), not "
+                    f"{getattr(model, 'name', model)}; set {field}.gradient_checkpointing=false"
+                )
         users = [label for label, term in self.loss.items() if LOSSES[term.name][1].needs_teacher]
         if users and self.teacher is None:
             raise ValueError(

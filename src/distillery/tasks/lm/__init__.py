@@ -54,6 +54,14 @@ from distillery.models.causal_lm import build_causal_lm
 from distillery.models.ensemble import CausalLMEnsemble
 from distillery.models.hf import HFCausalLMAdapter, chunked_loss_support
 from distillery.models.hub import check_model_dir, from_pretrained
+from distillery.models.peft import (
+    apply_peft,
+    check_peft_targets,
+    is_peft_model,
+    load_peft_student,
+    save_peft_student,
+)
+from distillery.models.placement import offload_to_cpu
 from distillery.tasks.base import BASELINE, DISTILLED, ArmJob, BaseTask, Metric, RunContext, TeacherSpec
 from distillery.tasks.lm.config import CROSS_TOKENIZER_TERMS, USER_FORMATS, LMRunConfig
 from distillery.tasks.lm.self_context import (
@@ -356,6 +364,10 @@ def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module |
     ]
     if cfg.method.name == "paced":
         reasons.append("method.name=paced weights each row")
+    if getattr(cfg.teacher, "offload", False):
+        reasons.append(
+            "teacher.offload=true keeps the teacher's head off the device between its layers' forwards"
+        )
     for who, model in (("student", student), ("teacher", teacher)):
         why = None if model is None else chunked_loss_support(model)
         if why is not None:
@@ -440,6 +452,8 @@ class LMTask(BaseTask):
             check_lengths(
                 cfg, self.data["train"], self._contexts(self.data), cfg.student.max_positions, bos_id
             )
+        if cfg.student.peft is not None:  # adapters on layers the student has, checked before anything trains
+            check_peft_targets(self._student_skeleton, cfg.student.peft)
         if cfg.eval.max_new_tokens is not None:
             self.max_new = cfg.eval.max_new_tokens
         elif cfg.data.name in (*USER_FORMATS, "facts"):
@@ -476,8 +490,21 @@ class LMTask(BaseTask):
         order = BatchPlan(n, n, seed).indices(0)  # the loop's order of the n indices (one epoch)
         return dataset.view(train.steps, train.batch_size, seed, order)
 
+    def _student_skeleton(self) -> nn.Module:
+        """The student's architecture without its weights (to be built on the meta device)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        s = self.cfg.student
+        if s.pretrained is None:
+            return build_causal_lm(s, self.n_vocab, None, "student")
+        config = from_pretrained(AutoConfig.from_pretrained, s.pretrained, "student.pretrained", "config")
+        return AutoModelForCausalLM.from_config(config)
+
     def new_student(self, data: dict[str, Any]) -> nn.Module:
-        return build_causal_lm(self.cfg.student, self.n_vocab, self.tokenizer, "student")
+        """The student as configured; with ``student.peft``, its base wrapped with LoRA adapters (only they
+        train: the runner's initial weights then include the base, the same in every arm)."""
+        model = build_causal_lm(self.cfg.student, self.n_vocab, self.tokenizer, "student")
+        return model if self.cfg.student.peft is None else apply_peft(model, self.cfg.student.peft)
 
     # ---- teacher ----------------------------------------------------------------------------------
 
@@ -598,7 +625,8 @@ class LMTask(BaseTask):
         key = {
             "kind": "lm-self-base",
             "transformers": transformers.__version__,
-            "model": cfg.student.model_dump(mode="json"),
+            # the starting model is the student's base: its adapters (student.peft) do not change it
+            "model": cfg.student.model_dump(mode="json", exclude={"peft"}),
             "train": t.train.model_dump(mode="json"),
             "data": cfg.data.cache_dump(),
             "context": t.context,
@@ -766,8 +794,13 @@ class LMTask(BaseTask):
         cfg = self.cfg
         student = self.new_student(data)
         own = cfg.teacher is not None and cfg.teacher.source == "self"
-        # source=self: both arms start from the shared starting model, which is also the teacher
-        student.load_state_dict(teacher.state_dict() if own else init_state)
+        # source=self: both arms start from the shared starting model, which is also the teacher (with
+        # student.peft, the base under the adapters)
+        if own and is_peft_model(student):
+            student.load_state_dict(init_state)  # the adapters' initial weights, the same in every arm
+            student.get_base_model().load_state_dict(teacher.state_dict())
+        else:
+            student.load_state_dict(teacher.state_dict() if own else init_state)
         cached = cfg.teacher is not None and cfg.teacher.source == "cache"
         # a cached teacher's forward runs only on on-policy batches: whether its head supports the
         # chunked loss matters then only
@@ -792,7 +825,7 @@ class LMTask(BaseTask):
             )
             objective = build_objective(_aligned_loss(cfg, self.n_vocab, padded))
             train_cfg = cfg.train
-            arm_teacher = None if teacher is None else FrozenTeacher(teacher, adapter)
+            arm_teacher = None if teacher is None else self._frozen_teacher(teacher, adapter)
             if (
                 cfg.teacher is not None and cfg.teacher.source == "members"
             ):  # combined per token; the ensemble's members run one by one
@@ -854,22 +887,43 @@ class LMTask(BaseTask):
             record=record,
         )
 
+    def _frozen_teacher(self, teacher: nn.Module, adapter: Any) -> FrozenTeacher:
+        """The arm's frozen teacher in its own dtype (``teacher.model.dtype``; its outputs float32), with
+        ``teacher.offload`` kept in CPU memory and brought to the device layer by layer."""
+        t = self.cfg.teacher
+        if getattr(t, "offload", False):
+            offload_to_cpu(teacher, self.context.accelerator.device)
+        return FrozenTeacher(teacher, adapter, keep_dtype=True)
+
     # ---- saving -----------------------------------------------------------------------------------
 
     def save(self, student: nn.Module, arm_dir: Path, data: dict[str, Any]) -> None:
         """``save_pretrained`` of the student and the tokenizer in ``<arm>/model``; the tokenizer adds
         ``<bos>`` when the training rows start with it (prompt data, the user's text), so that
-        ``AutoTokenizer.from_pretrained`` encodes a text as training did."""
-        student.save_pretrained(arm_dir / "model")
-        save_training_tokenizer(self.tokenizer, arm_dir / "model", add_bos=data["bos_in_rows"])
+        ``AutoTokenizer.from_pretrained`` encodes a text as training did. A LoRA student (``student.peft``):
+        its adapter in ``<arm>/adapter`` (with the tokenizer) and, with ``peft.merge``, the merged model in
+        ``<arm>/model``."""
+        peft = self.cfg.student.peft
+        if peft is not None:
+            save_peft_student(student, arm_dir, peft.merge)
+        else:
+            student.save_pretrained(arm_dir / "model")
+        for folder in ("model", "adapter"):
+            if (arm_dir / folder).is_dir():
+                save_training_tokenizer(self.tokenizer, arm_dir / folder, add_bos=data["bos_in_rows"])
 
     def load(self, arm_dir: Path, data: dict[str, Any]) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
+        if not (arm_dir / "model" / "config.json").is_file() and (arm_dir / "adapter").is_dir():
+            base = build_causal_lm(self.cfg.student, self.n_vocab, self.tokenizer, "student")
+            return load_peft_student(base.float(), arm_dir / "adapter")
         return AutoModelForCausalLM.from_pretrained(arm_dir / "model", dtype=torch.float32)
 
     def saved(self, arm_dir: Path) -> bool:
-        return (arm_dir / "model" / "config.json").is_file()
+        return (arm_dir / "model" / "config.json").is_file() or (
+            arm_dir / "adapter" / "adapter_config.json"
+        ).is_file()
 
     # ---- report -----------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from distillery.data.text.verifiers import VerifierConfig, verifier_shorthand
 from distillery.functional import sparse_divergence_support
 from distillery.losses import LOSSES, SignalTermConfig
 from distillery.models.causal_lm import CausalLMConfig
+from distillery.models.peft import PeftConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig, MembersConfigBase
 from distillery.train.config import TrainConfig
 
@@ -181,6 +182,27 @@ CROSS_TOKENIZER_TERMS = tuple(
 SELF_FIELDS = ("context", "momentum", "weights", "truncate_context", "train_context")  # source=self only
 
 
+class LMStudentConfig(CausalLMConfig):
+    """The student LM: a causal LM (see :class:`~distillery.models.causal_lm.CausalLMConfig`), optionally
+    trained through LoRA adapters (``peft``)."""
+
+    peft: PeftConfig | None = Field(
+        None,
+        description="train LoRA adapters on the student instead of all its weights (peft): {r, alpha, "
+        "target_modules, dropout, merge}",
+    )
+
+    @model_validator(mode="after")
+    def _adapter_base(self) -> LMStudentConfig:
+        if self.peft is not None and not self.peft.merge and self.pretrained is None:
+            raise ValueError(
+                "conflicting fields: student.peft.merge=false saves the adapter alone, but the student's base "
+                "(a model built from a config, student.pretrained=null) cannot be loaded again without its "
+                "weights; set student.peft.merge=true, or give student.pretrained"
+            )
+        return self
+
+
 class LMTeacherConfig(StrictModel):
     """A frozen teacher LM: trained first by this run (cached by config hash), or loaded. With
     ``source: cache`` its outputs over the training data are computed once into an on-disk cache
@@ -210,6 +232,12 @@ class LMTeacherConfig(StrictModel):
     cache_dir: str | None = None
     outputs: OutputsConfig | None = Field(
         None, description="source=cache: what the cache holds (dense, topk + tail, sampled) and where"
+    )
+    offload: bool = Field(
+        False,
+        description="source=frozen: keep the teacher's weights in CPU memory and bring each layer to the "
+        "training device only for its forward (accelerate's cpu_offload): a teacher that does not fit beside "
+        "the student, at the price of a copy per layer per step",
     )
     # ---- source: self ----
     weights: Literal["initial", "live", "ema"] = Field(
@@ -273,6 +301,16 @@ class LMTeacherConfig(StrictModel):
         if given:
             raise ValueError(
                 f"teacher.{given[0]} is for teacher.source=self (the student teaching itself), not source={self.source}"
+            )
+        if self.offload and self.source != "frozen":
+            raise ValueError(
+                f"teacher.offload is for teacher.source=frozen (a teacher that runs on every batch), not "
+                f"source={self.source}"
+            )
+        if self.offload and self.model.device_map is not None:
+            raise ValueError(
+                "conflicting fields: teacher.offload and teacher.model.device_map both place the teacher's "
+                "weights; give one of them"
             )
         resolved = outputs_for(self.source, self.outputs)
         if resolved is not self.outputs:  # assigned only when it changes: assignment validates again
@@ -429,7 +467,7 @@ class LMRunConfig(DistillationConfigBase):
     name: str = Field("lm-run", pattern=r"^[A-Za-z0-9_.-]+$")
     data: LMDataConfig = Field(default_factory=LMDataConfig)
     teacher: TeacherSection | None = None
-    student: CausalLMConfig = Field(default_factory=CausalLMConfig)
+    student: LMStudentConfig = Field(default_factory=LMStudentConfig)
     method: LMMethodConfig = Field(default_factory=LMMethodConfig)
     eval: LMEvalConfig = Field(default_factory=LMEvalConfig)
     chunked_loss: ChunkedLossConfig = Field(default_factory=ChunkedLossConfig)
