@@ -28,7 +28,9 @@ from distillery.teachers import (
     MultiTeacher,
     OutputCacheTeacher,
     SelfContextTeacher,
+    ServerTeacher,
     Teacher,
+    TeacherClient,
     TeacherOutput,
 )
 from distillery.train import FitResult, TrainConfig, fit
@@ -50,7 +52,9 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "SelfContextTeacher",
+    "ServerTeacher",
     "Teacher",
+    "TeacherClient",
     "TeacherOutput",
     "TrainConfig",
     "cache_outputs",

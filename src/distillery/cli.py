@@ -111,6 +111,30 @@ def _parser() -> argparse.ArgumentParser:
         "data file that replaces the test split",
     )
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    st = sub.add_parser(
+        "serve-teacher",
+        help="serve a causal LM as a teacher (the prompt log-probabilities of vLLM's completions API)",
+        description="Serve the causal LM saved in MODEL_DIR (model and tokenizer) on the subset of vLLM's "
+        "OpenAI-compatible API that a distillery run with teacher.source=server asks: GET /v1/models, "
+        "POST /v1/completions with prompt_logprobs, POST /tokenize. For tests, small teachers and as the "
+        "reference of the protocol; a real-size teacher is better served by vLLM itself (vllm serve MODEL "
+        "--max-logprobs K). It listens on 127.0.0.1 unless told otherwise; any other address needs a token.",
+    )
+    st.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="a directory saved with save_pretrained, or a hub id"
+    )
+    st.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    st.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    st.add_argument("--model-name", help="the model's name in the API (default MODEL_DIR)")
+    st.add_argument(
+        "--token-env",
+        default="DISTILLERY_TEACHER_TOKEN",
+        metavar="NAME",
+        help="environment variable holding the bearer token clients must send (default "
+        "DISTILLERY_TEACHER_TOKEN; unset: no token, loopback only)",
+    )
+    st.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -202,6 +226,20 @@ def _cmd_losses(ns: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_serve_teacher(ns: argparse.Namespace, console: Console) -> int:
+    from distillery.serving import serve
+
+    token = os.environ.get(ns.token_env) or None
+    console.print(
+        f"serving {ns.model_dir} on http://{ns.host}:{ns.port} ("
+        + ("bearer token required" if token else "no token: loopback only")
+        + "); Ctrl-C stops",
+        highlight=False,
+    )
+    serve(ns.model_dir, host=ns.host, port=ns.port, token=token, model_name=ns.model_name)
+    return 0
+
+
 def _cmd_eval(ns: argparse.Namespace, console: Console) -> int:
     from distillery.experiment import evaluate_run
 
@@ -265,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_recipes(console)
         if ns.command == "losses":
             return _cmd_losses(ns, console)
+        if ns.command == "serve-teacher":
+            return _cmd_serve_teacher(ns, console)
         return _cmd_eval(ns, console)
     except DistilleryError as exc:
         if ns.debug:

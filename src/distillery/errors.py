@@ -19,6 +19,11 @@ class NonFiniteLossError(DistilleryError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
+class TeacherUnavailableError(DistilleryError):
+    """The teacher could not answer (a teacher server down, hanging or answering garbage past its retries);
+    training stopped before the step that needed it, and the last checkpoint is kept."""
+
+
 class RunInterrupted(DistilleryError):
     """The user pressed Ctrl-C; a checkpoint of the last completed step was written."""
 

@@ -64,6 +64,7 @@ from distillery.functional.sparse import (
     sample_tokens,
     sampled_forward_kl,
     sparse_divergence_support,
+    tail_from_topk_logp,
     topk_tail,
     topk_tail_divergence,
 )
@@ -118,6 +119,7 @@ __all__ = [
     "skew_reverse_kl",
     "span_likelihood_loss",
     "sparse_divergence_support",
+    "tail_from_topk_logp",
     "topk_tail",
     "topk_tail_divergence",
     "total_variation",

@@ -552,6 +552,33 @@ def _scaled_rows(logits: Tensor, k: int, temperature: float) -> Tensor:
     return logits.detach().reshape(-1, logits.shape[-1]).to(compute_dtype(logits)) / temperature
 
 
+def tail_from_topk_logp(logp: Tensor, floor: float = 1e-6) -> Tensor:
+    r"""The tail mass of a teacher known only by its top-k log-probabilities (a teacher server's answer).
+
+    .. math::
+
+        r = \max\left(\epsilon, 1 - \sum_{j<k} \exp(\log p_j)\right)
+
+    summed in float64. Without the logits the tail cannot be computed as :func:`topk_tail` does, and
+    its digits below about 1e-7 are the rounding of the server's float32 log-probabilities; the floor
+    :math:`\epsilon` keeps reverse KL and JSD finite (a zero teacher tail beside a student that puts
+    mass there is an infinite reverse KL, see :func:`topk_tail_divergence`).
+
+    Args:
+        logp: ``[..., k]`` log-probabilities of the top-k ids.
+        floor: :math:`\epsilon`, the least tail.
+
+    Returns:
+        ``[...]`` in float32.
+
+    Example:
+        >>> import torch
+        >>> round(tail_from_topk_logp(torch.tensor([0.5, 0.3]).log()).item(), 4)
+        0.2
+    """
+    return (1.0 - logp.double().exp().sum(-1)).clamp(floor, 1.0).float()
+
+
 def topk_tail(logits: Tensor, k: int, *, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     r"""Compress a teacher's logits to its top-k ids, their log-probabilities and the tail mass.
 

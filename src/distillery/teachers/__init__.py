@@ -6,6 +6,7 @@ from distillery.teachers.cross_tokenizer import CrossTokenizerTeacher
 from distillery.teachers.frozen import FrozenTeacher
 from distillery.teachers.multi import MultiTeacher
 from distillery.teachers.self_context import SelfContextTeacher
+from distillery.teachers.server import ServerError, ServerTeacher, TeacherClient
 from distillery.teachers.store import (
     DamagedTeacherError,
     TeacherStore,
@@ -23,7 +24,10 @@ __all__ = [
     "MultiTeacher",
     "OutputCacheTeacher",
     "SelfContextTeacher",
+    "ServerError",
+    "ServerTeacher",
     "Teacher",
+    "TeacherClient",
     "TeacherOutput",
     "TeacherStore",
     "config_hash",

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from distillery.data.augment import augment_batch
-from distillery.errors import ConfigError, NonFiniteLossError, RunInterrupted
+from distillery.errors import ConfigError, NonFiniteLossError, RunInterrupted, TeacherUnavailableError
 from distillery.fileio import is_finite_tree
 from distillery.functional.paced import expand_row_weight
 from distillery.losses import LossInputs, Objective
@@ -353,6 +353,27 @@ def fit(
         history.append(record)
         log.log(step, "eval", {k: v for k, v in record.items() if k != "step"})
 
+    def step_batches(at: int) -> list[dict[str, Tensor]]:
+        """This process's micro-batches of step ``at`` (a pure function of ``seed`` and ``at``)."""
+        indices = plan.indices(at).view(config.grad_accum, micro)
+        if config.augment.is_identity():
+            return [
+                _to_device(train_set.get_batch(ix[rank * per_rank : (rank + 1) * per_rank]), acc.device)
+                for ix in indices
+            ]
+        batches = []  # augment the global micro-batch identically on every process, then take our rows
+        for a, ix in enumerate(indices):
+            g = torch.Generator().manual_seed(((seed * 1_000_003 + at) * 131 + a) % (2**63))
+            full = augment_batch(train_set.get_batch(ix), config.augment, g)
+            batches.append(_to_device(_rows(full, rank * per_rank, (rank + 1) * per_rank), acc.device))
+        return batches
+
+    # A teacher with prefetch (a server) is sent each step's rows before the student's forward, and the
+    # next step's as well where they do not depend on the student (no batch transform): its answers
+    # arrive while the student trains.
+    prefetch = getattr(teacher, "prefetch", None) if objective.needs_teacher else None
+    upcoming: dict[int, list[dict[str, Tensor]]] = {}
+
     bar = TrainProgress(label, total_steps, start, enabled=progress and acc.is_main_process)
     t0 = time.perf_counter()
     last: dict[str, float] = {}
@@ -362,25 +383,14 @@ def fit(
         with _StopFlag() as stop:
             while step < total_steps:
                 epoch = plan.epoch_of(step)
-                indices = plan.indices(step).view(config.grad_accum, micro)
-                if config.augment.is_identity():
-                    batches = [
-                        _to_device(
-                            train_set.get_batch(ix[rank * per_rank : (rank + 1) * per_rank]), acc.device
-                        )
-                        for ix in indices
-                    ]
-                else:  # augment the global micro-batch identically on every process, then take our rows
-                    batches = []
-                    for a, ix in enumerate(indices):
-                        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + a) % (2**63))
-                        full = augment_batch(train_set.get_batch(ix), config.augment, g)
-                        batches.append(
-                            _to_device(_rows(full, rank * per_rank, (rank + 1) * per_rank), acc.device)
-                        )
-
+                batches = upcoming.pop(step, None) or step_batches(step)
                 if batch_transform is not None:  # e.g. on-policy: responses sampled from the student
                     batches = [batch_transform(b, raw_model, step) for b in batches]
+                if prefetch is not None:  # a remote teacher: this step's rows now, the next step's too
+                    prefetch(batches)
+                    if batch_transform is None and step + 1 < total_steps:
+                        upcoming[step + 1] = step_batches(step + 1)
+                        prefetch(upcoming[step + 1])
                 if step == start:  # once: the batch keys against what the adapters read
                     check_batch_keys(batches[0], adapter, raw_model)
                     t_adapter = getattr(teacher, "adapter", None)
@@ -396,7 +406,12 @@ def fit(
                     sync = a == len(batches) - 1
                     with nullcontext() if sync else acc.no_sync(model):
                         s_out = adapter.forward(model, batch)
-                        t_out = teacher(batch, s_out) if objective.needs_teacher else None
+                        try:
+                            t_out = teacher(batch, s_out) if objective.needs_teacher else None
+                        except TeacherUnavailableError as exc:
+                            raise type(exc)(
+                                f"{exc}; step {step + 1} changed no weight" + _finite_checkpoint_note(run_dir)
+                            ) from None
                         if teacher is not None:
                             teacher.observe(batch, s_out)
                         target, mask = adapter.rows(batch)

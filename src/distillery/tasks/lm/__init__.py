@@ -16,6 +16,7 @@ data; task accuracy and PACED judge answers with the arithmetic checker or ``dat
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ from distillery.teachers import FrozenTeacher, OutputCacheTeacher
 from distillery.teachers.cross_tokenizer import CrossTokenizerTeacher
 from distillery.teachers.multi import MultiTeacher
 from distillery.teachers.self_context import SelfContextTeacher, teacher_prompt
+from distillery.teachers.server import ServerTeacher, TeacherClient
 from distillery.teachers.store import default_cache_root
 from distillery.train import TrainConfig, fit
 from distillery.train.batches import BatchPlan
@@ -364,6 +366,11 @@ def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module |
     ]
     if cfg.method.name == "paced":
         reasons.append("method.name=paced weights each row")
+    server = getattr(cfg.teacher, "source", None) == "server"
+    if server and cfg.teacher.server.top_k is None:
+        reasons.append(
+            "teacher.source=server with the full vocabulary answers with logits, not hidden states"
+        )
     if getattr(cfg.teacher, "offload", False):
         reasons.append(
             "teacher.offload=true keeps the teacher's head off the device between its layers' forwards"
@@ -391,6 +398,21 @@ def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module |
 # ----------------------------------------------------------------------------------------------------
 # The task
 # ----------------------------------------------------------------------------------------------------
+
+
+class _NoPrefetch:
+    """A teacher server asked only when the loop needs its answer (``teacher.server.prefetch: false``)."""
+
+    def __init__(self, teacher: ServerTeacher) -> None:
+        self.teacher = teacher
+
+    def __call__(self, batch, student_output=None):
+        return self.teacher(batch, student_output)
+
+    def __getattr__(self, name: str):
+        if name == "prefetch":
+            raise AttributeError(name)
+        return getattr(self.teacher, name)
 
 
 class LMTask(BaseTask):
@@ -452,6 +474,8 @@ class LMTask(BaseTask):
             check_lengths(
                 cfg, self.data["train"], self._contexts(self.data), cfg.student.max_positions, bos_id
             )
+        # a teacher server: reached, its model named and its tokenizer compared now, before anything trains
+        self.server_teacher = self._connect_server() if t is not None and t.source == "server" else None
         if cfg.student.peft is not None:  # adapters on layers the student has, checked before anything trains
             check_peft_targets(self._student_skeleton, cfg.student.peft)
         if cfg.eval.max_new_tokens is not None:
@@ -490,6 +514,22 @@ class LMTask(BaseTask):
         order = BatchPlan(n, n, seed).indices(0)  # the loop's order of the n indices (one epoch)
         return dataset.view(train.steps, train.batch_size, seed, order)
 
+    def _connect_server(self) -> ServerTeacher:
+        """The teacher behind ``teacher.url``: its model listed, the tokenization of a probe string compared
+        with the run's tokenizer (a server with another vocabulary is refused here)."""
+        t, s = self.cfg.teacher, self.cfg.teacher.server
+        token = os.environ.get(s.token_env) or None
+        client = TeacherClient(
+            t.url, top_k=s.top_k or self.n_vocab, vocab_size=self.n_vocab, model=s.model, token=token,
+            timeout_s=s.timeout_s, retries=s.retries, backoff_s=s.backoff_s, max_concurrency=s.concurrency,
+            batch_rows=s.batch_rows,
+        )  # fmt: skip
+        name = client.model  # GET /v1/models: an unreachable URL fails here
+        client.check_tokenizer(self.tokenizer)
+        how = "the full vocabulary" if s.top_k is None else f"top-{s.top_k} + tail"
+        self.context.console.print(f"  teacher server: {t.url} ({name}), {how} per token")
+        return ServerTeacher(client)
+
     def _student_skeleton(self) -> nn.Module:
         """The student's architecture without its weights (to be built on the meta device)."""
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -514,6 +554,8 @@ class LMTask(BaseTask):
             return None
         if t.source == "self":
             return self._self_base(data)
+        if t.source == "server":  # nothing to train, cache or evaluate here: it runs on its server
+            return None
         if t.source == "members":  # each member obtained and cached as it would be alone, then combined
             names = t.member_names()
             specs = [
@@ -815,14 +857,12 @@ class LMTask(BaseTask):
             first = (
                 teacher.members[0] if isinstance(teacher, CausalLMEnsemble) else teacher
             )  # members: one size
+            student_rows = student.get_output_embeddings().weight.shape[0]
             padded = (
                 teacher is not None
                 and not self.cross
-                and (
-                    first.get_output_embeddings().weight.shape[0]
-                    != student.get_output_embeddings().weight.shape[0]
-                )
-            )
+                and first.get_output_embeddings().weight.shape[0] != student_rows
+            ) or (self.server_teacher is not None and student_rows != self.n_vocab)  # fmt: skip
             objective = build_objective(_aligned_loss(cfg, self.n_vocab, padded))
             train_cfg = cfg.train
             arm_teacher = None if teacher is None else self._frozen_teacher(teacher, adapter)
@@ -841,6 +881,10 @@ class LMTask(BaseTask):
                 arm_teacher = CrossTokenizerTeacher(
                     teacher, self.teacher_tokenizer, self.tokenizer, max_length=self._max_length(teacher)
                 )
+            if self.server_teacher is not None:
+                arm_teacher = self.server_teacher
+                if not cfg.teacher.server.prefetch:
+                    arm_teacher = _NoPrefetch(arm_teacher)
             if own:  # None when no term asks the teacher (SDFT: the teacher only generates)
                 arm_teacher = self._self_teacher(student, data, adapter) if objective.needs_teacher else None
             if cached:
@@ -865,6 +909,8 @@ class LMTask(BaseTask):
             if isinstance(arm_teacher, MultiTeacher):
                 out["multi_teacher"] = {"combine": cfg.teacher.combine, **arm_teacher.metrics(),
                                         "members": arm_teacher.member_metrics()}  # fmt: skip
+            if isinstance(arm_teacher, (ServerTeacher, _NoPrefetch)):
+                out["teacher_server"] = arm_teacher.metrics()
             if isinstance(arm_teacher, (SelfContextTeacher, CrossTokenizerTeacher)):
                 out["teacher_calls"] = {
                     "calls": arm_teacher.calls,

@@ -182,6 +182,37 @@ CROSS_TOKENIZER_TERMS = tuple(
 SELF_FIELDS = ("context", "momentum", "weights", "truncate_context", "train_context")  # source=self only
 
 
+class ServerConfig(StrictModel):
+    """How a teacher server is asked (``teacher.source: server``)."""
+
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description="log-probabilities per token (vLLM's prompt_logprobs): null: the full vocabulary (dense "
+        "terms, exactly the local teacher's distribution); k: the top-k + a tail (the sparse terms forward_kl, "
+        "reverse_kl, jsd at temperature 1; a vLLM server needs --max-logprobs >= k)",
+    )
+    model: str | None = Field(
+        None, description="the served model's name (null: the only one /v1/models lists)"
+    )
+    token_env: str = Field(
+        "DISTILLERY_TEACHER_TOKEN",
+        description="the environment variable holding the bearer token (kept out of config files); unset: none",
+    )
+    timeout_s: float = Field(120.0, gt=0.0, description="seconds one request may take")
+    retries: int = Field(
+        5, ge=0, description="retries of a failed request (exponential backoff) before stopping"
+    )
+    backoff_s: float = Field(0.5, gt=0.0, description="the first retry's wait; doubled at each retry")
+    concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    batch_rows: int = Field(16, ge=1, description="rows per request")
+    prefetch: bool = Field(
+        True,
+        description="send each step's rows (and the next step's, for fixed data) before the student's forward, so "
+        "that the server works while the student trains",
+    )
+
+
 class LMStudentConfig(CausalLMConfig):
     """The student LM: a causal LM (see :class:`~distillery.models.causal_lm.CausalLMConfig`), optionally
     trained through LoRA adapters (``peft``)."""
@@ -208,12 +239,19 @@ class LMTeacherConfig(StrictModel):
     ``source: cache`` its outputs over the training data are computed once into an on-disk cache
     (``distillery cache``, or the run when it is missing) and read from it during training."""
 
-    source: Literal["frozen", "cache", "self"] = Field(
+    source: Literal["frozen", "cache", "self", "server"] = Field(
         "frozen",
         description="frozen: the teacher runs on every batch; cache: its outputs are read from disk; self: the "
         "student's own weights, shown the privileged context teacher.context (the teacher section then has no "
-        "model: teacher.train trains the shared starting model first)",
+        "model: teacher.train trains the shared starting model first); server: a teacher behind a vLLM-compatible "
+        "server at teacher.url",
     )
+    url: str | None = Field(
+        None,
+        description="source=server: the server's base URL (e.g. http://127.0.0.1:8000, without /v1): a vLLM "
+        "OpenAI-compatible server or `distillery serve-teacher`",
+    )
+    server: ServerConfig | None = Field(None, description="source=server: how the teacher server is asked")
     model: CausalLMConfig = Field(default_factory=CausalLMConfig)
     tokenizer: TokenizerConfig | None = Field(
         None,
@@ -280,6 +318,8 @@ class LMTeacherConfig(StrictModel):
             )
         if self.outputs is not None:
             raise ValueError("teacher.outputs is for teacher.source=cache; drop it with teacher.source=self")
+        if self.url is not None or self.server is not None:
+            raise ValueError("teacher.url and teacher.server are for teacher.source=server, not source=self")
         if self.weights == "ema" and self.momentum is None:
             raise ValueError(
                 "teacher.weights=ema needs teacher.momentum, the EMA momentum (e.g. 0.99: the share the teacher "
@@ -291,10 +331,34 @@ class LMTeacherConfig(StrictModel):
             )
         return self
 
+    def _server_source(self) -> LMTeacherConfig:
+        """source=server: a URL, no model, training or cache of its own."""
+        if self.url is None:
+            raise ValueError(
+                "teacher.source=server needs teacher.url, the server's base URL (e.g. http://127.0.0.1:8000); "
+                "start one with `distillery serve-teacher MODEL_DIR` or vLLM's `vllm serve`"
+            )
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher.url={self.url!r} must start with http:// or https://")
+        own = [f for f in ("train", "outputs", "tokenizer", "seq_len") if getattr(self, f) is not None]
+        if own or self.model != CausalLMConfig():
+            raise ValueError(
+                f"conflicting fields: teacher.{own[0] if own else 'model'} is set, but teacher.source=server asks a "
+                "model that runs on the server; drop it"
+            )
+        if self.server is None:
+            self.server = ServerConfig()
+        return self
+
     @model_validator(mode="after")
     def _one_source(self) -> LMTeacherConfig:
         if self.source == "self":
             return self._self_source()
+        if (self.url is not None or self.server is not None) and self.source != "server":
+            raise ValueError(
+                f"teacher.{'url' if self.url is not None else 'server'} is for teacher.source=server, not "
+                f"source={self.source}"
+            )
         # compared with the defaults, not with the fields given: a run's saved config.yaml holds them all
         defaults = {f: type(self).model_fields[f].default for f in SELF_FIELDS}
         given = [f for f in SELF_FIELDS if getattr(self, f) != defaults[f]]
@@ -302,6 +366,8 @@ class LMTeacherConfig(StrictModel):
             raise ValueError(
                 f"teacher.{given[0]} is for teacher.source=self (the student teaching itself), not source={self.source}"
             )
+        if self.source == "server":
+            return self._server_source()
         if self.offload and self.source != "frozen":
             raise ValueError(
                 f"teacher.offload is for teacher.source=frozen (a teacher that runs on every batch), not "
@@ -491,6 +557,14 @@ class LMRunConfig(DistillationConfigBase):
                 )
         if out.kind == "dense":
             return
+        self._sparse_terms_fit(
+            out.kind, out.temperature, f"teacher.outputs.kind={out.kind} keeps {out.k} ids per token",
+            "teacher.outputs.kind=dense", f"the {out.kind} cache stores the teacher's distribution at "
+            f"teacher.outputs.temperature={out.temperature:g}",
+        )  # fmt: skip
+
+    def _sparse_terms_fit(self, kind: str, temperature: float, what: str, dense: str, stored: str) -> None:
+        """Every teacher term can use a sparse teacher (top-k + tail, or sampled ids) at its temperature."""
         for label, term in self.loss.items():
             cls = LOSSES[term.name][1]
             if not cls.needs_teacher:
@@ -498,23 +572,37 @@ class LMRunConfig(DistillationConfigBase):
             if cls.sparse_name is None:
                 raise ValueError(
                     f"conflicting fields: loss.{label} ({term.name}) needs the teacher's full logits, but "
-                    f"teacher.outputs.kind={out.kind} keeps {out.k} ids per token; use forward_kl, reverse_kl or jsd, "
-                    "or teacher.outputs.kind=dense"
+                    f"{what}; use forward_kl, reverse_kl or jsd, or {dense}"
                 )
-            why = sparse_divergence_support(out.kind, cls.sparse_name)
+            why = sparse_divergence_support(kind, cls.sparse_name)
             if why is not None:
                 raise ValueError(f"loss.{label}: {why}")
-            temperature = getattr(term, "temperature", 1.0)
-            if temperature != out.temperature:
+            t = getattr(term, "temperature", 1.0)
+            if t != temperature:
                 raise ValueError(
-                    f"conflicting fields: loss.{label}.temperature={temperature:g}, but the {out.kind} cache stores "
-                    f"the teacher's distribution at teacher.outputs.temperature={out.temperature:g}; set them equal"
+                    f"conflicting fields: loss.{label}.temperature={t:g}, but {stored}; set "
+                    f"loss.{label}.temperature={temperature:g}"
                 )
+
+    def _server_fits(self) -> None:
+        """A teacher server scores any rows (fixed or sampled by the student), top-k at temperature 1."""
+        if self.method.name not in ("token", "on_policy"):
+            raise ValueError(
+                f"conflicting fields: method.name={self.method.name} needs the teacher to generate or weights rows "
+                "by it, which a teacher server's log-probabilities do not serve; use method.name=token or on_policy"
+            )
+        k = self.teacher.server.top_k
+        if k is not None:
+            self._sparse_terms_fit(
+                "topk", 1.0, f"teacher.server.top_k={k} asks {k} log-probabilities per token",
+                "teacher.server.top_k=null (the full vocabulary)",
+                "a server's prompt log-probabilities are at temperature 1",
+            )  # fmt: skip
 
     def teacher_models(self) -> list[tuple[str, CausalLMConfig]]:
         """``(field, model)`` of every teacher LM of the run: the teacher's, or each member's."""
         t = self.teacher
-        if t is None or t.source == "self":
+        if t is None or t.source in ("self", "server"):
             return []
         if t.source == "members":
             return [(f"teacher.members.{i}.model", m.model) for i, m in enumerate(t.members)]
@@ -523,8 +611,10 @@ class LMRunConfig(DistillationConfigBase):
     def teacher_trains(self) -> list[tuple[str, TrainConfig | None]]:
         """``(field of the model, train section)`` of every teacher LM of the run."""
         t = self.teacher
-        if t is None or t.source == "self":
-            return [] if t is None else [("teacher.model", t.train)]
+        if t is None or t.source == "server":
+            return []
+        if t.source == "self":
+            return [("teacher.model", t.train)]
         if t.source == "members":
             return [(f"teacher.members.{i}.model", m.train) for i, m in enumerate(t.members)]
         return [("teacher.model", t.train)]
@@ -691,6 +781,8 @@ class LMRunConfig(DistillationConfigBase):
                     )
         if self.teacher is not None and self.teacher.source == "cache":
             self._cache_fits()
+        if self.teacher is not None and self.teacher.source == "server":
+            self._server_fits()
         if method == "revision" and (self.teacher is None or self.teacher.source != "self"):
             raise ValueError(
                 "conflicting fields: method.name=revision has the model revise its own answers (SD-Zero): it needs "
