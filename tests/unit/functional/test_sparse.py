@@ -23,6 +23,7 @@ from distillery.functional import (
     sample_tokens,
     sampled_forward_kl,
     sparse_divergence_support,
+    tail_from_topk_logp,
     topk_tail,
     topk_tail_divergence,
 )
@@ -325,6 +326,24 @@ def test_topk_tail_compresses_a_teacher():
     want = (1 + 1 + math.e) * math.exp(-40.0)
     assert tail.item() > 0 and math.isclose(tail.item(), want, rel_tol=1e-5)
     assert topk_tail(t.double(), 3)[1].dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3), (2, 4, 3)])
+def test_the_tail_of_top_k_log_probabilities_matches_a_loop(shape):
+    g = torch.Generator().manual_seed(_seed("tail_from_topk_logp", *shape))
+    full = torch.log_softmax(torch.randn(*shape[:-1], 12, generator=g) * 2, -1)
+    logp = full.topk(shape[-1], dim=-1).values
+    got = tail_from_topk_logp(logp)
+    assert got.dtype == torch.float32 and got.shape == shape[:-1]
+    flat, want = logp.reshape(-1, shape[-1]).double(), []
+    for row in flat:  # one row at a time, in float64
+        mass = 0.0
+        for value in row.tolist():
+            mass += math.exp(value)
+        want.append(max(1e-6, 1.0 - mass))
+    assert torch.allclose(got.reshape(-1).double(), torch.tensor(want, dtype=torch.float64), atol=1e-7)
+    # a teacher whose top-k hold everything: the floor, not zero (reverse KL stays finite)
+    assert tail_from_topk_logp(torch.log_softmax(torch.randn(3), -1)).item() == pytest.approx(1e-6)
 
 
 def test_sample_tokens_layout():
