@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,7 @@ def sizes(quick: bool) -> dict[str, Any]:
     """Student and teacher shapes (the teacher ~4x the student's parameters), batch, sequence."""
     if quick:
         return {"vocab": 512, "student": (64, 2, 4), "teacher": (128, 2, 4), "batch": 4, "seq": 32}
-    return {"vocab": 8192, "student": (256, 4, 8), "teacher": (512, 4, 8), "batch": 8, "seq": 256}
+    return {"vocab": 8192, "student": (256, 4, 8), "teacher": (512, 5, 8), "batch": 8, "seq": 256}
 
 
 def _llama(hidden: int, layers: int, heads: int, vocab: int, dtype: str = "float32"):
@@ -201,33 +200,12 @@ def memory_table(record: dict[str, Any]) -> str:
 # ---- server vs local teacher ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve(model_dir: Path, port: int) -> subprocess.Popen:
-    import httpx
-
-    proc = subprocess.Popen([sys.executable, "-m", "distillery.cli", "serve-teacher", str(model_dir), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"serve-teacher did not start: {proc.stderr.read().decode()[-2000:]}")
-
-
 def run_server(args) -> dict[str, Any]:
     from distillery.data.text.tokenizer import train_tokenizer
     from distillery.losses import build_objective
     from distillery.losses.logit import CrossEntropyConfig, ForwardKLConfig
     from distillery.models.hf import HFCausalLMAdapter
+    from distillery.serving import free_port, launch
     from distillery.teachers import FrozenTeacher, ServerTeacher, TeacherClient
     from distillery.train import TrainConfig, fit
 
@@ -255,11 +233,11 @@ def run_server(args) -> dict[str, Any]:
         "arms": {},
     }
 
-    def timed(label: str, make_teacher, sparse: bool) -> None:
+    def timed(label: str, make_teacher) -> None:
         torch.manual_seed(0)
         student = _llama(*s["student"], vocab)
-        kd = ForwardKLConfig(weight=0.5)
-        objective = build_objective({"ce": CrossEntropyConfig(weight=0.5), "kd": kd})
+        terms = {"ce": CrossEntropyConfig(weight=0.5), "kd": ForwardKLConfig(weight=0.5)}
+        objective = build_objective(terms if make_teacher is not None else {"ce": CrossEntropyConfig()})
         times: list[float] = []
         last = [time.perf_counter()]
 
@@ -269,7 +247,7 @@ def run_server(args) -> dict[str, Any]:
                 times.append(now - last[0])
             last[0] = now
 
-        teacher_obj = make_teacher()
+        teacher_obj = None if make_teacher is None else make_teacher()
         fit(student, rows, objective, TrainConfig(steps=steps + warmup, batch_size=s["batch"], eval_every=0,
             log_every=10**6), teacher=teacher_obj, adapter=adapter, progress=False, on_step=on_step)  # fmt: skip
         step = statistics.median(times)
@@ -277,48 +255,52 @@ def run_server(args) -> dict[str, Any]:
                               **({"server": teacher_obj.metrics()} if hasattr(teacher_obj, "metrics") else {})}  # fmt: skip
         print(f"  {label}: {s['batch'] / step:.1f} samples/s ({step * 1e3:.0f} ms/step)")
 
-    timed("local teacher (dense)", lambda: FrozenTeacher(teacher, adapter), sparse=False)
-    port = _free_port()
-    server = _serve(folder / "teacher", port)
-    try:
-        for label, prefetch in (("server, top-20, prefetch", True), ("server, top-20, no prefetch", False)):
+    threads = torch.get_num_threads()
+    timed(f"local teacher (dense), {threads} threads", lambda: FrozenTeacher(teacher, adapter))
+    # references: the student's own step (cross-entropy, no teacher) with all the cores and with the trainer's
+    # share when the cores are split: the least a teacher anywhere can cost the trainer
+    timed(f"no teacher (CE only), {threads} threads", None)
+    torch.set_num_threads(max(1, threads - 1))
+    timed(f"no teacher (CE only), {max(1, threads - 1)} thread(s)", None)
+    torch.set_num_threads(threads)
+    # the server and the trainer share this machine's cores: first each with all of them (they contend),
+    # then the cores split between them (1 + the rest), as with a server on its own hardware
+    for split in (False, True):
+        port = free_port()
+        server = launch(folder / "teacher", port, threads=1 if split else None)
+        if split:
+            torch.set_num_threads(max(1, threads - 1))
+        how = (
+            f"server 1 thread + trainer {max(1, threads - 1)}"
+            if split
+            else f"server and trainer {threads} threads each"
+        )
+        try:
+            for prefetch in (True, False):
 
-            def make(prefetch=prefetch):
-                client = TeacherClient(f"http://127.0.0.1:{port}", top_k=20, vocab_size=vocab, batch_rows=4)
-                teacher_obj = ServerTeacher(client)
-                if not prefetch:
-                    return _NoPrefetch(teacher_obj)
-                return teacher_obj
+                def make(prefetch=prefetch, port=port):
+                    client = TeacherClient(
+                        f"http://127.0.0.1:{port}", top_k=20, vocab_size=vocab, batch_rows=4
+                    )
+                    return ServerTeacher(client, prefetch=prefetch)
 
-            timed(label, make, sparse=True)
-    finally:
-        server.terminate()
-        server.wait(10)
+                timed(f"{how}, top-20, {'prefetch' if prefetch else 'no prefetch'}", make)
+        finally:
+            server.terminate()
+            server.wait(10)
+            torch.set_num_threads(threads)
     return out
-
-
-class _NoPrefetch:
-    def __init__(self, teacher) -> None:
-        self.teacher = teacher
-
-    def __call__(self, batch, student_output=None):
-        return self.teacher(batch, student_output)
-
-    def __getattr__(self, name: str):
-        if name == "prefetch":
-            raise AttributeError(name)
-        return getattr(self.teacher, name)
 
 
 def server_table(record: dict[str, Any]) -> str:
     arms = record["arms"]
-    local = arms["local teacher (dense)"]["step_s"]
+    local = next(a for label, a in arms.items() if label.startswith("local"))["step_s"]
     s = record["sizes"]
     rows = [f"{s['batch']} x {s['seq']} tokens per step, vocabulary {s['vocab']}; the server on the same machine (loopback)",
             "", "| teacher | samples/s | step (ms) | vs local | target |", "|---|---|---|---|---|"]  # fmt: skip
     for label, a in arms.items():
         ratio = a["step_s"] / local
-        target = "-" if "prefetch" not in label or "no prefetch" in label else (
+        target = "-" if "prefetch" not in label or "no prefetch" in label or "each" in label else (
             f"<= {TARGET_SERVER_RATIO}x: {'met' if ratio <= TARGET_SERVER_RATIO else 'missed'}")  # fmt: skip
         rows.append(
             f"| {label} | {a['samples_per_s']:.1f} | {a['step_s'] * 1e3:.0f} | {ratio:.2f}x | {target} |"

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ pytest.importorskip("httpx", reason="the serve extra (httpx) is not installed")
 from distillery.cli import main
 from distillery.data.text.tokenizer import train_tokenizer
 from distillery.models.causal_lm import CausalLMConfig, build_causal_lm
-from distillery.serving import create_app
+from distillery.serving import create_app, free_port, launch
 from tests.integration.test_lm import TINY
 from tests.unit.test_server_teacher import LiveServer
 
@@ -99,10 +97,7 @@ def test_a_top_k_server_trains_with_the_sparse_divergence(teacher_dir, tmp_path)
 
 
 def test_an_unreachable_server_stops_the_run_before_training_naming_the_url(tmp_path, capsys):
-    with socket.socket() as sock:  # a free port that nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     out = tmp_path / "dead"
     teacher = f"teacher={{source: server, url: '{url}', server: {{retries: 1, backoff_s: 0.01}}}}"
     assert main(_args(out, teacher)) == 2
@@ -126,34 +121,14 @@ def test_a_server_with_another_vocabulary_is_refused_at_start(tmp_path, capsys):
     assert "tokeniz" in capsys.readouterr().err.lower()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(path: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distillery.cli", "serve-teacher", str(path), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"serve-teacher did not start: {proc.stderr.read().decode()[-2000:]}")
+    return launch(path, port, threads=1, timeout_s=60)
 
 
 def test_a_server_killed_mid_run_stops_it_with_a_message_and_an_intact_checkpoint(teacher_dir, tmp_path):
     """`distillery serve-teacher` in its own process, SIGKILLed after the run's second checkpoint: the run
     retries, stops with exit 2 naming the URL and the checkpoint, and resumes once the server is back."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = _start_server(teacher_dir, port)
     out = tmp_path / "killed"

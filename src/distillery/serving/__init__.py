@@ -4,6 +4,6 @@
 FastAPI and uvicorn are imported when an app is created (the ``serve`` extra).
 """
 
-from distillery.serving.app import create_app, serve
+from distillery.serving.app import create_app, free_port, launch, serve
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "free_port", "launch", "serve"]

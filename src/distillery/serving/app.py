@@ -30,11 +30,15 @@ rows to a forward pass (right-padded: a causal LM's positions before the padding
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from functools import cache
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -313,3 +317,40 @@ def serve(
         model, tokenizer, model_name=model_name or model_dir, token=token, max_batch_rows=max_batch_rows
     )
     uvicorn.run(app, host=host, port=port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at the moment (for tests and benchmarks)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(
+    model_dir: str | Path, port: int, *, threads: int | None = None, env: dict[str, str] | None = None,
+    timeout_s: float = 120.0,
+) -> subprocess.Popen:  # fmt: skip
+    """``distillery serve-teacher model_dir --port port`` in a new process, returned once it answers
+    ``GET /v1/models`` on 127.0.0.1 (``threads``: its ``OMP_NUM_THREADS``). Stop it with ``terminate()``.
+
+    Raises:
+        RuntimeError: it exited or did not answer within ``timeout_s`` (its stderr's end in the message).
+    """
+    import httpx
+
+    extra = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distillery.cli", "serve-teacher", str(model_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {}), **extra},
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"serve-teacher did not start: {proc.stderr.read().decode()[-2000:]}")

@@ -464,11 +464,15 @@ class ServerTeacher(BaseTeacher):
     Args:
         client: the server's client (its ``top_k``, ``vocab_size`` and retries).
         max_prefetched_rows: the most prefetched rows kept waiting for their batch.
+        prefetch: False: :meth:`prefetch` does nothing (for measuring what it buys).
     """
 
-    def __init__(self, client: TeacherClient, *, max_prefetched_rows: int = 4096) -> None:
+    def __init__(
+        self, client: TeacherClient, *, max_prefetched_rows: int = 4096, prefetch: bool = True
+    ) -> None:
         self.client = client
         self.max_prefetched_rows = max_prefetched_rows
+        self.prefetching = prefetch
         # row content -> [pending request, index in it, rows of prefetched batches still to serve]
         self._prefetched: OrderedDict[bytes, list] = OrderedDict()
         self._counts = {
@@ -501,7 +505,10 @@ class ServerTeacher(BaseTeacher):
         return self._output(batch["input_ids"], rows, answers)
 
     def prefetch(self, batches: Sequence[Mapping[str, Tensor]]) -> None:
-        """Start the requests for ``batches`` now; :meth:`__call__` on them then takes the answers."""
+        """Start the requests for ``batches`` now; :meth:`__call__` on them then takes the answers. Does
+        nothing when the teacher was made with ``prefetch=False`` (every batch asked when it is needed)."""
+        if not self.prefetching:
+            return
         new: dict[bytes, list] = {}  # row content -> [row, uses]
         for batch in batches:
             for row, key in zip(*_rows(batch)):

@@ -400,21 +400,6 @@ def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module |
 # ----------------------------------------------------------------------------------------------------
 
 
-class _NoPrefetch:
-    """A teacher server asked only when the loop needs its answer (``teacher.server.prefetch: false``)."""
-
-    def __init__(self, teacher: ServerTeacher) -> None:
-        self.teacher = teacher
-
-    def __call__(self, batch, student_output=None):
-        return self.teacher(batch, student_output)
-
-    def __getattr__(self, name: str):
-        if name == "prefetch":
-            raise AttributeError(name)
-        return getattr(self.teacher, name)
-
-
 class LMTask(BaseTask):
     config = LMRunConfig
     metrics = (
@@ -528,7 +513,7 @@ class LMTask(BaseTask):
         client.check_tokenizer(self.tokenizer)
         how = "the full vocabulary" if s.top_k is None else f"top-{s.top_k} + tail"
         self.context.console.print(f"  teacher server: {t.url} ({name}), {how} per token")
-        return ServerTeacher(client)
+        return ServerTeacher(client, prefetch=s.prefetch)
 
     def _student_skeleton(self) -> nn.Module:
         """The student's architecture without its weights (to be built on the meta device)."""
@@ -883,8 +868,6 @@ class LMTask(BaseTask):
                 )
             if self.server_teacher is not None:
                 arm_teacher = self.server_teacher
-                if not cfg.teacher.server.prefetch:
-                    arm_teacher = _NoPrefetch(arm_teacher)
             if own:  # None when no term asks the teacher (SDFT: the teacher only generates)
                 arm_teacher = self._self_teacher(student, data, adapter) if objective.needs_teacher else None
             if cached:
@@ -909,7 +892,7 @@ class LMTask(BaseTask):
             if isinstance(arm_teacher, MultiTeacher):
                 out["multi_teacher"] = {"combine": cfg.teacher.combine, **arm_teacher.metrics(),
                                         "members": arm_teacher.member_metrics()}  # fmt: skip
-            if isinstance(arm_teacher, (ServerTeacher, _NoPrefetch)):
+            if isinstance(arm_teacher, ServerTeacher):
                 out["teacher_server"] = arm_teacher.metrics()
             if isinstance(arm_teacher, (SelfContextTeacher, CrossTokenizerTeacher)):
                 out["teacher_calls"] = {
