@@ -304,3 +304,26 @@ def test_scale_fields_are_checked_before_anything_runs():
         load_config("lm-kd", ["teacher.source=cache", "teacher.offload=true"])
     cfg = load_config("lm-kd", ["train.mixed_precision=no"])  # YAML's bare `no` is the string
     assert cfg.train.mixed_precision == "no"
+
+
+def test_a_lora_student_teaches_itself_from_the_shared_starting_model(tmp_path, monkeypatch):
+    """teacher.source=self with student.peft: both arms put their adapters on the same starting model (the
+    teacher's weights), so every weight without an adapter is the same in both exported models."""
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "opsd"
+    code = main(["run", "lm-opsd", "teacher.train.steps=6", "train.steps=4", "train.eval_every=0",
+                 "data.arithmetic.train=64", "data.arithmetic.validation=4", "data.arithmetic.test=8",
+                 "student.peft={r: 2}", f"output.dir={out}", "--no-progress"])  # fmt: skip
+    assert code == 0
+    sft, kd = (
+        load_file(str(out / "seed-0" / arm / "model" / "model.safetensors"))
+        for arm in ("baseline", "distilled")
+    )
+    frozen = [k for k in sft if not any(p in k for p in ("q_proj", "k_proj", "v_proj", "o_proj"))]
+    assert frozen and all(torch.equal(sft[k], kd[k]) for k in frozen)
+    assert any(not torch.equal(sft[k], kd[k]) for k in sft if "q_proj" in k)  # the adapters trained apart
+    # and those weights are the starting model's (the one cached teacher entry: the shared starting model)
+    (entry,) = (tmp_path / "cache" / "teachers").glob("*/model.safetensors")
+    start = load_file(str(entry))
+    assert all(torch.equal(start[k], kd[k]) for k in frozen if k in start)
+    assert sum(k in start for k in frozen) >= len(frozen) - 1  # lm_head is tied to embed_tokens

@@ -97,14 +97,6 @@ def _is_linear(module: Any) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def is_peft_model(model: Any) -> bool:
-    try:
-        import peft
-    except ImportError:
-        return False
-    return isinstance(model, peft.PeftModel)
-
-
 def merged_copy(model: Any) -> Any:
     """The base model with every adapter folded into its weights (a copy: ``model`` is unchanged)."""
     return copy.deepcopy(model).merge_and_unload()

@@ -58,7 +58,6 @@ from distillery.models.hub import check_model_dir, from_pretrained
 from distillery.models.peft import (
     apply_peft,
     check_peft_targets,
-    is_peft_model,
     load_peft_student,
     save_peft_student,
 )
@@ -819,14 +818,16 @@ class LMTask(BaseTask):
         trained: dict[str, nn.Module],
     ) -> ArmJob:
         cfg = self.cfg
-        student = self.new_student(data)
         own = cfg.teacher is not None and cfg.teacher.source == "self"
         # source=self: both arms start from the shared starting model, which is also the teacher (with
-        # student.peft, the base under the adapters)
-        if own and is_peft_model(student):
-            student.load_state_dict(init_state)  # the adapters' initial weights, the same in every arm
-            student.get_base_model().load_state_dict(teacher.state_dict())
+        # student.peft, the base under the adapters, whose initial weights are the same in every arm)
+        if own and cfg.student.peft is not None:
+            base = build_causal_lm(cfg.student, self.n_vocab, self.tokenizer, "student")
+            base.load_state_dict(teacher.state_dict())
+            student = apply_peft(base, cfg.student.peft)
+            student.load_state_dict({k: v for k, v in init_state.items() if "lora_" in k}, strict=False)
         else:
+            student = self.new_student(data)
             student.load_state_dict(teacher.state_dict() if own else init_state)
         cached = cfg.teacher is not None and cfg.teacher.source == "cache"
         # a cached teacher's forward runs only on on-policy batches: whether its head supports the
