@@ -21,7 +21,7 @@ import traceback
 from rich.console import Console
 from rich.markup import escape
 
-from distillery.errors import DistilleryError
+from distillery.errors import ConfigError, DistilleryError
 
 EPILOG_RUN = """examples:
   distillery run                                   the built-in default (digits-kd)
@@ -228,8 +228,16 @@ def _cmd_losses(ns: argparse.Namespace, console: Console) -> int:
 
 def _cmd_serve_teacher(ns: argparse.Namespace, console: Console) -> int:
     from distillery.serving import serve
+    from distillery.serving.app import is_loopback
 
     token = os.environ.get(ns.token_env) or None
+    if token is None and not is_loopback(ns.host):
+        raise ConfigError(
+            f"serve-teacher --host {ns.host}: not a loopback address, and no token is set, so anyone who can reach "
+            f"this machine could use the teacher; put a token in the environment variable {ns.token_env} (clients "
+            "send it as Authorization: Bearer <token>; a distillery run reads teacher.server.token_env), or listen "
+            "on 127.0.0.1 and reach it through an SSH tunnel"
+        )
     console.print(
         f"serving {ns.model_dir} on http://{ns.host}:{ns.port} ("
         + ("bearer token required" if token else "no token: loopback only")

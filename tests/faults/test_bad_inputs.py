@@ -690,6 +690,9 @@ CLI = [
         setup=_run_dir_with_bad_config),
     bad("cli-resume-without-a-run", "run", "CLS", "--resume", phrase="no earlier run"),
     bad("cli-recipes-extra-argument", "recipes", "extra", phrase="unrecognized arguments"),
+    bad("cli-serve-teacher-missing-model", "serve-teacher", "{tmp}/absent", phrase="does not exist"),
+    bad("cli-serve-teacher-open-without-token", "serve-teacher", "{tmp}/absent", "--host", "0.0.0.0",
+        phrase="not a loopback address, and no token"),
 ]  # fmt: skip
 
 # Several teachers (teacher.members): a trained member and a checkpoint one, as the CLS teacher.

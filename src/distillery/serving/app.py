@@ -272,7 +272,7 @@ def _prompt_logprobs(z: Tensor, row: list[int], k: int, piece) -> list[dict[str,
     return entries
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -302,7 +302,7 @@ def serve(
     Raises:
         ConfigError: a non-loopback host without a token, or a model that does not load.
     """
-    if token is None and not _is_loopback(host):
+    if token is None and not is_loopback(host):
         raise ConfigError(
             f"serve: host={host!r} is not a loopback address and no token is set, so anyone who can reach this "
             "machine could use the teacher; set a token (clients send it as Authorization: Bearer <token>), or "
