@@ -133,15 +133,15 @@ def test_the_training_code_version_follows_code_not_comments_or_docstrings(tmp_p
     _edit(loop, '"""The training loop:', '"""The one training loop:')  # a docstring
     _edit(
         loop,
-        "    acc = accelerator or make_accelerator()",
-        "    # a comment\n    acc = accelerator or make_accelerator()",
+        "    acc = accelerator or make_accelerator(config.mixed_precision)",
+        "    # a comment\n    acc = accelerator or make_accelerator(config.mixed_precision)",
     )
     _edit(root / "report" / "plots.py", "dpi=120", "dpi=100")  # output only
     assert training_code_version(root) == base
     _edit(
         loop,
-        "    acc = accelerator or make_accelerator()",
-        "    acc = accelerator or make_accelerator()\n    _ = 1",
+        "    acc = accelerator or make_accelerator(config.mixed_precision)",
+        "    acc = accelerator or make_accelerator(config.mixed_precision)\n    _ = 1",
     )
     assert training_code_version(root) != base  # the loop changed: cached teachers are stale
     edited = _package_copy(tmp_path / "models")
