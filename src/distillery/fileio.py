@@ -8,7 +8,8 @@ the checkpoints and the teacher cache uses.
   of every other file of a folder, written last; a folder whose manifest is missing or disagrees with
   its files is damaged, and the error names the file.
 * :data:`HOOKS`: test hooks called between writing a temporary file or folder and renaming it into
-  place (the fault suite stops a process exactly there).
+  place, and after each process's shard of a sharded checkpoint is written (the fault suite stops a
+  process exactly there).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import torch
 
 MANIFEST = "MANIFEST.json"
 
-# name -> callables run with the temporary path just before it is renamed into place. Empty in
+# name -> callables run with the temporary path just before it is renamed into place ("before_rename"),
+# or once this process's shard is in a sharded checkpoint's temporary folder ("after_shard"). Empty in
 # normal use; the fault-injection tests add one to kill the process inside a write.
-HOOKS: dict[str, list[Callable[[Path], None]]] = {"before_rename": []}
+HOOKS: dict[str, list[Callable[[Path], None]]] = {"before_rename": [], "after_shard": []}
 
 
 class DamagedFileError(Exception):

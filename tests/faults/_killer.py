@@ -6,8 +6,10 @@ MODE is ``step`` (SIGKILL right after the N-th training record of the run's arms
 one record per step and 30-step arms, N=37 is step 7 of the second arm), ``rename`` (SIGKILL inside a durable write --
 the N-th, or, when N is not a number, the first whose temporary path contains N: its temporary file
 or folder is complete, the rename has not happened), ``sigint`` or
-``sigterm`` (the signal arrives during step N; training checkpoints and stops). Under several
-processes only the main process (rank 0) injects the fault.
+``sigterm`` (the signal arrives during step N; training checkpoints and stops), ``shard`` (under
+``train.parallel=fsdp``: SIGKILL of the *second* process right after it wrote its shard of the N-th
+sharded checkpoint, the main process still inside the same write). Under several processes only the
+main process (rank 0) injects the other faults.
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ def main() -> int:
     from distillery.cli import main as cli
     from distillery.train import logging as metric_log
 
-    if rank == 0 and mode == "rename":
+    if mode == "shard":
+        shards = [0]
+
+        def kill_after_shard(tmp):
+            shards[0] += 1
+            if rank == 1 and shards[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        fileio.HOOKS["after_shard"].append(kill_after_shard)
+    elif rank == 0 and mode == "rename":
         seen = [0]
 
         def kill_inside_write(tmp):

@@ -36,7 +36,15 @@ class Teacher(Protocol):
 
 
 class BaseTeacher:
-    """Defaults for teachers without state: ``observe`` and ``update`` do nothing, the state is empty."""
+    """Defaults for teachers without state: ``observe`` and ``update`` do nothing, the state is empty.
+
+    ``fsdp`` says how the teacher takes part in a sharded run (``train.parallel: fsdp``): ``"shard"``, its
+    ``module`` is sharded over the processes like the student; ``"ok"``, it holds no module that needs
+    sharding and never reads the student's weights (cached outputs, a server); ``"no"`` (the default), it
+    reads or copies the student's weights, which no process holds whole under FSDP.
+    """
+
+    fsdp: str = "no"
 
     def __call__(
         self, batch: Mapping[str, Tensor], student_output: ModelOutput | None = None

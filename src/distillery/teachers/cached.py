@@ -22,6 +22,8 @@ class CachedTeacher(BaseTeacher):
         ids: ``[N]`` the sample id of each row.
     """
 
+    fsdp = "ok"  # see BaseTeacher
+
     def __init__(self, logits: Tensor, ids: Tensor) -> None:
         if logits.shape[0] != ids.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows but {ids.shape[0]} sample ids")
@@ -65,6 +67,8 @@ class OutputCacheTeacher(BaseTeacher):
     ``use_live(batch)`` is true (on-policy batches, whose responses the student just sampled). The
     counters :attr:`cache_calls` and :attr:`live_calls` say how often each served a batch.
     """
+
+    fsdp = "ok"  # see BaseTeacher
 
     def __init__(
         self, cache, *, positions=None, token_dims=None, live: Teacher | None = None, use_live=None

@@ -33,6 +33,8 @@ class FrozenTeacher(BaseTeacher):
         (torch.Size([2, 3]), False)
     """
 
+    fsdp = "shard"  # see BaseTeacher
+
     def __init__(self, module: nn.Module, adapter=None, *, keep_dtype: bool = False) -> None:
         self.module = module if keep_dtype or is_placed(module) else module.float()
         self.module.eval()

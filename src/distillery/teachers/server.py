@@ -467,6 +467,8 @@ class ServerTeacher(BaseTeacher):
         prefetch: False: :meth:`prefetch` does nothing (for measuring what it buys).
     """
 
+    fsdp = "ok"  # see BaseTeacher
+
     def __init__(
         self, client: TeacherClient, *, max_prefetched_rows: int = 4096, prefetch: bool = True
     ) -> None:

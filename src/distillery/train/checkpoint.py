@@ -12,6 +12,11 @@ takes the newest intact one, saying which damaged ones it skipped. A ``step-`` f
 manifest was written by a distillery older than the manifests: it is taken as it is, with a note that
 it is unverified. Everything is loaded with ``torch.load(weights_only=True)``, which cannot execute
 code; a file that does not decode is a :class:`DamagedCheckpointError` naming it.
+
+A sharded run (``train.parallel: fsdp``) writes ``sharded/`` instead of ``model.safetensors`` and
+``optimizer.pt``: the model's and optimizer's shards through ``torch.distributed.checkpoint``, one
+file per process plus its ``.metadata``, inside the same temporary folder and under the same manifest,
+so that a damaged shard makes the whole checkpoint damaged and the previous one is used.
 """
 
 from __future__ import annotations
@@ -142,10 +147,11 @@ def _skipped(damaged: list[tuple[Path, DamagedFileError]], used: Path) -> list[s
 class CheckpointWriter:
     """Writes checkpoints of one run; every process calls :meth:`save` (each stores its own RNG)."""
 
-    def __init__(self, run_dir: Path, accelerator, keep: int = 1) -> None:
+    def __init__(self, run_dir: Path, accelerator, keep: int = 1, *, sharded: bool = False) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.acc = accelerator
         self.keep = keep
+        self.sharded = sharded
 
     def save(
         self,
@@ -165,9 +171,14 @@ class CheckpointWriter:
         self.acc.wait_for_everyone()
         with disk_errors(tmp):  # a full disk is reported as one, whatever torch or safetensors raise
             torch.save(rng_state(), tmp / f"rng-rank{self.acc.process_index}.pt")
-            if main:
+            if self.sharded:  # collective: every process writes its shard
+                from distillery.train.fsdp import save_sharded
+
+                save_sharded(tmp, model, optimizer)
+            elif main:
                 save_model(model, str(tmp / "model.safetensors"))
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if main:
                 torch.save({"step": step, "scheduler": scheduler.state_dict(), **extra}, tmp / "trainer.pt")
         self.acc.wait_for_everyone()  # every process's RNG file is in tmp before the manifest lists them
         if main:
@@ -207,7 +218,13 @@ def _read(path: Path, read: Callable[[Path], T]) -> T:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, process_index: int = 0
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    process_index: int = 0,
+    *,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """Restore model/optimizer/scheduler/RNG from ``path``; return the trainer state (step, extras)."""
     path = Path(path)
@@ -216,8 +233,23 @@ def load_checkpoint(
         raise ConfigError(
             f"{rng_file} is missing: the checkpoint was written by fewer processes than are resuming it"
         )
-    _read(path / "model.safetensors", lambda p: load_model(model, str(p)))
-    optimizer.load_state_dict(_read(path / "optimizer.pt", _load_plain))
+    if sharded:
+        from distillery.train.fsdp import SHARDED_DIR, load_sharded
+
+        if not (path / SHARDED_DIR).is_dir():
+            raise ConfigError(
+                f"{path} holds no {SHARDED_DIR}/ folder: it was written by a run without train.parallel=fsdp; "
+                "resume it with the parallel setting it was written with"
+            )
+        _read(path / SHARDED_DIR, lambda p: load_sharded(path, model, optimizer))
+    else:
+        if not (path / "model.safetensors").is_file() and (path / "sharded").is_dir():
+            raise ConfigError(
+                f"{path} is a sharded checkpoint (train.parallel=fsdp): resume it with train.parallel=fsdp and "
+                "the same number of processes"
+            )
+        _read(path / "model.safetensors", lambda p: load_model(model, str(p)))
+        optimizer.load_state_dict(_read(path / "optimizer.pt", _load_plain))
     trainer = _read(path / "trainer.pt", _load_plain)
     scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(_read(rng_file, _load_plain))

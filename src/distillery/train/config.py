@@ -72,6 +72,12 @@ class TrainConfig(StrictModel):
         description="autocast the model's forward through Accelerate (bf16; fp16 with loss scaling, CUDA only); "
         "one setting per process: null takes the run's (its train.mixed_precision); the losses stay float32",
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="how several processes share the work: ddp, each holds the whole student (and teacher) and "
+        "gradients are averaged; fsdp, the student's parameters, gradients and optimizer state and a frozen "
+        "teacher's parameters are sharded over the processes (PyTorch fully_shard; one process: no effect)",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute activations in the backward pass instead of keeping them (Hugging Face models): "

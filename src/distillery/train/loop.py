@@ -34,6 +34,7 @@ from distillery.fileio import is_finite_tree
 from distillery.functional.paced import expand_row_weight
 from distillery.losses import LossInputs, Objective
 from distillery.models.adapters import ROW_WEIGHT_KEY, ClassifierAdapter
+from distillery.models.placement import is_placed
 from distillery.train.batches import BatchPlan
 from distillery.train.checkpoint import (
     CheckpointWriter,
@@ -44,6 +45,7 @@ from distillery.train.checkpoint import (
 )
 from distillery.train.config import TrainConfig, check_batch_split
 from distillery.train.datasets import batch_source, check_batch_keys
+from distillery.train.fsdp import Sharded, all_finite, shard
 from distillery.train.logging import MetricLog
 from distillery.train.progress import TrainProgress
 from distillery.train.schedules import build_optimizer, build_scheduler
@@ -179,6 +181,33 @@ def _finite_checkpoint_note(run_dir: Path | None) -> str:
     return f"; the last good checkpoint (finite weights) is {ckpt} (step {step_of(ckpt)}): --resume continues from it"
 
 
+def _check_fsdp(objective: Objective, teacher, batch_transform) -> None:
+    """What a sharded run (``train.parallel: fsdp``) cannot do, refused before anything trains.
+
+    Raises:
+        ConfigError: loss terms with their own parameters, a teacher that reads the student's weights, or
+            a batch transform (sampling from the student: each process would decode a different number
+            of tokens, and a sharded forward needs all of them).
+    """
+    own = [name for name, term in objective.terms.items() if any(True for _ in term.parameters())]
+    if own:
+        raise ConfigError(
+            f"train.parallel=fsdp: the loss term(s) {', '.join(own)} have their own parameters (projectors), "
+            "which the sharded loop does not shard; use train.parallel=ddp for them"
+        )
+    if teacher is not None and getattr(teacher, "fsdp", "no") == "no":
+        raise ConfigError(
+            f"train.parallel=fsdp: the teacher ({type(teacher).__name__}) reads or copies the student's weights, "
+            "which no process holds whole under FSDP; use train.parallel=ddp with it (frozen, cached and server "
+            "teachers work with fsdp)"
+        )
+    if batch_transform is not None:
+        raise ConfigError(
+            "train.parallel=fsdp: this arm samples from the student during training (on-policy or sequence "
+            "generation), which the sharded loop does not support yet; use train.parallel=ddp for it"
+        )
+
+
 def _to_device(batch: dict[str, Tensor], device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -283,12 +312,34 @@ def fit(
     plan = BatchPlan(len(train_set), config.batch_size, seed)
     eval_every = config.eval_every if config.eval_every is not None else max(1, total_steps // 10)
 
+    if config.parallel == "fsdp" and world == 1:
+        acc.print(
+            f"  warning: {label}: train.parallel=fsdp with one process shards nothing; it trains as one process "
+            "(launch several: accelerate launch --multi_gpu --num_processes N -m distillery run ...)"
+        )
+    fsdp = config.parallel == "fsdp" and world > 1
+    if fsdp:
+        _check_fsdp(objective, teacher, batch_transform)
+
     torch.manual_seed(seed)
     objective = objective.to(acc.device)
+    _gradient_checkpointing(model, config.gradient_checkpointing)
+    student_shards: Sharded | None = None
+    teacher_shards: Sharded | None = None
+    if fsdp:  # shard first: the optimizer must see the sharded parameters
+        model.to(acc.device)
+        student_shards = shard(model, mixed_precision=acc.mixed_precision)
+        if (
+            teacher is not None
+            and getattr(teacher, "fsdp", "no") == "shard"
+            and not is_placed(teacher.module)
+        ):
+            teacher.module.to(acc.device)
+            teacher_shards = shard(teacher.module, frozen=True)
     optimizer = build_optimizer(list(model.parameters()) + list(objective.parameters()), config.optimizer)
     scheduler = build_scheduler(optimizer, config.schedule, total_steps)
-    _gradient_checkpointing(model, config.gradient_checkpointing)
-    model, optimizer = acc.prepare(model, optimizer)
+    if not fsdp:
+        model, optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(model)
     if teacher is not None and hasattr(teacher, "to"):
         teacher.to(acc.device)
@@ -298,7 +349,9 @@ def fit(
         tensorboard=tensorboard,
         trackers=trackers if acc.is_main_process else None,
     )
-    writer = CheckpointWriter(run_dir, acc, config.keep_checkpoints) if run_dir is not None else None
+    writer = (
+        CheckpointWriter(run_dir, acc, config.keep_checkpoints, sharded=fsdp) if run_dir is not None else None
+    )
     start = 0
     resumed_from = None
     history: list[dict[str, Any]] = []
@@ -308,7 +361,7 @@ def fit(
         for note in notes:
             acc.print(f"  {label}: {note}")
         if ckpt is not None:
-            state = load_checkpoint(ckpt, raw_model, optimizer, scheduler, rank)
+            state = load_checkpoint(ckpt, raw_model, optimizer, scheduler, rank, sharded=fsdp)
             start = resumed_from = int(state["step"])
             if start > total_steps:
                 raise ConfigError(
@@ -336,7 +389,10 @@ def fit(
 
     def save_finite(step: int) -> Path:
         """Checkpoint, unless the weights are not finite: a checkpoint always holds good weights."""
-        if not is_finite_tree(raw_model.state_dict().values()):
+        finite = (
+            all_finite(raw_model.parameters()) if fsdp else is_finite_tree(raw_model.state_dict().values())
+        )
+        if not finite:
             raise NonFiniteLossError(
                 f"step {step} made the model's weights non-finite (NaN or infinite) although its loss "
                 f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}) and gradients were finite; "
@@ -347,7 +403,8 @@ def fit(
         return writer.save(step, raw_model, optimizer, scheduler, extra_state())
 
     def run_eval(step: int) -> None:
-        if evaluate is None or not acc.is_main_process:
+        # sharded: the forward is collective, so every process evaluates (the same rows, the same numbers)
+        if evaluate is None or not (acc.is_main_process or fsdp):
             return
         record = {"step": step, "epoch": plan.epoch_of(step), **evaluate(raw_model)}
         history.append(record)
@@ -404,7 +461,9 @@ def fit(
                 parts_sum = torch.zeros(len(objective.names), dtype=torch.float64, device=acc.device)
                 for a, batch in enumerate(batches):
                     sync = a == len(batches) - 1
-                    with nullcontext() if sync else acc.no_sync(model):
+                    if fsdp:  # reduce-scatter the gradients on the last micro-batch only
+                        model.set_requires_gradient_sync(sync)
+                    with nullcontext() if sync or fsdp else acc.no_sync(model):
                         s_out = adapter.forward(model, batch)
                         try:
                             t_out = teacher(batch, s_out) if objective.needs_teacher else None
@@ -441,14 +500,16 @@ def fit(
                         + ". Try a lower learning rate or gradient clipping (train.clip_grad_norm)."
                     )
                 params = [p for group in optimizer.param_groups for p in group["params"]]
-                if not _finite_grads(params):
+                if not (all_finite(p.grad for p in params) if fsdp else _finite_grads(params)):
                     raise NonFiniteLossError(
                         f"non-finite gradients at step {step + 1} (the loss parts were finite: "
                         f"{', '.join(f'{k}={v:.4g}' for k, v in values.items())}); this step changed no weight"
                         + _finite_checkpoint_note(run_dir)
                         + ". Try a lower learning rate, gradient clipping (train.clip_grad_norm) or fp32."
                     )
-                if config.clip_grad_norm is not None:
+                if config.clip_grad_norm is not None and fsdp:  # the norm over all shards
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+                elif config.clip_grad_norm is not None:
                     acc.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
@@ -488,6 +549,10 @@ def fit(
                     if stop.signum == signal.SIGTERM:
                         error.exit_code = 143
                     raise error
+        if student_shards is not None:  # the trained student, and the teacher, whole on every process again
+            raw_model = student_shards.consolidate()
+        if teacher_shards is not None:
+            teacher.module = teacher_shards.consolidate()
     finally:
         bar.close()
         log.close()

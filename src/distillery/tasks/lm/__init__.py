@@ -370,6 +370,10 @@ def chunked_loss_plan(cfg: LMRunConfig, student: nn.Module, teacher: nn.Module |
         reasons.append(
             "teacher.source=server with the full vocabulary answers with logits, not hidden states"
         )
+    if cfg.train.parallel == "fsdp":
+        reasons.append(
+            "train.parallel=fsdp shards the output heads, which the chunked loss reads outside the forward"
+        )
     if getattr(cfg.teacher, "offload", False):
         reasons.append(
             "teacher.offload=true keeps the teacher's head off the device between its layers' forwards"
