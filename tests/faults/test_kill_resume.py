@@ -237,3 +237,34 @@ def test_a_self_supervised_run_killed_mid_training_resumes_identical(tmp_path, c
         json.loads((d / "seed-0" / "distilled" / "result.json").read_text()) for d in (ref_dir, run_dir)
     )
     assert ra["metrics"] == rb["metrics"] and ra["history"] == rb["history"]
+
+
+FSDP_TINY = [*DDP_TINY, "train.parallel=fsdp", "baseline.train.parallel=fsdp"]
+
+
+@pytest.mark.integration
+def test_fsdp_sigkill_after_a_step_and_inside_a_sharded_write_then_resume_are_identical(tmp_path):
+    """Two processes, student and teacher sharded: SIGKILL of the main process after a step, and of the
+    second process right after it wrote its shard of a checkpoint (the main process still inside the same
+    write: no manifest yet, the temporary folder not renamed). Each resumes from its newest complete
+    sharded checkpoint and ends bit-identical to the run that was never interrupted."""
+    cache = tmp_path / "cache"
+    ref = launch([*FSDP_TINY, f"output.dir={tmp_path / 'ref'}"], tmp_path, cache)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+    reference = outcome(tmp_path / "ref")
+    # step 44 is step 14 of the distilled arm; shard 9 is the distilled arm's third checkpoint (step 15)
+    for fault in [("step", 44), ("shard", 9)]:
+        run_dir = tmp_path / fault[0]
+        stopped = launch([*FSDP_TINY, f"output.dir={run_dir}"], tmp_path, cache, fault=fault)
+        assert stopped.returncode != 0
+        arm = run_dir / "seed-0" / "distilled"
+        assert [c.name for c in checkpoint_dirs(arm)] == ["step-00000005", "step-00000010"], fault
+        assert all((c / "sharded" / ".metadata").is_file() for c in checkpoint_dirs(arm))
+        if fault[0] == "shard":  # the interrupted write: one temporary folder, never a step- name
+            assert [p.name for p in (arm / "checkpoints").glob(".step-*")] == [".step-00000015.tmp"]
+        assert_no_half_written_checkpoint(run_dir)
+        resumed = launch([*FSDP_TINY, f"output.dir={run_dir}", "--resume"], tmp_path, cache)
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+        assert "resumed from step 10 of 30" in resumed.stdout
+        assert_identical(outcome(run_dir), reference)
+        TALLY["kills survived identical"] += 1
