@@ -14,8 +14,13 @@
   (another process on this machine, loopback) with and without prefetch, top-k = 20 (vLLM's default
   ``--max-logprobs``) and the sparse forward KL. Target: with prefetch, the server teacher's step time is
   at most 1.2x the local teacher's.
+* ``fsdp``: the same KD step (fp32) under two CPU processes (gloo) with ``train.parallel`` ``ddp`` and
+  ``fsdp``, beside one process: per process, the bytes of the parameters, gradients and optimizer state it
+  holds (counted from its tensors: a shard under FSDP), and its peak resident set while the timed steps
+  run (sampled every 2 ms by a thread; the models are built whole before sharding, so the high-water mark
+  of the whole process would only show the build), and the median step time.
 
-    python benchmarks/lm_scale.py                  # both parts
+    python benchmarks/lm_scale.py                  # every part
     python benchmarks/lm_scale.py --part server
     python benchmarks/lm_scale.py --quick          # a smoke test of the script (seconds)
 
@@ -197,6 +202,144 @@ def memory_table(record: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+# ---- FSDP vs DDP: two processes ------------------------------------------------------------------------------
+
+
+class _PeakSampler:
+    """The highest resident set of this process while running (sampled by a thread)."""
+
+    def __init__(self, every_s: float = 0.002) -> None:
+        import threading
+
+        self.every_s, self.peak, self._on = every_s, 0, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            if self._on:
+                self.peak = max(self.peak, _rss())
+
+    def start(self) -> None:
+        self.peak, self._on = _rss(), True
+
+    def close(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def fsdp_worker(parallel: str, quick: bool, steps: int, warmup: int) -> dict[str, Any] | None:
+    from distillery.losses import build_objective
+    from distillery.losses.logit import CrossEntropyConfig, ForwardKLConfig
+    from distillery.models.hf import HFCausalLMAdapter
+    from distillery.teachers import FrozenTeacher
+    from distillery.train import TrainConfig, fit, make_accelerator
+    from distillery.train.fsdp import _local
+
+    acc = make_accelerator()
+    s = sizes(quick)
+    torch.manual_seed(0)
+    student = _llama(*s["student"], s["vocab"])
+    teacher = FrozenTeacher(_llama(*s["teacher"], s["vocab"]), HFCausalLMAdapter())
+    params = {"student": sum(p.numel() for p in student.parameters()),
+              "teacher": sum(p.numel() for p in teacher.module.parameters())}  # fmt: skip
+    objective = build_objective({"ce": CrossEntropyConfig(weight=0.5), "kd": ForwardKLConfig(weight=0.5)})
+    rows = RandomRows(s["batch"] * (steps + warmup), s["seq"], s["vocab"])
+    config = TrainConfig(steps=steps + warmup, batch_size=s["batch"], eval_every=0, log_every=10**6,
+                         parallel=parallel)  # fmt: skip
+    sampler, times, held, last = _PeakSampler(), [], {}, [time.perf_counter()]
+
+    def nbytes(tensors) -> int:
+        return sum(_local(t).numel() * t.element_size() for t in tensors if t is not None)
+
+    def on_step(step: int) -> None:
+        now = time.perf_counter()
+        if step > warmup:
+            times.append(now - last[0])
+        if step == warmup:
+            sampler.start()
+        if step == steps + warmup:  # what this process holds, counted from its (local) tensors
+            held["student_params"] = nbytes(student.parameters())  # sharded in place under fsdp
+            held["teacher_params"] = nbytes(teacher.module.parameters())
+            held["optimizer_state"] = (
+                2 * held["student_params"]
+            )  # AdamW: exp_avg and exp_avg_sq per parameter
+        last[0] = now
+
+    before = _rss()  # the models built whole, before fit shards them
+    fit(student, rows, objective, config, teacher=teacher, adapter=HFCausalLMAdapter(), progress=False,
+        on_step=on_step, accelerator=acc)  # fmt: skip
+    peak = sampler.close()
+    mine = {
+        "rank": acc.process_index,
+        "rss_before": before,
+        "peak_rss": peak,
+        "step_s": statistics.median(times),
+        **held,
+    }
+    gathered = [mine]
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([mine])
+    if not acc.is_main_process:
+        return None
+    return {"parallel": parallel, "processes": acc.num_processes, "params": params, "ranks": gathered,
+            "device": platform.processor() or "cpu"}  # fmt: skip
+
+
+def run_fsdp(args) -> dict[str, Any]:
+    records = []
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), *(["--quick"] if args.quick else [])]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "CUDA_VISIBLE_DEVICES": ""}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root), env.get("PYTHONPATH", "")])
+    runs = [("one process", [sys.executable, __file__, "--fsdp-worker", "ddp", *common], {})]
+    for parallel in ("ddp", "fsdp"):
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", "0", __file__, "--fsdp-worker", parallel, *common]  # fmt: skip
+        runs.append((f"2 processes, {parallel}", launch, {"OMP_NUM_THREADS": "1"}))
+    for label, cmd, extra in runs:
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**env, **extra})
+        if done.returncode != 0:
+            raise RuntimeError(f"{label} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        line = next(x for x in reversed(done.stdout.strip().splitlines()) if x.startswith("{"))
+        record = {"label": label, **json.loads(line)}
+        rank0 = record["ranks"][0]
+        print(
+            f"  {label}: peak RSS {rank0['peak_rss'] / 2**20:.0f} MiB per process, step {rank0['step_s'] * 1e3:.0f} ms"
+        )
+        records.append(record)
+    return {"sizes": sizes(args.quick), "steps": args.steps, "warmup": args.warmup, "records": records}
+
+
+def fsdp_table(record: dict[str, Any]) -> str:
+    s, first = record["sizes"], record["records"][0]
+    head = (
+        f"student {first['params']['student'] / 1e6:.1f}M / teacher {first['params']['teacher'] / 1e6:.1f}M "
+        f"parameters (fp32, AdamW), {s['batch']} x {s['seq']} tokens per step over all processes, vocabulary "
+        f"{s['vocab']}, on {first['device']}; per process (the mean of the processes)"
+    )
+    rows = [head, "", "| run | student parameters held (MiB) | teacher parameters held (MiB) | + gradients + "
+            "AdamW state (MiB) | resident set before training, models whole (MiB) | peak resident set in training (MiB) | step (ms) |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in record["records"]:
+        ranks = r["ranks"]
+
+        def mean(key: str, ranks: list[dict[str, Any]] = ranks) -> float:
+            return statistics.mean(x[key] for x in ranks)
+
+        student, teacher = mean("student_params"), mean("teacher_params")
+        rows.append(
+            f"| {r['label']} | {student / 2**20:.1f} | {teacher / 2**20:.1f} | {(student * 2 + mean('optimizer_state')) / 2**20:.1f} | "
+            f"{mean('rss_before') / 2**20:.0f} | {mean('peak_rss') / 2**20:.0f} | {mean('step_s') * 1e3:.0f} |"
+        )
+    return "\n".join(rows)
+
+
 # ---- server vs local teacher ------------------------------------------------------------------------------
 
 
@@ -308,7 +451,11 @@ def server_table(record: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-PARTS = {"memory": (run_memory, memory_table), "server": (run_server, server_table)}
+PARTS = {
+    "memory": (run_memory, memory_table),
+    "server": (run_server, server_table),
+    "fsdp": (run_fsdp, fsdp_table),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,8 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the numbers")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--fsdp-worker", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.fsdp_worker:
+        record = fsdp_worker(args.fsdp_worker, args.quick, args.steps, args.warmup)
+        if record is not None:
+            print(json.dumps(record))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args.quick, args.steps, args.warmup)))
         return 0

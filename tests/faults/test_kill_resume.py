@@ -252,19 +252,22 @@ def test_fsdp_sigkill_after_a_step_and_inside_a_sharded_write_then_resume_are_id
     ref = launch([*FSDP_TINY, f"output.dir={tmp_path / 'ref'}"], tmp_path, cache)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
     reference = outcome(tmp_path / "ref")
-    # step 44 is step 14 of the distilled arm; shard 9 is the distilled arm's third checkpoint (step 15)
-    for fault in [("step", 44), ("shard", 9)]:
+    # a step of the distilled arm drawn from a fixed seed (11-19: after its second checkpoint), and the
+    # distilled arm's third checkpoint write (the baseline wrote 6: shard 9 is step 15)
+    step = random.Random(20261204).randint(ARM_STEPS + 11, ARM_STEPS + 19)
+    for fault in [("step", step), ("shard", 9)]:
         run_dir = tmp_path / fault[0]
         stopped = launch([*FSDP_TINY, f"output.dir={run_dir}"], tmp_path, cache, fault=fault)
         assert stopped.returncode != 0
         arm = run_dir / "seed-0" / "distilled"
-        assert [c.name for c in checkpoint_dirs(arm)] == ["step-00000005", "step-00000010"], fault
+        last = 10 if fault[0] == "shard" else (step - ARM_STEPS) // 5 * 5  # the newest complete checkpoint
+        assert [c.name for c in checkpoint_dirs(arm)] == [f"step-{last - 5:08d}", f"step-{last:08d}"], fault
         assert all((c / "sharded" / ".metadata").is_file() for c in checkpoint_dirs(arm))
         if fault[0] == "shard":  # the interrupted write: one temporary folder, never a step- name
             assert [p.name for p in (arm / "checkpoints").glob(".step-*")] == [".step-00000015.tmp"]
         assert_no_half_written_checkpoint(run_dir)
         resumed = launch([*FSDP_TINY, f"output.dir={run_dir}", "--resume"], tmp_path, cache)
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-        assert "resumed from step 10 of 30" in resumed.stdout
+        assert f"resumed from step {last} of 30" in resumed.stdout
         assert_identical(outcome(run_dir), reference)
         TALLY["kills survived identical"] += 1
