@@ -177,3 +177,24 @@ def test_self_supervised_run_under_two_processes_matches_one_process(tmp_path):
         assert a["teacher_entropy"] == pytest.approx(b["teacher_entropy"], rel=1e-4)
         assert a["teacher_mean_entropy"] == pytest.approx(b["teacher_mean_entropy"], rel=1e-4)
     assert ddp_rec["metrics"]["knn"] == pytest.approx(one_rec["metrics"]["knn"], abs=0.5)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", ["digits-mean-teacher", "digits-fixmatch"])
+def test_semi_supervised_runs_under_two_processes_match_one_process(tmp_path, recipe):
+    """Mean Teacher (its EMA teacher and consistency term) and FixMatch (the teacher's pseudo-labels
+    over a confidence threshold, normalised by the global count of kept rows): the student matches one
+    process with the same global batch. Dropout is off: its draws are per process (Noisy Student needs
+    it, so it is not compared)."""
+    quick = ["seeds=[0]", "train.steps=12", "train.eval_every=6", "student.dropout=0", "baseline.enabled=false",
+             "--no-progress"]  # fmt: skip
+    launch(["-m", "distillery", "run", recipe, f"output.dir={tmp_path / 'ddp'}", *quick], tmp_path)
+    run_one_process(["run", recipe, f"output.dir={tmp_path / 'one'}", *quick], tmp_path)
+    arm = Path("seed-0") / "distilled"
+    ddp, one = (load_file(str(tmp_path / w / arm / "student.safetensors")) for w in ("ddp", "one"))
+    assert ddp.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    a, b = (json.loads((tmp_path / w / arm / "result.json").read_text()) for w in ("ddp", "one"))
+    assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]] == [6, 12]
+    assert a["metrics"]["accuracy"] == pytest.approx(b["metrics"]["accuracy"], abs=0.5)
