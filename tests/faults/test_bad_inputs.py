@@ -748,12 +748,30 @@ SCALE = [
                                       "teacher.offload=true")),
 ]  # fmt: skip
 
+CNN = "student={name: cnn, channels: [4], dropout: 0}"
+COMPRESS = [
+    bad("compress-unknown-backend", *run_cls(CNN, "compress={method: qat, backend: tpu}"),
+        phrase="is not a quantized engine this CPU's PyTorch supports"),
+    bad("compress-sparsity-one", *run_cls(CNN, "compress={method: prune, sparsity: 1.0}"), phrase="compress.prune.sparsity"),
+    bad("compress-sparsity-negative", *run_cls(CNN, "compress={method: prune, sparsity: -0.1}"),
+        phrase="compress.prune.sparsity"),
+    bad("compress-window-reversed", *run_cls(CNN, "compress={method: prune, sparsity: 0.5, start: 0.8, end: 0.5}"),
+        phrase="must be below compress.end"),
+    bad("compress-unknown-method", *run_cls(CNN, "compress={method: distil}"), phrase="compress"),
+    bad("compress-ema-teacher", *run_cls(CNN, "teacher={source: ema}", "compress={method: qat}"),
+        phrase="not teacher.source=ema"),
+    bad("compress-vit-student", *run_cls("student={name: vit}", "compress={method: qat}"),
+        phrase="supports cnn and mlp students"),
+    ok("compress-valid-control", *run_cls(CNN, "compress={method: prune, sparsity: 0.5}")),
+    ok("compress-qat-valid-control", *run_cls(CNN, "compress={method: qat}")),
+]  # fmt: skip
+
 CONTROLS = [
     ok("cls-valid-control", "run", "CLS"),
 ]
 
 CASES = [*YAML, *SELF_TEACHER, *UNKNOWN_KEYS, *WRONG_TYPES, *BOUNDS, *COMBINATIONS, *CHECKPOINTS, *PRETRAINED, *VOCABULARY,
-         *DATA, *LOCATIONS, *CLI, *MULTI_TEACHER, *SCALE, *CONTROLS]  # fmt: skip
+         *DATA, *LOCATIONS, *CLI, *MULTI_TEACHER, *SCALE, *COMPRESS, *CONTROLS]  # fmt: skip
 
 
 def test_the_catalogue_is_large_and_its_ids_unique():

@@ -346,6 +346,7 @@ def _run(
                     tensorboard=cfg.output.tensorboard,
                     trackers=trackers.scoped(f"seed-{seed}/{arm}"),
                     batch_transform=job.batch_transform,
+                    before_step=job.before_step,
                 )
             student = job.export(fitted.model)
             # the test split, once, after training (evaluation during training saw the validation split)

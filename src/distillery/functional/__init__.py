@@ -16,6 +16,7 @@ from distillery.functional.chunked import (
     should_chunk,
 )
 from distillery.functional.classification import cross_entropy
+from distillery.functional.compression import magnitude_mask, sparsity_at
 from distillery.functional.cross_tokenizer import span_likelihood_loss, uld_loss
 from distillery.functional.divergences import (
     forward_kl,
@@ -101,6 +102,7 @@ __all__ = [
     "kd_loss",
     "koleo_loss",
     "linear_cka_loss",
+    "magnitude_mask",
     "mean_probability_logits",
     "member_weights",
     "nkd_loss",
@@ -119,6 +121,7 @@ __all__ = [
     "skew_reverse_kl",
     "span_likelihood_loss",
     "sparse_divergence_support",
+    "sparsity_at",
     "tail_from_topk_logp",
     "topk_tail",
     "topk_tail_divergence",

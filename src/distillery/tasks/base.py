@@ -391,6 +391,7 @@ class ArmJob:
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     test: Callable[[nn.Module], dict[str, float]] | None = None
     batch_transform: Callable | None = None
+    before_step: Callable[[nn.Module, int], None] | None = None  # fit(before_step=...): pruning masks
     export: Callable[[nn.Module], nn.Module] = _identity
     record: Callable[[nn.Module, dict[str, float]], dict[str, Any]] | None = None
     save_extra: Callable[[nn.Module, Path], None] | None = None

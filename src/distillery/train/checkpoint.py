@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distillery.errors import ConfigError, DistilleryError
@@ -176,7 +176,7 @@ class CheckpointWriter:
 
                 save_sharded(tmp, model, optimizer)
             elif main:
-                save_model(model, str(tmp / "model.safetensors"))
+                save_file(_every_key(model), str(tmp / "model.safetensors"))
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             if main:
                 torch.save({"step": step, "scheduler": scheduler.state_dict(), **extra}, tmp / "trainer.pt")
@@ -248,12 +248,47 @@ def load_checkpoint(
                 f"{path} is a sharded checkpoint (train.parallel=fsdp): resume it with train.parallel=fsdp and "
                 "the same number of processes"
             )
-        _read(path / "model.safetensors", lambda p: load_model(model, str(p)))
+        _read(path / "model.safetensors", lambda p: _load_every_key(model, p))
         optimizer.load_state_dict(_read(path / "optimizer.pt", _load_plain))
     trainer = _read(path / "trainer.pt", _load_plain)
     scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(_read(rng_file, _load_plain))
     return trainer
+
+
+def _every_key(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state under every one of its names, a tensor that several names share (tied weights,
+    an observer shared by two points of a quantized graph) copied for each further name: safetensors
+    stores no shared tensors, and dropping names (as ``safetensors.torch.save_model`` does, keeping the one
+    it prefers) can pick names that a freshly built model prefers differently."""
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        ptr = (
+            (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+            if value.numel()
+            else None
+        )
+        state[key] = value.clone() if ptr in seen else value.contiguous()
+        if ptr is not None:
+            seen.add(ptr)
+    return state
+
+
+def _load_every_key(model: nn.Module, path: Path) -> None:
+    """Load what :func:`_every_key` wrote. A name missing from the file is accepted only when it shares
+    its tensor with a name that was loaded (a checkpoint of an older distillery, written with
+    ``save_model``, keeps one name of tied weights)."""
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"unexpected key(s) {sorted(unexpected)[:5]} for {type(model).__name__}")
+    if missing:
+        current = model.state_dict()
+        loaded = {current[k].untyped_storage().data_ptr() for k in state if k in current}
+        lost = [k for k in missing if current[k].untyped_storage().data_ptr() not in loaded]
+        if lost:
+            raise RuntimeError(f"missing key(s) {sorted(lost)[:5]} for {type(model).__name__}")
 
 
 def _load_plain(path: Path) -> Any:

@@ -181,7 +181,7 @@ def _finite_checkpoint_note(run_dir: Path | None) -> str:
     return f"; the last good checkpoint (finite weights) is {ckpt} (step {step_of(ckpt)}): --resume continues from it"
 
 
-def _check_fsdp(objective: Objective, teacher, batch_transform) -> None:
+def _check_fsdp(objective: Objective, teacher, batch_transform, before_step=None) -> None:
     """What a sharded run (``train.parallel: fsdp``) cannot do, refused before anything trains.
 
     Raises:
@@ -205,6 +205,11 @@ def _check_fsdp(objective: Objective, teacher, batch_transform) -> None:
         raise ConfigError(
             "train.parallel=fsdp: this arm samples from the student during training (on-policy or sequence "
             "generation), which the sharded loop does not support yet; use train.parallel=ddp for it"
+        )
+    if before_step is not None:
+        raise ConfigError(
+            "train.parallel=fsdp: this arm changes the student on a schedule before its steps (pruning masks), "
+            "which needs the whole weights; use train.parallel=ddp for it"
         )
 
 
@@ -249,6 +254,7 @@ def fit(
     trackers=None,
     batch_transform: Callable[[dict[str, Tensor], nn.Module, int], dict[str, Tensor]] | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    before_step: Callable[[nn.Module, int], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train_set`` to minimise ``objective``.
 
@@ -282,6 +288,9 @@ def fit(
         tensorboard: also write TensorBoard logs to ``run_dir/tensorboard`` (None: when installed).
         trackers: where the records also go (``distillery.train.trackers.ScopedTrackers``: MLflow,
             W&B, ... through Accelerate), main process only.
+        before_step: ``before_step(student, step)`` at the start of every step (0-based), before its
+            batches are drawn: a change of the student that follows a schedule (a pruning mask). It
+            must depend on the weights and ``step`` only, so that a resumed run repeats it exactly.
         collate_fn: for a map-style dataset, ``collate_fn(items) -> batch`` (default
             ``torch.utils.data.default_collate``); for a ``datasets.Dataset``, ``collate_fn(rows)`` on the
             batch's rows as dicts (e.g. ``transformers.DataCollatorWithPadding(tokenizer)``).
@@ -319,7 +328,7 @@ def fit(
         )
     fsdp = config.parallel == "fsdp" and world > 1
     if fsdp:
-        _check_fsdp(objective, teacher, batch_transform)
+        _check_fsdp(objective, teacher, batch_transform, before_step)
 
     torch.manual_seed(seed)
     objective = objective.to(acc.device)
@@ -440,6 +449,8 @@ def fit(
         with _StopFlag() as stop:
             while step < total_steps:
                 epoch = plan.epoch_of(step)
+                if before_step is not None:  # e.g. a pruning schedule: a function of the weights and step
+                    before_step(raw_model, step)
                 batches = upcoming.pop(step, None) or step_batches(step)
                 if batch_transform is not None:  # e.g. on-policy: responses sampled from the student
                     batches = [batch_transform(b, raw_model, step) for b in batches]

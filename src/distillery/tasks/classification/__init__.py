@@ -52,6 +52,7 @@ from distillery.tasks.base import (
     TeacherSpec,
 )
 from distillery.tasks.classification.arms import ArmSetup, build_arm, model_inputs
+from distillery.tasks.classification.compress import compress_job, compression_line
 from distillery.tasks.classification.config import ClassificationConfig
 from distillery.tasks.classification.signals import tap_arm, tapped_teacher
 from distillery.tasks.outputs import teacher_outputs
@@ -678,6 +679,15 @@ class ClassificationTask(BaseTask):
             job.record = lambda model, final: {"projectors": described}
         if name != BASELINE and isinstance(setup.teacher, MultiTeacher):
             job.record = _contributions(setup.teacher)
+        if cfg.compress is not None:  # every student arm trained compressed (QAT int8 or pruned)
+            before = job.record
+            job = compress_job(
+                job, cfg.compress, splits.test, lambda: self._teacher_logits(data, teacher, "test"),
+                cfg.eval.ece_bins, cfg.eval.batch_size,
+            )  # fmt: skip
+            if before is not None:
+                mine = job.record
+                job.record = lambda model, final: {**before(model, final), **mine(model, final)}
         return job
 
     def combined_arms(
@@ -774,8 +784,11 @@ class ClassificationTask(BaseTask):
 
     def arm_lines(self, record: dict[str, Any]) -> list[str]:
         """Extra console lines under an arm's result: each output of a stacked student; each member's
-        contribution to the targets of a multi-teacher student."""
+        contribution to the targets of a multi-teacher student; a compressed student's size and latency."""
         lines = []
+        compressed = compression_line(record)
+        if compressed is not None:
+            lines.append(compressed)
         multi = record.get(MULTI_TEACHER)
         if multi is not None:
             steps = multi["steps"]

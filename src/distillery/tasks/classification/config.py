@@ -11,6 +11,7 @@ from distillery.configbase import StrictModel
 from distillery.data import DataConfig, FilesDataConfig, ImageDataConfig
 from distillery.losses import LOSSES, SignalTermConfig
 from distillery.models import NUMBER_MODELS, TEXT_MODELS, TEXT_MODELS_HELP, ModelConfig, named_model
+from distillery.models.compression import CompressConfig
 from distillery.models.exits import ExitConfig
 from distillery.tasks.base import DistillationConfigBase, EvalConfig, MembersConfigBase
 from distillery.train.config import TrainConfig
@@ -223,6 +224,11 @@ class ClassificationConfig(DistillationConfigBase):
     teacher: TeacherConfig | None = None
     student: ModelConfig
     eval: ClassificationEvalConfig = Field(default_factory=ClassificationEvalConfig)
+    compress: CompressConfig | None = Field(
+        None,
+        description="train every student arm compressed: int8 quantization-aware (method: qat) or gradually "
+        "magnitude-pruned (method: prune); the paired difference is then what the teacher adds to a compressed student",
+    )
 
     @field_validator("student", mode="before")
     @classmethod
@@ -278,6 +284,28 @@ class ClassificationConfig(DistillationConfigBase):
                 "uses a teacher, so they would contribute nothing; set data.transfer=0 or add a distillation term"
             )
         source = None if self.teacher is None else self.teacher.source
+        if self.compress is not None:
+            if source not in (None, "frozen", "cache", "members"):
+                raise ValueError(
+                    f"conflicting fields: compress.method={self.compress.method} compresses the student of a run "
+                    f"with a trained teacher (teacher.source frozen, cache or members) or none, not "
+                    f"teacher.source={source}; drop compress or use a trained teacher"
+                )
+            if getattr(self.student, "name", None) not in ("cnn", "mlp"):
+                raise ValueError(
+                    f"compress.method={self.compress.method} supports cnn and mlp students, not "
+                    f"student.name={getattr(self.student, 'name', self.student)}"
+                )
+            signals = [label for label, term in self.loss.items() if isinstance(term, SignalTermConfig)]
+            if signals:
+                raise ValueError(
+                    f"conflicting fields: compress with representation terms ({', '.join(signals)}): "
+                    "the compressed student's layers are rewritten (fused, observed); use logit terms"
+                )
+            if self.train.parallel == "fsdp":
+                raise ValueError(
+                    "conflicting fields: compress with train.parallel=fsdp (the compressed student is small: use ddp)"
+                )
         if source == "past_predictions" and unlabelled and self.data.transfer != 0:
             raise ValueError(
                 "conflicting fields: teacher.source=past_predictions (PS-KD) mixes each example's label with "
