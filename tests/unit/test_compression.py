@@ -177,7 +177,9 @@ def test_fake_quantization_observers_survive_resume_and_the_int8_model_follows(t
     assert scale.shape == (6,)  # one scale per output channel
     int8 = convert_int8(resumed, "x86")
     assert isinstance(int8.head, torch.ao.nn.quantized.Linear)
-    assert int8.head.weight().dtype == torch.qint8 and int8.head.weight().qscheme() == torch.per_channel_affine
+    assert (
+        int8.head.weight().dtype == torch.qint8 and int8.head.weight().qscheme() == torch.per_channel_affine
+    )
     plain = float_weights(resumed, student())  # the float weights trained under fake quantization
     assert torch.equal(plain.body[0].weight, resumed.state_dict()["body.0.weight"])
 

@@ -18,6 +18,12 @@ from distillery.functional.chunked import (
 from distillery.functional.classification import cross_entropy
 from distillery.functional.compression import magnitude_mask, sparsity_at
 from distillery.functional.cross_tokenizer import span_likelihood_loss, uld_loss
+from distillery.functional.data_free import (
+    batch_norm_statistics,
+    bn_feature_loss,
+    image_l2,
+    image_total_variation,
+)
 from distillery.functional.divergences import (
     forward_kl,
     generalized_jsd,
@@ -77,6 +83,8 @@ __all__ = [
     "attention_kl",
     "attention_score_mse",
     "attention_transfer",
+    "batch_norm_statistics",
+    "bn_feature_loss",
     "byol_loss",
     "check_sparse_divergence",
     "chunked_cross_entropy_from_hidden",
@@ -98,6 +106,8 @@ __all__ = [
     "generalized_jsd",
     "hint_loss",
     "ibot_patch_loss",
+    "image_l2",
+    "image_total_variation",
     "importance_weighted_reverse_kl",
     "kd_loss",
     "koleo_loss",

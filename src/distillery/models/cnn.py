@@ -13,8 +13,8 @@ from distillery.errors import ConfigError
 
 
 class CNNConfig(StrictModel):
-    """3x3 convolutions with ReLU, 2x2 max-pooling after every ``pool_every`` convolutions, global
-    average pooling, dropout and a linear head."""
+    """3x3 convolutions with ReLU (batch norm between them with ``batch_norm``), 2x2 max-pooling after
+    every ``pool_every`` convolutions, global average pooling, dropout and a linear head."""
 
     name: Literal["cnn"] = "cnn"
     channels: list[PositiveInt] = Field(
@@ -26,6 +26,10 @@ class CNNConfig(StrictModel):
         1,
         ge=1,
         description="average-pool the last feature map to pool_to x pool_to (1: global average pooling)",
+    )
+    batch_norm: bool = Field(
+        False,
+        description="batch norm after every convolution (its running statistics are what DeepInversion matches)",
     )
 
 
@@ -40,12 +44,14 @@ class SmallCNN(nn.Module):
         pool_every: int = 2,
         dropout: float = 0.3,
         pool_to: int = 1,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_channels
         for i, c in enumerate(channels):
-            layers += [nn.Conv2d(width, c, kernel_size=3, padding=1), nn.ReLU()]
+            norm = [nn.BatchNorm2d(c)] if batch_norm else []
+            layers += [nn.Conv2d(width, c, kernel_size=3, padding=1), *norm, nn.ReLU()]
             if (i + 1) % pool_every == 0 and i + 1 < len(channels):
                 layers.append(nn.MaxPool2d(2))
             width = c
@@ -69,4 +75,6 @@ def build_cnn(
         raise ConfigError(
             f"{field}: the cnn model needs image inputs (C, H, W); this data has shape {input_shape}; use mlp"
         )
-    return SmallCNN(input_shape[0], num_classes, cfg.channels, cfg.pool_every, cfg.dropout, cfg.pool_to)
+    return SmallCNN(
+        input_shape[0], num_classes, cfg.channels, cfg.pool_every, cfg.dropout, cfg.pool_to, cfg.batch_norm
+    )

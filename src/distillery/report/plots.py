@@ -61,3 +61,38 @@ def learning_curves(
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def image_grid(images, labels: list[int], path: Path, per_class: int = 8, title: str = "") -> Path:
+    """A PNG of up to ``per_class`` images of each label, one row per label (grey-scale; each image
+    scaled to its own range). ``images``: ``[N, C, H, W]`` (the first channel is shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arr = np.asarray(images, dtype=np.float32)
+    classes = sorted(set(labels))
+    rows = {c: [i for i, y in enumerate(labels) if y == c][:per_class] for c in classes}
+    fig, axes = plt.subplots(
+        len(classes), per_class, figsize=(per_class * 0.6, len(classes) * 0.6), dpi=120, squeeze=False
+    )
+    for r, c in enumerate(classes):
+        for k in range(per_class):
+            ax = axes[r][k]
+            ax.axis("off")
+            if k < len(rows[c]):
+                img = arr[rows[c][k]][0]
+                lo, hi = float(img.min()), float(img.max())
+                ax.imshow((img - lo) / (hi - lo + 1e-8), cmap="gray", vmin=0, vmax=1)
+            if k == 0:
+                ax.set_title(str(c), fontsize=6, loc="left")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torch import nn
 
 from distillery.cache import OutputCache, OutputSource, weights_sha256
 from distillery.data import (
+    ArrayDataset,
     ClassificationData,
     FilesDataConfig,
     TableSource,
@@ -33,6 +35,7 @@ from distillery.data.text.tokenizer import same_tokenizer
 from distillery.errors import ConfigError
 from distillery.eval import classification_metrics, predict_logits
 from distillery.fileio import is_local_source
+from distillery.generation.inversion import synthesize
 from distillery.losses import build_objective, signal_pairs
 from distillery.losses.logit import CrossEntropyConfig
 from distillery.models import ClassifierAdapter, Ensemble, build_model, count_parameters
@@ -40,7 +43,7 @@ from distillery.models.hub import check_model_dir, from_pretrained
 from distillery.models.pretrained import resolve_kind, save_pretrained_student
 from distillery.models.text import KeyedClassifierAdapter
 from distillery.models.weights import load_weights, read_header
-from distillery.report import fmt
+from distillery.report import fmt, image_grid
 from distillery.tasks.base import (
     BASELINE,
     DISTILLED,
@@ -181,6 +184,8 @@ class SeedData:
         self.seed = seed
         self.splits = splits
         self.frozen_teacher: Any = None  # the Teacher of the `frozen` source, built once per seed
+        self.synthetic: Any = None  # data_free: the inputs synthesised from the teacher, once per seed
+        self.synthesis: dict[str, Any] = {}  # and how they were made (for the arm's record)
         self.teacher_logits: dict[str, torch.Tensor] = {}  # split -> the teacher's logits on it
 
 
@@ -518,6 +523,36 @@ class ClassificationTask(BaseTask):
             data.frozen_teacher = teacher
         return data.frozen_teacher
 
+    def _synthetic_set(self, data: SeedData, module: nn.Module) -> ArrayDataset:
+        """data_free: the seed's transfer set synthesised from the teacher by DeepInversion (once per seed;
+        a function of the teacher and the seed, so a resumed run makes the same one). No labels: only
+        the teacher's outputs teach on it."""
+        if data.synthetic is None:
+            cfg, console = self.cfg.data_free, self.context.console
+            t0 = time.perf_counter()
+
+            def progress(done: int, total: int, losses: dict[str, float]) -> None:
+                console.print(
+                    f"  seed {data.seed} DeepInversion: batch {done}/{total}, teacher accuracy on it "
+                    f"{losses['teacher_accuracy']:.1f}%, batch-norm distance {losses['bn']:.3f}",
+                    markup=False,
+                    highlight=False,
+                )
+
+            x, targets, losses = synthesize(
+                module, cfg, data.splits.input_shape, data.splits.num_classes, data.seed,
+                device=self._device(), on_batch=progress,
+            )  # fmt: skip
+            data.synthetic = ArrayDataset(x, torch.full_like(targets, -100), torch.arange(len(x)))
+            data.synthesis = {
+                "images": len(x),
+                "seconds": time.perf_counter() - t0,
+                "teacher_accuracy": sum(b["teacher_accuracy"] for b in losses) / len(losses),
+                "bn_distance": sum(b["bn"] for b in losses) / len(losses),
+                "targets": targets.tolist(),
+            }
+        return data.synthetic
+
     def output_source(self, data: SeedData, module: nn.Module) -> OutputSource:
         """The seed's teacher outputs for a cache: its logits, and the signals of the representation terms
         (read by the tapped teacher), on every row a distilled student trains on."""
@@ -636,6 +671,8 @@ class ClassificationTask(BaseTask):
         else:
             objective = build_objective(cfg.loss)
             train_set = splits.distillation_set() if len(splits.transfer) else splits.labelled
+            if cfg.data_free is not None:  # no training data: inputs synthesised from the teacher
+                train_set = self._synthetic_set(data, teacher)
             train_cfg = cfg.train
             arm_teacher = None
             if self.source == "frozen":
@@ -679,6 +716,21 @@ class ClassificationTask(BaseTask):
             job.record = lambda model, final: {"projectors": described}
         if name != BASELINE and isinstance(setup.teacher, MultiTeacher):
             job.record = _contributions(setup.teacher)
+        if cfg.data_free is not None and name != BASELINE:
+            synthesis = data.synthesis
+
+            def record_synthesis(model: nn.Module, final: dict[str, float]) -> dict[str, Any]:
+                return {"data_free": {k: v for k, v in synthesis.items() if k != "targets"}}
+
+            def save_grid(model: nn.Module, arm_dir: Path) -> None:
+                image_grid(
+                    data.synthetic.x,
+                    synthesis["targets"],
+                    arm_dir / "synthetic.png",
+                    title="DeepInversion: inputs synthesised from the teacher, by target class",
+                )
+
+            job.record, job.save_extra = record_synthesis, save_grid
         if cfg.compress is not None:  # every student arm trained compressed (QAT int8 or pruned)
             before = job.record
             job = compress_job(

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from distillery.cache import OutputsConfig
 from distillery.configbase import StrictModel
 from distillery.data import DataConfig, FilesDataConfig, ImageDataConfig
+from distillery.generation.inversion import DeepInversionConfig
 from distillery.losses import LOSSES, SignalTermConfig
 from distillery.models import NUMBER_MODELS, TEXT_MODELS, TEXT_MODELS_HELP, ModelConfig, named_model
 from distillery.models.compression import CompressConfig
@@ -230,6 +231,12 @@ class ClassificationConfig(DistillationConfigBase):
         "magnitude-pruned (method: prune); the paired difference is then what the teacher adds to a compressed student",
     )
 
+    data_free: DeepInversionConfig | None = Field(
+        None,
+        description="data-free distillation: the distilled arm trains only on inputs synthesised from the teacher "
+        "(DeepInversion: its batch-norm statistics and class predictions matched under image priors)",
+    )
+
     @field_validator("student", mode="before")
     @classmethod
     def _pretrained_student(cls, value: Any) -> Any:
@@ -305,6 +312,28 @@ class ClassificationConfig(DistillationConfigBase):
             if self.train.parallel == "fsdp":
                 raise ValueError(
                     "conflicting fields: compress with train.parallel=fsdp (the compressed student is small: use ddp)"
+                )
+        if self.data_free is not None:
+            if source != "frozen":
+                raise ValueError(
+                    f"conflicting fields: data_free synthesises inputs from a trained teacher (teacher.source=frozen), "
+                    f"not teacher.source={source}"
+                )
+            model = self.teacher.model
+            if model is not None and not getattr(model, "batch_norm", False):
+                kind = getattr(model, "name", "this model")
+                raise ValueError(
+                    f"data_free (DeepInversion) matches the statistics of the teacher's batch-norm layers, and a "
+                    f"{kind} teacher without them has none: use a cnn teacher and set teacher.model.batch_norm: true"
+                )
+            if self.data.transfer:
+                raise ValueError(
+                    f"conflicting fields: data_free replaces the transfer set with synthesised inputs, but "
+                    f"data.transfer={self.data.transfer}; set data.transfer=0"
+                )
+            if self.compress is not None:
+                raise ValueError(
+                    "conflicting fields: data_free and compress together are not supported; use one"
                 )
         if source == "past_predictions" and unlabelled and self.data.transfer != 0:
             raise ValueError(
@@ -466,6 +495,8 @@ class ClassificationConfig(DistillationConfigBase):
         """Whether the frozen teacher's outputs (or each member's) are computed once per training example."""
         if self.teacher is None or self.teacher.source not in ("frozen", "members"):
             return False
+        if self.data_free is not None:
+            return False  # the distilled arm's inputs are synthesised: the teacher runs on them
         if any(isinstance(term, SignalTermConfig) for term in self.loss.values()):
             return False  # representation terms read the teacher's layers on every batch
         if self.teacher.precompute is None:
