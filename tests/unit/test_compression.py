@@ -4,6 +4,7 @@ students, and the int8 conversion."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -47,7 +48,7 @@ def test_sparsity_schedule_matches_the_cubic_formula(total, final, start, end):
     values = [sparsity_at(t, total, final, start, end) for t in range(total + 1)]
     for t, v in enumerate(values):
         assert v == pytest.approx(naive_sparsity(t, total, final, start, end), abs=1e-12)
-    assert all(a <= b + 1e-15 for a, b in zip(values, values[1:]))  # never falls
+    assert all(a <= b + 1e-15 for a, b in itertools.pairwise(values))  # never falls
     assert values[0] == 0.0 and values[-1] == final
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         sparsity_at(0, 10, 1.0)
