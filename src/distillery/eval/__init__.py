@@ -1,5 +1,6 @@
-"""Evaluation: accuracy, teacher-student agreement, calibration."""
+"""Evaluation: accuracy, teacher-student agreement, calibration; generated images (Fréchet distance)."""
 
+from distillery.eval.generative import confident_coverage, frechet_distance
 from distillery.eval.metrics import (
     accuracy,
     agreement,
@@ -13,7 +14,9 @@ __all__ = [
     "accuracy",
     "agreement",
     "classification_metrics",
+    "confident_coverage",
     "expected_calibration_error",
+    "frechet_distance",
     "nll",
     "predict_logits",
 ]
