@@ -31,6 +31,7 @@ import distillery as ds
 from distillery.report.summary import mean_std, paired_difference
 
 RESULTS = Path(__file__).resolve().parent / "results"
+QAT_ROW = "int8 QAT (x86, per-channel weights)"
 TARGET_RECOVERY = 0.5
 
 ROWS: dict[str, dict[str, Any] | None] = {
@@ -59,9 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--runs", type=Path, default=Path("runs") / "benchmarks")
+    p.add_argument(
+        "--tables-from", type=Path, metavar="JSON", help="do not train: rewrite the table of an earlier run"
+    )
     args = p.parse_args(argv)
 
     console = Console()
+    if args.tables_from is not None:
+        record = json.loads(args.tables_from.read_text())
+        args.seeds, args.dataset = record["seeds"], record["dataset"]
+        text = markdown(summarize(record["results"]), args)
+        args.tables_from.with_suffix(".md").write_text(text + "\n")
+        print(text)
+        return 0
     common = [f"seeds={json.dumps(args.seeds)}", f"output.root={args.runs}", "train.eval_every=0"]
     if args.dataset == "digits":
         common += DIGITS
@@ -158,6 +169,11 @@ def markdown(summary: dict[str, dict[str, Any]], args) -> str:
         elif "sparse_bytes" in c:
             size = f"{c['sparse_bytes'] / 1024:.0f} (dense {c['dense_bytes'] / 1024:.0f})"
             latency = f"{c['latency_ms']:.1f} (dense kernels)"
+        elif row == "float (uncompressed)" and "int8_bytes" in summary.get(QAT_ROW, {}).get(
+            "compression", {}
+        ):
+            q = summary[QAT_ROW]["compression"]  # the QAT row's float model: the same architecture, fp32
+            size, latency = f"{q['float_bytes'] / 1024:.0f}", f"{q['float_latency_ms']:.1f}"
         else:
             size, latency = "-", "-"
         recovered = e.get("recovered")
