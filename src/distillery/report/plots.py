@@ -8,6 +8,19 @@ from typing import Any
 import numpy as np
 
 
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (PNG) through a temporary name, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def learning_curves(
     curves: dict[str, list[list[dict[str, Any]]]],
     path: Path,
@@ -54,13 +67,7 @@ def learning_curves(
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def image_grid(images, labels: list[int], path: Path, per_class: int = 8, title: str = "") -> Path:
@@ -89,10 +96,4 @@ def image_grid(images, labels: list[int], path: Path, per_class: int = 8, title:
                 ax.set_title(str(c), fontsize=6, loc="left")
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)

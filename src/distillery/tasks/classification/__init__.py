@@ -730,7 +730,13 @@ class ClassificationTask(BaseTask):
                     title="DeepInversion: inputs synthesised from the teacher, by target class",
                 )
 
-            job.record, job.save_extra = record_synthesis, save_grid
+            before = job.record
+            job.record = (
+                record_synthesis
+                if before is None
+                else lambda model, final: {**before(model, final), **record_synthesis(model, final)}
+            )
+            job.save_extra = save_grid
         if cfg.compress is not None:  # every student arm trained compressed (QAT int8 or pruned)
             before = job.record
             job = compress_job(
