@@ -9,6 +9,7 @@ uncompressed CE student of the same seed, and what KD recovers of it is the comp
 gain over the compressed CE student. Target: KD recovers at least half of the accuracy lost.
 
     python benchmarks/compression_kd.py                      # Fashion-MNIST, seeds 0 1 2
+    python benchmarks/compression_kd.py --labels 10000       # 10,000 labels + 44,000 unlabelled transfer images
     python benchmarks/compression_kd.py --dataset digits     # minutes
     python benchmarks/compression_kd.py --quick              # a smoke test of the script
 
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", choices=["fashion_mnist", "digits"], default="fashion_mnist")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
+        "--labels",
+        type=int,
+        help="Fashion-MNIST: labelled training images (the CE arms' data); the rest of the 54,000 become the "
+        "distilled arms' unlabelled transfer set (default: all 54,000 labelled, no transfer set)",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="tiny step counts: checks the script, not the methods"
     )
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if args.tables_from is not None:
         record = json.loads(args.tables_from.read_text())
-        args.seeds, args.dataset = record["seeds"], record["dataset"]
+        args.seeds, args.dataset, args.labels = record["seeds"], record["dataset"], record.get("labels")
         text = markdown(summarize(record["results"]), args)
         args.tables_from.with_suffix(".md").write_text(text + "\n")
         print(text)
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"seeds={json.dumps(args.seeds)}", f"output.root={args.runs}", "train.eval_every=0"]
     if args.dataset == "digits":
         common += DIGITS
+    elif args.labels is not None:
+        if not 0 < args.labels < 54000:
+            p.error("--labels must be between 1 and 53,999 (54,000 training images after validation)")
+        common += [f"data.labelled={args.labels}", f"data.transfer={54000 - args.labels}"]
     if args.quick:
         common += ["train.steps=20", "teacher.train.steps=20"]
     t0 = time.perf_counter()
@@ -99,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "compression_kd",
         "dataset": args.dataset,
         "seeds": args.seeds,
+        "labels": args.labels,
         "quick": args.quick,
         "rows": ROWS,
         "results": per_row,
@@ -107,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/compression_kd.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"compression_kd-{args.dataset}" + ("-quick" if args.quick else "")
+    labels = f"-labels{args.labels}" if args.labels is not None and args.dataset != "digits" else ""
+    stem = f"compression_kd-{args.dataset}{labels}" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str))
     (args.out / f"{stem}.md").write_text(text + "\n")
     console.print(f"total {seconds:.0f}s; wrote {args.out / stem}.json and .md")
@@ -151,8 +164,13 @@ def _pm(stat: dict[str, float], signed: bool = False) -> str:
 def markdown(summary: dict[str, dict[str, Any]], args) -> str:
     n = len(args.seeds)
     first = next(iter(summary.values()))
+    data = (
+        f", {args.labels:,} labelled images (the CE arms) + {54000 - args.labels:,} unlabelled transfer images (the KD arms)"
+        if args.labels is not None and args.dataset != "digits"
+        else ""
+    )
     lines = [
-        f"{args.dataset}, mean ± std over {n} seeds (teacher {first['teacher']['mean']:.2f}%); lost = the "
+        f"{args.dataset}{data}, mean ± std over {n} seeds (teacher {first['teacher']['mean']:.2f}%); lost = the "
         "uncompressed CE student's accuracy minus the compressed CE student's (same seed); recovered = "
         "(compressed KD - compressed CE) / lost; size: `torch.save` of the stored model (int8: the converted "
         "model's state; pruned: CSR weights, int32 indices); latency: 256 test images, one thread, median of 20.",
