@@ -14,13 +14,15 @@ and the same small CNN student trained three ways for the same number of steps:
     python benchmarks/data_free.py --dataset digits
     python benchmarks/data_free.py --quick                # a smoke test of the script
 
-Writes ``benchmarks/results/data_free.json`` (every number) and ``.md`` (the table).
+Writes ``benchmarks/results/data_free.json`` (every number), ``.md`` (the table) and, per dataset, the
+first seed's synthesised inputs as ``data_free-<dataset>-synthetic.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             "DeepInversion + KD (no real image)": inverted.arms["distilled"],
             "KD, real images": real.arms["distilled"],
         }
+        grid = inverted.run_dir / f"seed-{args.seeds[0]}" / "distilled" / "synthetic.png"
+        if grid.is_file() and not args.quick:  # what the student learnt from, beside the numbers
+            args.out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, args.out / f"data_free-{dataset}-synthetic.png")
         results[dataset] = {
             "teacher": {s: r["metrics"] for s, r in inverted.teachers.items()},
             "arms": {
