@@ -17,6 +17,11 @@ def main(out_path: str) -> None:
     result = fit(
         model(), data(), objective(), config(), teacher=teacher(), seed=11, accelerator=acc, progress=False
     )
+    save_result(acc, result, out_path)
+
+
+def save_result(acc, result, out_path: str) -> None:
+    """The main process writes the trained student to ``out_path`` and its last losses beside it."""
     if acc.is_main_process:
         save_model(result.model, out_path)
         with open(out_path + ".losses", "w") as fh:

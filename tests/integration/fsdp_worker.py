@@ -12,11 +12,10 @@ continues from the newest checkpoint.
 import json
 import sys
 
-from safetensors.torch import save_model
-
 from distillery.train import fit, make_accelerator
 from distillery.train.fsdp import local_numel
 from tests.integration.ddp_setup import config, data, model, objective, teacher
+from tests.integration.ddp_worker import save_result
 
 
 class Stop(Exception):
@@ -51,11 +50,7 @@ def main(out_path: str, parallel: str, run_dir: str | None = None, action: str |
     seen["resumed_from"] = result.resumed_from
     with open(f"{out_path}.rank{acc.process_index}.json", "w") as fh:
         json.dump(seen, fh)
-    if acc.is_main_process:
-        save_model(result.model, out_path)
-        with open(out_path + ".losses", "w") as fh:
-            fh.write(json.dumps(result.last_losses))
-    acc.wait_for_everyone()
+    save_result(acc, result, out_path)
 
 
 if __name__ == "__main__":
