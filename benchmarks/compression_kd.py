@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="tiny step counts: checks the script, not the methods"
     )
+    p.add_argument(
+        "--student-channels",
+        type=int,
+        nargs="+",
+        metavar="C",
+        help="Fashion-MNIST: the student CNN's channels (default: the recipe's 4 8)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--runs", type=Path, default=Path("runs") / "benchmarks")
     p.add_argument(
@@ -83,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"seeds={json.dumps(args.seeds)}", f"output.root={args.runs}", "train.eval_every=0"]
     if args.dataset == "digits":
         common += DIGITS
-    elif args.labels is not None:
+    if args.student_channels and args.dataset != "digits":
+        common.append(f"student.channels={json.dumps(args.student_channels)}")
+    if args.dataset != "digits" and args.labels is not None:
         if not 0 < args.labels < 54000:
             p.error("--labels must be between 1 and 53,999 (54,000 training images after validation)")
         common += [f"data.labelled={args.labels}", f"data.transfer={54000 - args.labels}"]
@@ -111,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": args.dataset,
         "seeds": args.seeds,
         "labels": args.labels,
+        "student_channels": args.student_channels,
         "quick": args.quick,
         "rows": ROWS,
         "results": per_row,
@@ -120,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     labels = f"-labels{args.labels}" if args.labels is not None and args.dataset != "digits" else ""
-    stem = f"compression_kd-{args.dataset}{labels}" + ("-quick" if args.quick else "")
+    width = f"-student{'x'.join(map(str, args.student_channels))}" if args.student_channels else ""
+    stem = f"compression_kd-{args.dataset}{labels}{width}" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str))
     (args.out / f"{stem}.md").write_text(text + "\n")
     console.print(f"total {seconds:.0f}s; wrote {args.out / stem}.json and .md")
