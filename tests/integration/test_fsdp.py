@@ -102,11 +102,20 @@ def test_fsdp_resume_is_exact_and_a_damaged_shard_falls_back_to_the_checkpoint_b
              "data.max_train_blocks=64", "data.max_eval_blocks=4", "data.seq_len=32", "data.tokenizer.vocab_size=300"],
             ["distilled/model/model.safetensors"],
         ),
+        (  # a LoRA student: the frozen base and the adapters sharded alike, the adapter and merged model saved
+            "lm-kd",
+            ["teacher.train.steps=4", "train.steps=4", "train.eval_every=2", "baseline.enabled=false",
+             "data.max_train_blocks=64", "data.max_eval_blocks=4", "data.seq_len=32", "data.tokenizer.vocab_size=300",
+             "student.peft={r: 2}"],
+            ["distilled/adapter/adapter_model.safetensors", "distilled/model/model.safetensors"],
+        ),
     ],
 )  # fmt: skip
 def test_cli_runs_under_fsdp_match_one_process(tmp_path, recipe, quick, weights):
     """`accelerate launch -m distillery run RECIPE train.parallel=fsdp`: the exported students (consolidated,
     loadable on one process) and the evaluation during training match a one-process run."""
+    if any(q.startswith("student.peft") for q in quick):
+        pytest.importorskip("peft", reason="LoRA students need the peft package (the peft extra)")
     args = ["seeds=[0]", *quick, "--no-progress"]
     proc = launch(
         ["-m", "distillery", "run", recipe, f"output.dir={tmp_path / 'fsdp'}", "train.parallel=fsdp", *args],
