@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from distillery.errors import ConfigError
-from distillery.fileio import HOOKS
+from distillery.fileio import HOOKS, is_finite_tree
 
 SHARDED_DIR = "sharded"  # the torch.distributed.checkpoint folder inside a checkpoint
 
@@ -46,10 +46,11 @@ def local_numel(module: nn.Module) -> int:
 
 def all_finite(tensors: Iterable[Tensor | None]) -> bool:
     """Whether every tensor (each process's local shards) is finite on every process."""
-    flags = [torch.isfinite(_local(t)).all() for t in tensors if t is not None]
-    ok = torch.stack(flags).all() if flags else torch.tensor(True)
-    flag = ok.to(torch.float32).reshape(1)
+    ok = is_finite_tree(_local(t) for t in tensors if t is not None)
+    flag = torch.tensor([float(ok)])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            flag = flag.cuda()
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item() > 0)
 
